@@ -1,0 +1,20 @@
+"""tulip_pipelines: TULIP (Token-length Upgraded CLIP) as reproducible Kedro pipelines.
+
+The ML core (``data``, ``models``, ``training``, ``evaluation``) is plain Python and PyTorch and
+imports without Kedro. ``load_model`` is the one-call entry point for trained checkpoints.
+"""
+
+__version__ = "0.1.0"
+
+
+def load_model(path, device="cpu"):
+    """Load a checkpoint written by this project (or a published TULIP ``epoch_N.pt``).
+
+    Returns ``(model, preprocess, tokenizer)``. See :mod:`tulip_pipelines.models.checkpoint`.
+    """
+    from tulip_pipelines.models.checkpoint import load_model as _load_model
+
+    return _load_model(path, device=device)
+
+
+__all__ = ["load_model", "__version__"]

@@ -1,0 +1,24 @@
+"""Project settings (Kedro defaults unless noted)."""
+
+import os
+
+# Nothing in this project may reach the network; Kedro's telemetry plugin asks otherwise.
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from kedro.config import OmegaConfigLoader  # noqa: E402
+
+from tulip_pipelines.hooks import ProjectHooks  # noqa: E402
+
+HOOKS = (ProjectHooks(),)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "config_patterns": {
+        "mlflow": ["mlflow*", "mlflow*/**"],
+        "deepspeed": ["deepspeed*", "deepspeed*/**"],
+    },
+}
