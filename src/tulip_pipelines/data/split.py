@@ -1,0 +1,74 @@
+"""Train/validation split of the ingested captions (no Kedro).
+
+As in the TULIP paper, the first ``val_size`` records (1,000 by default: ShareGPT4V-1k) are held
+out for validation and the rest is training data; file order is preserved.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import pandas as pd
+
+from tulip_pipelines.data.sharegpt4v import is_positive_int
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """``params:split``.
+
+    Attributes:
+        val_size: number of leading records held out for validation.
+        max_train: optional cap on the training records (the first ones after the validation
+            block); ``None`` keeps them all.
+    """
+
+    val_size: int = 1000
+    max_train: int | None = None
+
+    def __post_init__(self) -> None:
+        if not is_positive_int(self.val_size):
+            raise ValueError(f"split.val_size must be a positive integer, got {self.val_size!r}")
+        if self.max_train is not None and not is_positive_int(self.max_train):
+            raise ValueError(
+                f"split.max_train must be a positive integer or null, got {self.max_train!r}"
+            )
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> "SplitConfig":
+        """Build from the ``split`` parameters; unknown keys are an error naming the key."""
+        params = params or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown split parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+
+def split_captions(
+    captions: pd.DataFrame, config: SplitConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return ``(train, val)``: the first ``val_size`` rows are validation, in file order."""
+    n = len(captions)
+    if config.val_size >= n:
+        raise ValueError(
+            f"split.val_size={config.val_size} leaves no training data: captions has only {n} "
+            "records; lower val_size in parameters_split.yml"
+        )
+    val = captions.iloc[: config.val_size].reset_index(drop=True)
+    train = captions.iloc[config.val_size :]
+    if config.max_train is not None:
+        train = train.iloc[: config.max_train]
+    train = train.reset_index(drop=True)
+    logger.info(
+        "split %d captions: %d train, %d val%s",
+        n,
+        len(train),
+        len(val),
+        f" (train capped at {config.max_train})" if config.max_train is not None else "",
+    )
+    return train, val
