@@ -36,4 +36,11 @@ def check_parameters(params: dict[str, Any], pipeline_names: set[str]) -> list[s
 
 
 def _register_builtin_validators() -> None:
-    """Filled in as the pipelines' parameter dataclasses exist."""
+    """The parameter dataclasses of each pipeline (imported lazily: torch-free ones first)."""
+    if VALIDATORS:
+        return
+    from tulip_pipelines.data.sharegpt4v import IngestConfig
+    from tulip_pipelines.data.split import SplitConfig
+
+    VALIDATORS["ingest"] = lambda p, _: IngestConfig.from_params(p)
+    VALIDATORS["split"] = lambda p, _: SplitConfig.from_params(p)
