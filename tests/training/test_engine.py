@@ -1,0 +1,174 @@
+"""The training engine on a toy regression task, in this process (one gloo rank)."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.toy_tasks import RegressionData, RegressionTask
+from tulip_pipelines.training.engine import (
+    COMPLETE_MARKER,
+    TrainConfig,
+    complete_checkpoints,
+    prepare_ds_config,
+    train,
+)
+from tulip_pipelines.training.schedule import lr_lambda
+
+FP32 = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0}
+
+
+def _cfg(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(run_name="toy", output_dir=str(tmp_path / "run"), max_steps=8, batch_size=16,
+                  lr=0.05, warmup_steps=2, log_every=2, min_lr_ratio=0.1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# --- configuration checks ---------------------------------------------------------------------
+
+def test_from_params_rejects_unknown_keys_by_name():
+    params = dict(run_name="x", output_dir="o", max_steps=1, batch_size=1, lr=1e-3, lr_decay=2)
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig.from_params(params)
+
+
+def test_from_params_turns_yaml_lists_into_tuples():
+    cfg = TrainConfig.from_params(dict(run_name="x", output_dir="o", max_steps=3, batch_size=2,
+                                       lr=1e-3, betas=[0.9, 0.95]))
+    assert cfg.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("field,value", [("max_steps", 0), ("batch_size", -1), ("lr", 0.0),
+                                         ("warmup_steps", 99), ("min_lr_ratio", 2.0),
+                                         ("betas", (0.9, 1.0)), ("betas", 0.9),
+                                         ("resume", "yes")])
+def test_bad_values_name_the_field(field, value):
+    values = dict(run_name="x", output_dir="o", max_steps=10, batch_size=2, lr=1e-3)
+    values[field] = value
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**values)
+
+
+def test_ds_config_is_filled_and_checked(tmp_path):
+    cfg = _cfg(tmp_path, batch_size=4)
+    filled = prepare_ds_config({"gradient_accumulation_steps": 3}, cfg, world_size=2)
+    assert filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["train_batch_size"] == 24
+    for bad, match in [({"train_micro_batch_size_per_gpu": 8}, "disagrees"),
+                       ({"train_batch_size": 5}, "train_batch_size"),
+                       ({"zero_optimization": {"stage": 3}}, "ZeRO-3"),
+                       ({"optimizer": {"type": "Adam"}}, "optimizer"),
+                       ({"fp16": {"enabled": True}}, "fp16")]:
+        with pytest.raises(ValueError, match=match):
+            prepare_ds_config(bad, cfg, world_size=1)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def test_train_learns_logs_and_checkpoints(tmp_path):
+    task = RegressionTask()
+    frozen_before = task.frozen.weight.detach().clone()
+    head_before = task.head.weight.detach().clone()
+    logged = []
+    cfg = _cfg(tmp_path, max_steps=10, checkpoint_every=2, keep_checkpoints=2, val_every=5)
+    result = train(task, RegressionData(256), cfg, FP32, val_dataset=RegressionData(64, seed=1),
+                   log_fn=lambda metrics, step: logged.append((step, metrics)))
+
+    history = result.history
+    assert list(history["step"]) == [2, 4, 5, 6, 8, 10]  # log_every=2 plus validation at 5
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    expected_lr = [0.05 * lr_lambda(s - 1, 2, 10, 0.1) for s in history["step"]]
+    assert history["lr"].tolist() == pytest.approx(expected_lr)
+    assert history["val_loss"].notna().tolist() == [False, False, True, False, False, True]
+    assert (history["samples_per_s"] > 0).all()
+    assert [s for s, _ in logged] == history["step"].tolist()
+    assert {"train/loss", "train/mae", "train/lr", "train/samples_per_s"} <= set(logged[0][1])
+    assert "val/loss" in logged[-1][1]
+    assert result.final_step == 10 and result.resumed_from is None
+    assert result.final_metrics["val/loss"] == history["val_loss"].iloc[-1]
+
+    # frozen weights untouched, trained ones moved, everything float32 on the CPU; the 0-dim
+    # parameter (DeepSpeed trains it as shape [1]) has its shape back
+    assert torch.equal(task.frozen.weight, frozen_before)
+    assert not torch.equal(task.head.weight, head_before)
+    assert task.log_scale.shape == () and task.log_scale.item() != 0.0
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in task.parameters())
+
+    # validation is the size-weighted mean over the whole validation set with these weights
+    val = RegressionData(64, seed=1)
+    with torch.no_grad():
+        full_mse = task({"x": val.x, "y": val.y})["loss"].item()
+    assert history["val_loss"].iloc[-1] == pytest.approx(full_mse, rel=1e-5)
+
+    # only the newest two complete checkpoints stay; each marker names its step
+    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    assert [step for step, _, _ in complete_checkpoints(ckpt_root)] == [8, 10]
+    marker = json.loads((ckpt_root / "step_00000010" / COMPLETE_MARKER).read_text())
+    assert marker["step"] == 10
+    assert result.checkpoint_dir == str(ckpt_root / "step_00000010")
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=3, log_every=1)
+    ds_config = dict(FP32, gradient_accumulation_steps=2)
+    result = train(RegressionTask(), RegressionData(256), cfg, ds_config)
+    assert result.final_step == 3
+    state = torch.load(Path(result.checkpoint_dir) / "mp_rank_00_model_states.pt",
+                       weights_only=True)
+    assert state["global_steps"] == 3
+    assert (state["epoch"], state["batch_offset"]) == (0, 6)  # 3 steps x 2 micro batches
+    assert not torch.equal(state["module"]["head.weight"], RegressionTask().head.weight)
+
+
+def test_finished_run_rerun_returns_at_once_with_its_weights(tmp_path):
+    cfg = _cfg(tmp_path)
+    first_task = RegressionTask()
+    first = train(first_task, RegressionData(256), cfg, FP32)
+    again_task = RegressionTask()
+    again = train(again_task, RegressionData(256), cfg, FP32)
+    assert again.resumed_from == 8 and again.final_step == 8
+    assert again.history.equals(first.history)
+    assert torch.equal(again_task.head.weight, first_task.head.weight)
+
+
+def test_changed_fingerprint_starts_fresh_and_keeps_the_old_run(tmp_path, caplog):
+    train(RegressionTask(), RegressionData(256), _cfg(tmp_path), FP32)
+    with caplog.at_level(logging.WARNING, logger="tulip_pipelines.training.engine"):
+        result = train(RegressionTask(), RegressionData(256), _cfg(tmp_path, lr=0.01), FP32)
+    assert result.resumed_from is None
+    assert "fingerprint" in caplog.text
+    moved = list((tmp_path / "run").glob("checkpoints.old-*"))
+    assert len(moved) == 1 and complete_checkpoints(moved[0])
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    cfg = _cfg(tmp_path, max_steps=6, checkpoint_every=3, log_every=1, num_workers=2)
+    full = train(RegressionTask(), RegressionData(256), cfg, FP32)
+    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    (ckpt_root / "step_00000006" / COMPLETE_MARKER).unlink()  # as if killed while writing it
+    rerun = train(RegressionTask(), RegressionData(256), cfg, FP32)
+    assert rerun.resumed_from == 3 and rerun.final_step == 6
+    assert rerun.history["step"].tolist() == list(range(1, 7))
+    assert rerun.history["loss"].tolist() == pytest.approx(full.history["loss"].tolist(), rel=1e-5)
+
+
+def test_bf16_zero1_returns_fp32_master_weights(tmp_path):
+    task = RegressionTask()
+    frozen_before = task.frozen.weight.detach().clone()
+    ds_config = {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
+    result = train(task, RegressionData(256), _cfg(tmp_path), ds_config)
+    assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[0]
+    assert task.head.weight.dtype == torch.float32
+    # fp32 master weights, not bf16 ones cast back; the frozen layer is bit-identical
+    head = task.head.weight.detach()
+    assert not torch.equal(head.to(torch.bfloat16).float(), head)
+    assert torch.equal(task.frozen.weight, frozen_before)
+    assert task.log_scale.shape == ()
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        train(RegressionTask(), RegressionData(8), _cfg(tmp_path), FP32)

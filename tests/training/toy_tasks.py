@@ -1,0 +1,66 @@
+"""A tiny linear-regression task for the engine tests (fast, deterministic, no images)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from tulip_pipelines.training.engine import TrainConfig
+from tulip_pipelines.training.launch import TrainJob
+
+N_FEATURES = 8
+
+
+class RegressionData(Dataset):
+    """``n`` samples of y = x . w + small noise, the same for a given seed."""
+
+    def __init__(self, n: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, N_FEATURES, generator=gen)
+        weights = torch.linspace(-1.0, 1.0, N_FEATURES)
+        self.y = self.x @ weights + 0.01 * torch.randn(n, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class RegressionTask(torch.nn.Module):
+    """A trainable linear head (and a 0-dim ``log_scale``, like CLIP's logit_scale) after a
+    frozen, registered linear layer; ``delay_s`` slows every forward down."""
+
+    def __init__(self, seed: int = 0, delay_s: float = 0.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.frozen = torch.nn.Linear(N_FEATURES, N_FEATURES)
+        with torch.no_grad():
+            self.frozen.weight.copy_(torch.eye(N_FEATURES) + 0.01 * self.frozen.weight)
+        self.frozen.requires_grad_(False)
+        self.head = torch.nn.Linear(N_FEATURES, 1)
+        self.log_scale = torch.nn.Parameter(torch.tensor(0.0))
+        self.delay_s = delay_s
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        pred = (self.head(self.frozen(batch["x"])) * self.log_scale.exp()).squeeze(-1).float()
+        err = pred - batch["y"].float()
+        return {"loss": (err**2).mean(), "mae": err.abs().mean()}
+
+
+def build_job(spec: dict[str, Any]) -> TrainJob:
+    """Builder for ``launch.py``: a spec with ``n``, ``delay_s``, ``train`` (TrainConfig) and
+    ``deepspeed`` (config dict)."""
+    return TrainJob(
+        task=RegressionTask(delay_s=spec.get("delay_s", 0.0)),
+        train_dataset=RegressionData(spec.get("n", 256)),
+        val_dataset=RegressionData(64, seed=1),
+        collate_fn=None,
+        cfg=TrainConfig.from_params(spec["train"]),
+        ds_config=spec["deepspeed"],
+    )
