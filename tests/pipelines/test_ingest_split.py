@@ -85,6 +85,7 @@ def test_kedro_session_runs_demo_data_ingest_split(project_root, tmp_path, monke
     project.mkdir()
     shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
+    (project / "src").mkdir()  # Kedro requires the source dir; the package is installed
     shutil.copy(project_root / "pyproject.toml", project)
     monkeypatch.chdir(project)  # ingest.image_root is relative to the working directory
 

@@ -1,0 +1,351 @@
+"""The embedded demo: a procedurally drawn long-caption dataset in ShareGPT4V's own format.
+
+Each image is a 3x3 grid of cells on a coloured background; each cell holds a shape with a colour,
+a size and a texture. The long caption describes the whole image in reading order: a summary
+sentence (the short caption), then one sentence per cell, about 170 CLIP tokens in all.
+
+Images come in *groups* that share the background and the first ``shared_cells`` cells and differ
+only in the later ones. ``shared_cells`` is checked against open_clip's tokenizer: every sentence
+that starts within the first 75 text tokens (what a 77-token text tower reads between its start
+and end tokens) describes a shared cell. A 77-token reader can therefore find an image's group but
+not the image; a 248-token reader can find the image. This is a property of the data, verified
+when it is generated (:func:`check_group_prefixes`).
+
+The teacher of the embedded default must still *see* every cell, as a web-trained CLIP's image
+tower does, although its text tower reads 77 tokens: the generator also emits each caption with
+its cell sentences in shuffled order (the summary stays first), which the teacher trains on.
+
+Held-out benchmarks are drawn from their own random streams and never enter the annotation file:
+a long-caption one in Urban1k's layout and a short-caption one in Flickr30k's layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+POSITIONS = (
+    "top left", "top middle", "top right",
+    "middle left", "centre", "middle right",
+    "bottom left", "bottom middle", "bottom right",
+)  # fmt: skip
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 220, 30),
+    "purple": (150, 50, 190),
+    "orange": (250, 140, 20),
+    "black": (15, 15, 15),
+    "white": (250, 250, 250),
+}
+BACKGROUNDS = {
+    "grey": (128, 128, 128),
+    "beige": (222, 205, 160),
+    "teal": (50, 130, 130),
+    "brown": (110, 75, 45),
+}
+SIZES = ("small", "large")
+TEXTURES = ("solid", "striped")
+HUMAN_PROMPT = "<image>\nWhat is in this image? Describe it in detail."
+GRID = 3
+# What a 77-token CLIP text tower reads of a caption: 77 minus the start and end tokens.
+TEACHER_TEXT_TOKENS = 75
+
+Cell = tuple[int, int, int, int]  # indices into SHAPES, COLOURS, SIZES, TEXTURES
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """Sizes of the demo (``params:demo_data``)."""
+
+    seed: int = 0
+    image_size: int = 48
+    n_groups: int = 750
+    group_size: int = 4
+    shared_cells: int = 4
+    min_differing_cells: int = 2
+    shuffled_variants: int = 8
+    n_benchmark_groups: int = 50
+    n_short_benchmark_images: int = 200
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "n_groups", "group_size", "shuffled_variants")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"demo_data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.image_size % GRID:
+            raise ValueError(f"demo_data.image_size must be a multiple of {GRID}, got {self.image_size}")
+        if not 1 <= self.shared_cells < GRID * GRID:
+            raise ValueError(f"demo_data.shared_cells must be in [1, {GRID * GRID - 1}], got {self.shared_cells}")
+        varying = GRID * GRID - self.shared_cells
+        if not 1 <= self.min_differing_cells <= varying:
+            raise ValueError(
+                f"demo_data.min_differing_cells must be in [1, {varying}] (the cells after the "
+                f"{self.shared_cells} shared ones), got {self.min_differing_cells}"
+            )
+        if self.group_size < 2:
+            raise ValueError("demo_data.group_size must be at least 2: groups are what makes the demo")
+        for name in ("n_benchmark_groups", "n_short_benchmark_images"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"demo_data.{name} must be a non-negative integer")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("demo_data.jpeg_quality must be in [1, 100]")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> "DemoDataConfig":
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown demo_data parameter(s) {unknown}; known: {sorted(known)}")
+        return cls(**params)
+
+
+@dataclass
+class DemoImage:
+    name: str
+    group: int
+    background: int
+    cells: tuple[Cell, ...]
+
+    @property
+    def caption(self) -> str:
+        return caption_for(self.background, self.cells)
+
+    @property
+    def short_caption(self) -> str:
+        return summary_sentence(self.background, self.cells[0])
+
+
+@dataclass
+class DemoData:
+    """Everything the generator makes, as plain Python objects (the Kedro node saves them)."""
+
+    records: list[dict[str, Any]]
+    images: dict[str, Image.Image]
+    shuffled_captions: pd.DataFrame
+    manifest: pd.DataFrame
+    long_benchmark_images: dict[str, Image.Image]
+    long_benchmark_captions: dict[str, str]
+    short_benchmark_images: dict[str, Image.Image]
+    short_benchmark_results_csv: str
+
+
+def summary_sentence(background: int, first: Cell) -> str:
+    shape, colour, size, _ = first
+    return (
+        f"A three by three grid of shapes on a {list(BACKGROUNDS)[background]} background, with a "
+        f"{SIZES[size]} {list(COLOURS)[colour]} {SHAPES[shape]} in the top left corner."
+    )
+
+
+def cell_sentence(position: int, cell: Cell) -> str:
+    shape, colour, size, texture = cell
+    return (
+        f"In the {POSITIONS[position]} cell there is a {SIZES[size]} {list(COLOURS)[colour]} "
+        f"{SHAPES[shape]} with a {TEXTURES[texture]} fill."
+    )
+
+
+def caption_sentences(background: int, cells: tuple[Cell, ...]) -> list[str]:
+    return [summary_sentence(background, cells[0])] + [
+        cell_sentence(i, cell) for i, cell in enumerate(cells)
+    ]
+
+
+def caption_for(background: int, cells: tuple[Cell, ...]) -> str:
+    return " ".join(caption_sentences(background, cells))
+
+
+def shuffle_sentences(sentences: list[str], rng: np.random.Generator) -> str:
+    """The summary stays first; the cell sentences follow in a random order."""
+    order = rng.permutation(len(sentences) - 1) + 1
+    return " ".join([sentences[0]] + [sentences[i] for i in order])
+
+
+def draw_image(background: int, cells: tuple[Cell, ...], image_size: int) -> Image.Image:
+    """Draw the grid: one shape per cell, on the group's background colour."""
+    bg = BACKGROUNDS[list(BACKGROUNDS)[background]]
+    image = Image.new("RGB", (image_size, image_size), bg)
+    draw = ImageDraw.Draw(image)
+    cell_px = image_size // GRID
+    for position, (shape, colour, size, texture) in enumerate(cells):
+        row, col = divmod(position, GRID)
+        cx, cy = col * cell_px + cell_px / 2, row * cell_px + cell_px / 2
+        half = cell_px * (0.45 if SIZES[size] == "large" else 0.3)
+        box = (cx - half, cy - half, cx + half - 1, cy + half - 1)
+        fill = COLOURS[list(COLOURS)[colour]]
+        mask = Image.new("L", image.size, 0)
+        mdraw = ImageDraw.Draw(mask)
+        if SHAPES[shape] == "circle":
+            mdraw.ellipse(box, fill=255)
+        elif SHAPES[shape] == "square":
+            mdraw.rectangle(box, fill=255)
+        elif SHAPES[shape] == "triangle":
+            mdraw.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=255)
+        else:  # cross
+            bar = max(1.0, half / 2.5)
+            mdraw.rectangle((box[0], cy - bar, box[2], cy + bar - 1), fill=255)
+            mdraw.rectangle((cx - bar, box[1], cx + bar - 1, box[3]), fill=255)
+        if TEXTURES[texture] == "striped":
+            # Keep every other pair of rows: horizontal stripes of the shape's colour.
+            top = row * cell_px
+            for y in range(top, top + cell_px):
+                if (y - top) % 4 >= 2:
+                    mdraw.line((col * cell_px, y, (col + 1) * cell_px - 1, y), fill=0)
+        draw.bitmap((0, 0), mask, fill=fill)
+    return image
+
+
+def _random_cell(rng: np.random.Generator) -> Cell:
+    return (
+        int(rng.integers(len(SHAPES))),
+        int(rng.integers(len(COLOURS))),
+        int(rng.integers(len(SIZES))),
+        int(rng.integers(len(TEXTURES))),
+    )
+
+
+def _draw_group(rng: np.random.Generator, cfg: DemoDataConfig, size: int, taken: set) -> list[tuple]:
+    """Cells of ``size`` images that share the background and the first cells.
+
+    Every pair differs in at least ``min_differing_cells`` of the later cells, and no image repeats
+    one in ``taken`` (images of other splits), which is updated.
+    """
+    n_cells = GRID * GRID
+    for _ in range(1000):
+        background = int(rng.integers(len(BACKGROUNDS)))
+        shared = tuple(_random_cell(rng) for _ in range(cfg.shared_cells))
+        members: list[tuple[Cell, ...]] = []
+        attempts = 0
+        while len(members) < size and attempts < 200:
+            attempts += 1
+            cells = shared + tuple(_random_cell(rng) for _ in range(n_cells - cfg.shared_cells))
+            if (background, cells) in taken:
+                continue
+            if all(
+                sum(a != b for a, b in zip(cells[cfg.shared_cells :], m[cfg.shared_cells :]))
+                >= cfg.min_differing_cells
+                for m in members
+            ):
+                members.append(cells)
+        if len(members) == size:
+            taken.update((background, m) for m in members)
+            return [(background, m) for m in members]
+    raise RuntimeError("could not draw a group of distinct images; lower demo_data.group_size")
+
+
+def text_tokens(texts: list[str]) -> list[list[int]]:
+    """open_clip's BPE tokens of each text, without start/end tokens and without truncation."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    return [tokenizer.encode(t) for t in texts]
+
+
+def check_group_prefixes(images: list[DemoImage], cfg: DemoDataConfig) -> dict[str, float]:
+    """Verify the demo's defining property with open_clip's tokenizer; return token statistics.
+
+    Raises ``ValueError`` if a sentence that describes a varying cell starts within the first
+    ``TEACHER_TEXT_TOKENS`` tokens of any caption (then a 77-token reader could tell group
+    members apart), naming the image.
+    """
+    if not images:
+        return {}
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tokenizer = SimpleTokenizer()
+    lengths = []
+    for image in images:
+        sentences = caption_sentences(image.background, image.cells)
+        shared_text = " ".join(sentences[: 1 + cfg.shared_cells])
+        shared_len = len(tokenizer.encode(shared_text))
+        if shared_len < TEACHER_TEXT_TOKENS:
+            raise ValueError(
+                f"demo image {image.name}: the summary and the {cfg.shared_cells} shared cells take "
+                f"only {shared_len} tokens, so a 77-token text tower also reads a varying cell; "
+                "raise demo_data.shared_cells"
+            )
+        lengths.append(len(tokenizer.encode(image.caption)))
+    return {
+        "min_tokens": float(min(lengths)),
+        "mean_tokens": float(np.mean(lengths)),
+        "max_tokens": float(max(lengths)),
+    }
+
+
+def _make_images(rng, cfg, n_groups, group_size, prefix, group_offset, taken) -> list[DemoImage]:
+    out = []
+    for g in range(n_groups):
+        for background, cells in _draw_group(rng, cfg, group_size, taken):
+            out.append(DemoImage(f"{prefix}{len(out) + 1:06d}", group_offset + g, background, cells))
+    return out
+
+
+def generate_demo_data(cfg: DemoDataConfig) -> DemoData:
+    """Draw the training set and the two held-out benchmarks, deterministically from ``cfg.seed``."""
+    train_rng, long_rng, short_rng, shuffle_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)
+    )
+    taken: set = set()
+    train = _make_images(train_rng, cfg, cfg.n_groups, cfg.group_size, "", 0, taken)
+    long_bench = _make_images(
+        long_rng, cfg, cfg.n_benchmark_groups, cfg.group_size, "demo_long_", cfg.n_groups, taken
+    )
+    short_bench = _make_images(
+        short_rng, cfg, cfg.n_short_benchmark_images, 1, "demo_short_",
+        cfg.n_groups + cfg.n_benchmark_groups, taken,
+    )  # fmt: skip
+    stats = check_group_prefixes(train + long_bench, cfg)
+    logger.info(
+        "demo data: %d training images in %d groups of %d, %d long-caption and %d short-caption "
+        "benchmark images; caption tokens min %.0f mean %.1f max %.0f",
+        len(train), cfg.n_groups, cfg.group_size, len(long_bench), len(short_bench),
+        stats.get("min_tokens", 0), stats.get("mean_tokens", 0), stats.get("max_tokens", 0),
+    )  # fmt: skip
+
+    records, images, shuffled, manifest = [], {}, [], []
+    for item in train:
+        path = f"demo/{item.name}"
+        records.append(
+            {
+                "id": f"demo_{item.name}",
+                "image": f"{path}.png",
+                "conversations": [
+                    {"from": "human", "value": HUMAN_PROMPT},
+                    {"from": "gpt", "value": item.caption},
+                ],
+            }
+        )
+        images[path] = draw_image(item.background, item.cells, cfg.image_size)
+        sentences = caption_sentences(item.background, item.cells)
+        for variant in range(cfg.shuffled_variants):
+            shuffled.append((f"demo_{item.name}", variant, shuffle_sentences(sentences, shuffle_rng)))
+    for split, items in (("train", train), ("long_benchmark", long_bench), ("short_benchmark", short_bench)):
+        manifest += [(i.name, split, i.group, list(BACKGROUNDS)[i.background]) for i in items]
+
+    long_images = {i.name: draw_image(i.background, i.cells, cfg.image_size) for i in long_bench}
+    long_captions = {i.name: i.caption + "\n" for i in long_bench}
+    short_images = {i.name: draw_image(i.background, i.cells, cfg.image_size) for i in short_bench}
+    rows = [f"{i.name}.jpg| 0| {i.short_caption}" for i in short_bench]
+    results_csv = "\n".join(["image_name| comment_number| comment", *rows]) + "\n"
+    return DemoData(
+        records=records,
+        images=images,
+        shuffled_captions=pd.DataFrame(shuffled, columns=["id", "variant", "caption"]),
+        manifest=pd.DataFrame(manifest, columns=["name", "split", "group", "background"]),
+        long_benchmark_images=long_images,
+        long_benchmark_captions=long_captions,
+        short_benchmark_images=short_images,
+        short_benchmark_results_csv=results_csv,
+    )
