@@ -1,0 +1,71 @@
+"""Kedro datasets for model checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kedro.io import AbstractDataset
+
+from tulip_pipelines.models.spec import ModelBundle
+
+
+class ModelCheckpointDataset(AbstractDataset[ModelBundle, ModelBundle]):
+    """A model checkpoint directory (``model.safetensors`` + ``config.json``).
+
+    ``load`` returns a :class:`~tulip_pipelines.models.spec.ModelBundle`; ``save`` writes one.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None):
+        self._filepath = PurePosixPath(filepath)
+        self.metadata = metadata
+
+    def load(self) -> ModelBundle:
+        from tulip_pipelines.models import load_bundle
+
+        return load_bundle(Path(self._filepath))
+
+    def save(self, data: ModelBundle) -> None:
+        from tulip_pipelines.models import save_model
+
+        save_model(data, Path(self._filepath))
+
+    def _exists(self) -> bool:
+        return (Path(self._filepath) / "config.json").is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):
+    """A load-only teacher: open_clip ``model_name`` with ``pretrained`` weights (a tag resolved
+    from the local cache, or a file path). Used as ``teacher_model`` at real scale."""
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str,
+        cache_dir: str | None = None,
+        activation: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self._model_name, self._pretrained = model_name, pretrained
+        self._cache_dir, self._activation = cache_dir, activation
+        self.metadata = metadata
+
+    def load(self) -> ModelBundle:
+        from tulip_pipelines.models import create_teacher
+
+        return create_teacher(
+            self._model_name, self._pretrained, cache_dir=self._cache_dir, activation=self._activation
+        )
+
+    def save(self, data: ModelBundle) -> None:
+        raise NotImplementedError("a pretrained teacher is read-only; train one with `teacher`")
+
+    def _exists(self) -> bool:
+        pretrained = Path(self._pretrained)
+        return pretrained.is_file() if pretrained.suffix else True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"model_name": self._model_name, "pretrained": self._pretrained, "cache_dir": self._cache_dir}
