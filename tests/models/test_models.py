@@ -1,0 +1,174 @@
+"""The TULIP student, teachers, the Long-CLIP stretch and checkpoints."""
+
+import math
+
+import open_clip
+import pytest
+import torch
+
+from tulip_pipelines.models import (
+    build_student,
+    create_teacher,
+    expand_rope_context,
+    load_bundle,
+    load_model,
+    save_model,
+    stretch_position_embedding,
+)
+from tulip_pipelines.models.rope import RotaryEmbedding, ntk_scaled_theta
+
+LONG = " ".join(f"In cell {i} there is a small red circle with a striped fill." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return create_teacher("TULIP-Tiny")
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return build_student(teacher, context_length=248)
+
+
+def test_rotation_matches_direct_formula():
+    rotary = RotaryEmbedding(head_dim=8, theta=10000.0)
+    x = torch.randn(5, 8)
+    out = rotary.rotate(x)
+    for pos in range(5):
+        for i in range(4):
+            angle = pos * 10000.0 ** (-2 * i / 8)
+            a, b = x[pos, 2 * i], x[pos, 2 * i + 1]
+            assert out[pos, 2 * i] == pytest.approx(float(a * math.cos(angle) - b * math.sin(angle)), abs=1e-5)
+            assert out[pos, 2 * i + 1] == pytest.approx(float(a * math.sin(angle) + b * math.cos(angle)), abs=1e-5)
+
+
+def test_attention_scores_depend_only_on_offset():
+    rotary = RotaryEmbedding(head_dim=16)
+    q, k = torch.randn(1, 16), torch.randn(1, 16)
+    qs, ks = q.expand(60, 16), k.expand(60, 16)
+    positions = torch.arange(60)
+    rq, rk = rotary.rotate(qs, positions), rotary.rotate(ks, positions)
+    shift = 17
+    rq2 = rotary.rotate(qs, positions + shift)
+    rk2 = rotary.rotate(ks, positions + shift)
+    scores, shifted = rq @ rk.T, rq2 @ rk2.T
+    assert torch.allclose(scores, shifted, atol=1e-4)
+    assert not torch.allclose(scores[0, 1], scores[0, 5])  # but they do depend on the offset
+
+
+def test_student_copies_teacher_weights(teacher, student):
+    t, s = teacher.model.state_dict(), student.model.state_dict()
+    assert "positional_embedding" not in s
+    for key in ("token_embedding.weight", "ln_final.weight", "text_projection", "logit_scale",
+                "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.2.mlp.c_fc.weight",
+                "visual.conv1.weight"):
+        assert torch.equal(t[key], s[key]), key
+    assert set(s) == set(t) - {"positional_embedding"}
+    assert student.model.visual is not teacher.model.visual
+
+
+def test_eot_pooling_ignores_tokens_after_eot(student):
+    tok = student.tokenizer(["a red circle"])
+    eot = int(tok.argmax())
+    changed = tok.clone()
+    changed[0, eot + 1 : eot + 5] = 123  # padding after EOT; causal attention cannot see it
+    with torch.no_grad():
+        assert torch.allclose(student.model.encode_text(tok), student.model.encode_text(changed), atol=1e-6)
+        # and the pooled token is the EOT: truncating right after it changes nothing
+        assert torch.allclose(student.model.encode_text(tok), student.model.encode_text(tok[:, : eot + 1]), atol=1e-5)
+
+
+def test_truncation_at_248_keeps_eot(student):
+    tok = student.tokenizer([LONG])
+    assert tok.shape == (1, 248)
+    assert int(tok[0, -1]) == open_clip.tokenizer.SimpleTokenizer().eot_token_id
+
+
+def test_student_shorter_than_teacher_is_refused(teacher):
+    with pytest.raises(ValueError, match="shorter than the teacher's 77"):
+        build_student(teacher, context_length=64)
+
+
+def test_save_load_round_trip_is_identical(student, tmp_path):
+    save_model(student, tmp_path / "ckpt")
+    model, preprocess, tokenizer = load_model(tmp_path / "ckpt")
+    tok = tokenizer([LONG, "short"])
+    image = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tok), student.model.encode_text(tok))
+        assert torch.equal(model.encode_image(image), student.model.encode_image(image))
+    assert load_bundle(tmp_path / "ckpt").spec == student.spec
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_bundle(tmp_path / "nothing")
+
+
+def test_longclip_stretch(teacher):
+    longclip = stretch_position_embedding(teacher, new_length=248, keep=20)
+    old = teacher.model.positional_embedding
+    new = longclip.model.positional_embedding
+    assert new.shape == (248, old.shape[1])
+    assert torch.equal(new[:20], old[:20])
+    assert torch.allclose(new[20::4][:57], old[20:77], atol=1e-6)  # the trained positions remain
+    assert torch.allclose(new[22], (old[20] + old[21]) / 2, atol=1e-6)  # interpolated between
+    assert longclip.tokenizer([LONG]).shape == (1, 248)
+
+
+def test_ntk_scaling_raises_theta(student):
+    assert ntk_scaled_theta(10000.0, 16, 248, 248, 1.0) == 10000.0
+    longer = expand_rope_context(student, 512, ntk_scale=1.0)
+    expected = 10000.0 * (512 / 248) ** (16 / 14)
+    assert longer.spec.rope_theta == pytest.approx(expected)
+    assert longer.model.rotary.theta == pytest.approx(expected)
+
+
+def test_missing_pretrained_weights_say_where_they_were_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not in the local cache") as err:
+        create_teacher("ViT-B-32", "openai", cache_dir=str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in str(err.value)
+    with pytest.raises(FileNotFoundError, match="teacher weights file not found"):
+        create_teacher("TULIP-Tiny", str(tmp_path / "missing.pt"))
+
+
+def test_openai_state_dict_format_loads(teacher, tmp_path):
+    state = dict(teacher.model.state_dict())
+    state.update(input_resolution=torch.tensor(48), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, tmp_path / "openai_format.pt")
+    loaded = create_teacher("TULIP-Tiny", str(tmp_path / "openai_format.pt"))
+    tok = teacher.tokenizer(["a blue square"])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tok), teacher.model.encode_text(tok))
+
+
+def test_original_stage2_checkpoint_loads(student, tmp_path):
+    state = {f"module.{k}": v for k, v in student.model.state_dict().items()}
+    state["module.positional_embedding"] = torch.randn(77, 64)  # the unused leftover
+    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "epoch_1.pt")
+    loaded = load_bundle(tmp_path / "epoch_1.pt", model_name="TULIP-Tiny", activation=None)
+    tok = student.tokenizer([LONG])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
+        img = torch.randn(1, 3, 48, 48)
+        assert torch.equal(loaded.model.encode_image(img), student.model.encode_image(img))
+
+
+def test_original_stage1_checkpoint_loads_with_teacher_image_tower(teacher, student, tmp_path):
+    text_only = {
+        k: v for k, v in student.model.state_dict().items()
+        if k.startswith(("token_embedding.", "transformer.", "ln_final.", "text_projection"))
+    }
+    torch.save({"state_dict": text_only}, tmp_path / "epoch_5.pt")
+    teacher_file = tmp_path / "teacher.pt"
+    torch.save(teacher.model.state_dict(), teacher_file)
+    loaded = load_bundle(tmp_path / "epoch_5.pt", model_name="TULIP-Tiny",
+                         teacher_pretrained=str(teacher_file), activation=None)
+    tok = student.tokenizer([LONG])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
+        img = torch.randn(1, 3, 48, 48)
+        assert torch.equal(loaded.model.encode_image(img), teacher.model.encode_image(img))
+    assert loaded.spec.extra["origin"] == "tulip-original-stage1"
