@@ -74,7 +74,7 @@ def test_group_shares_first_77_tokens_and_differs_later(demo, bpe):
 
 
 def test_too_few_shared_cells_is_refused():
-    cfg = dataclasses.replace(SMALL, shared_cells=2)
+    cfg = dataclasses.replace(SMALL, shared_cells=3)
     image = DemoImage("x", 0, 0, tuple((0, 0, 0, 0) for _ in range(9)))
     with pytest.raises(ValueError, match="raise demo_data.shared_cells"):
         check_group_prefixes([image], cfg)

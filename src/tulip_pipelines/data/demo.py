@@ -2,7 +2,7 @@
 
 Each image is a 3x3 grid of cells on a coloured background; each cell holds a shape with a colour,
 a size and a texture. The long caption describes the whole image in reading order: a summary
-sentence (the short caption), then one sentence per cell, about 170 CLIP tokens in all.
+sentence (the short caption), then one sentence per cell, about 130 CLIP tokens in all.
 
 Images come in *groups* that share the background and the first ``shared_cells`` cells and differ
 only in the later ones. ``shared_cells`` is checked against open_clip's tokenizer: every sentence
@@ -71,7 +71,7 @@ class DemoDataConfig:
     image_size: int = 48
     n_groups: int = 750
     group_size: int = 4
-    shared_cells: int = 4
+    shared_cells: int = 5
     min_differing_cells: int = 2
     shuffled_variants: int = 8
     n_benchmark_groups: int = 50
@@ -151,9 +151,10 @@ def summary_sentence(background: int, first: Cell) -> str:
 
 def cell_sentence(position: int, cell: Cell) -> str:
     shape, colour, size, texture = cell
+    fill = "stripes" if TEXTURES[texture] == "striped" else "a solid fill"
     return (
-        f"In the {POSITIONS[position]} cell there is a {SIZES[size]} {list(COLOURS)[colour]} "
-        f"{SHAPES[shape]} with a {TEXTURES[texture]} fill."
+        f"The {POSITIONS[position]} cell holds a {SIZES[size]} {list(COLOURS)[colour]} "
+        f"{SHAPES[shape]} with {fill}."
     )
 
 

@@ -69,6 +69,33 @@ def _set_text_activation(model: nn.Module, activation: str | None) -> None:
         block.mlp.gelu = ACTIVATIONS[activation]()
 
 
+class AbsoluteCLIP(open_clip.CLIP):
+    """open_clip's CLIP, reading any length up to ``context_length``: the position embedding and
+    causal mask are cut to the input. Outputs equal open_clip's for padded input, since padding
+    after the end-of-text token is invisible to a causal text tower pooled at that token."""
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        length = text.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
+        x = self.token_embedding(text).to(self.transformer.get_cast_dtype())
+        x = x + self.positional_embedding[:length].to(x.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        x = self.ln_final(x)
+        x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
+        if self.text_projection is not None:
+            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+def _new_clip(model_name: str, **kwargs) -> AbsoluteCLIP:
+    model = open_clip.create_model(model_name, **kwargs)
+    if type(model) is not open_clip.CLIP:
+        raise ValueError(f"{model_name} is not a plain open_clip CLIP ({type(model).__name__}); not supported")
+    model.__class__ = AbsoluteCLIP
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Teachers
 
@@ -117,7 +144,7 @@ def create_teacher(
     if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"teacher weights file not found: {pretrained}")
-        model = open_clip.create_model(model_name)
+        model = _new_clip(model_name)
         state = load_weights_file(pretrained)
         for extra in ("input_resolution", "context_length", "vocab_size"):
             state.pop(extra, None)  # scalars of OpenAI's format, not parameters
@@ -131,7 +158,7 @@ def create_teacher(
         previous = os.environ.get("HF_HUB_OFFLINE")
         os.environ["HF_HUB_OFFLINE"] = "1"
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir)
+            model = _new_clip(model_name, pretrained=pretrained, cache_dir=cache_dir)
         except Exception as err:  # noqa: BLE001 - any failure here means "not in the cache"
             raise FileNotFoundError(
                 f"weights for {model_name} pretrained={pretrained!r} are not in the local cache "
@@ -145,7 +172,7 @@ def create_teacher(
             else:
                 os.environ["HF_HUB_OFFLINE"] = previous
     else:
-        model = open_clip.create_model(model_name)
+        model = _new_clip(model_name)
     _set_text_activation(model, activation)
     extra = {"pretrained": pretrained} if pretrained else {}
     spec = ModelSpec(model_name, "absolute", model.context_length, activation=activation, extra=extra)
@@ -156,7 +183,7 @@ def create_teacher(
 # The TULIP student
 
 
-class RopeCLIP(open_clip.CLIP):
+class RopeCLIP(AbsoluteCLIP):
     """open_clip's CLIP whose text tower uses RoPE in every attention layer, no absolute
     position embedding, and any input length up to ``context_length``."""
 
@@ -172,7 +199,7 @@ class RopeCLIP(open_clip.CLIP):
         return F.normalize(x, dim=-1) if normalize else x
 
 
-def _to_rope(model: open_clip.CLIP, context_length: int, rope_theta: float) -> RopeCLIP:
+def _to_rope(model: AbsoluteCLIP, context_length: int, rope_theta: float) -> RopeCLIP:
     """Turn a CLIP into a RopeCLIP in place (shared weights): swap attention, drop positions."""
     heads = model.transformer.resblocks[0].attn.num_heads
     rotary = RotaryEmbedding(model.transformer.width // heads, rope_theta)
@@ -273,7 +300,7 @@ def stretch_position_embedding(teacher: ModelBundle, new_length: int = 248, keep
 def build_architecture(spec: ModelSpec) -> nn.Module:
     """A randomly initialised model of the architecture ``spec`` describes (for loading weights)."""
     check_model_name(spec.model_name)
-    model = open_clip.create_model(spec.model_name)
+    model = _new_clip(spec.model_name)
     _set_text_activation(model, spec.activation)
     if spec.kind == "rope":
         return _to_rope(model, spec.context_length, spec.rope_theta)

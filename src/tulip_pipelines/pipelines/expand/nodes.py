@@ -1,0 +1,22 @@
+"""Node of the expand pipeline (TULIP stage 2: relative position expansion)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from tulip_pipelines.models import ModelBundle
+from tulip_pipelines.training.stages import ExpandParams, loss_figure, run_stage
+
+
+def expand(distilled_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
+           params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
+    """Fine-tune the distilled student contrastively on long and short captions."""
+    parent = distilled_model.spec.extra.get("mlflow_run_id")
+    model, result = run_stage(
+        "expand", ExpandParams.from_params(params, "expand"), bundles={"distilled": distilled_model},
+        frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
+        tags={"tulip.parent_run_id": parent} if parent else None,
+    )
+    return model, result.history, loss_figure(result.history, "expand")

@@ -1,0 +1,18 @@
+"""expand pipeline: TULIP stage 2, relative position expansion."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import expand
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        Node(
+            expand,
+            inputs=["distilled_model", "train_captions", "val_captions", "params:expand",
+                    "params:deepspeed", "params:ingest.image_root"],
+            outputs=["expanded_model", "expand_history", "expand_loss_plot"],
+            name="expand_context",
+            tags=["expand"],
+        )
+    ])

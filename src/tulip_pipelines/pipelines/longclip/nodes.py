@@ -1,0 +1,27 @@
+"""Node of the longclip pipeline (the Long-CLIP baseline at expand's budget)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from tulip_pipelines.models import ModelBundle
+from tulip_pipelines.training.stages import ExpandParams, LongclipParams, loss_figure, run_stage
+
+
+def finetune_longclip(teacher_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
+                      params: dict[str, Any], expand_params: dict[str, Any], ds_config: dict[str, Any],
+                      image_root: str):
+    """Stretch the teacher's positions to 248 (Long-CLIP) and fine-tune with expand's recipe."""
+    own = LongclipParams.from_params(params)
+    budget = ExpandParams.from_params(expand_params, "expand")
+    budget.context_length = None  # the stretched model's own length
+    parent = teacher_model.spec.extra.get("mlflow_run_id")
+    model, result = run_stage(
+        "longclip", budget, bundles={"teacher": teacher_model},
+        frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
+        extra={"context_length": own.context_length, "keep": own.keep},
+        tags={"tulip.parent_run_id": parent} if parent else None,
+    )
+    return model, result.history, loss_figure(result.history, "longclip")

@@ -1,0 +1,102 @@
+"""MLflow tracking of training and evaluation stages.
+
+``kedro run`` opens one MLflow run (kedro-mlflow); each stage opens a *nested* run named after it
+with its parameters, the DeepSpeed config, per-step metrics, final metrics and its checkpoint.
+Outside Kedro a stage logs only when a tracking URI is configured (``MLFLOW_TRACKING_URI``);
+otherwise nothing is logged. Only rank 0 ever calls this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 250  # MLflow's limit on a parameter value
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, values cut to MLflow's 250 characters."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:MAX_PARAM_CHARS]
+    return out
+
+
+class StageTracker:
+    """What a stage logs into its MLflow run (a no-op when ``run_id`` is None)."""
+
+    def __init__(self, run_id: str | None):
+        self.run_id = run_id
+
+    @property
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.run_id:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_final(self, metrics: Mapping[str, float]) -> None:
+        self.log({f"final/{k}": float(v) for k, v in metrics.items()}, step=0)
+
+    def log_figure(self, figure, name: str) -> None:
+        if self.run_id:
+            self.client.log_figure(self.run_id, figure, name)
+
+    def log_model(self, model_bundle, artifact_path: str = "model") -> None:
+        """The final checkpoint (safetensors + config) as an artifact of this run."""
+        if not self.run_id:
+            return
+        from tulip_pipelines.models import save_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model_bundle, Path(tmp) / artifact_path)
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
+
+    def log_table(self, frame, name: str) -> None:
+        if self.run_id:
+            self.client.log_table(self.run_id, frame, name)
+
+
+def tracking_enabled() -> bool:
+    import mlflow
+
+    return mlflow.active_run() is not None or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[StageTracker]:
+    """An MLflow run for one stage, nested in the active run if any."""
+    if not tracking_enabled():
+        yield StageTracker(None)
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tags({"tulip.stage": stage, **dict(tags or {})})
+        mlflow.log_params(flatten({stage: dict(params)}))
+        if ds_config:
+            mlflow.log_params(flatten({"deepspeed": dict(ds_config)}))
+            mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
+        logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
+        yield StageTracker(run.info.run_id)

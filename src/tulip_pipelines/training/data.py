@@ -1,0 +1,119 @@
+"""Training data: image-caption pairs from a captions table and an image root."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tulip_pipelines.data.text import first_sentence
+
+
+class CaptionImageDataset(Dataset):
+    """Rows of a captions table (``id``, ``image``, ``caption``) as training samples.
+
+    Each sample is ``{"image": tensor, "long": caption, "short": first sentence}``. With
+    ``variants`` (id -> list of alternative captions, e.g. the demo's shuffled-sentence captions)
+    the long caption is drawn at random among them each time the sample is read.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        image_root: str | Path,
+        preprocess: Callable[[Image.Image], torch.Tensor] | None,
+        variants: Mapping[str, Sequence[str]] | None = None,
+    ):
+        missing = {"id", "image", "caption"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"captions table lacks column(s) {sorted(missing)}")
+        self.ids = frame["id"].astype(str).tolist()
+        self.images = frame["image"].tolist()
+        self.captions = frame["caption"].tolist()
+        self.image_root = Path(image_root)
+        self.preprocess = preprocess
+        self.variants = dict(variants) if variants else None
+        if self.variants is not None:
+            absent = [i for i in self.ids if i not in self.variants]
+            if absent:
+                raise ValueError(f"no caption variants for {len(absent)} record(s), e.g. id {absent[0]!r}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        caption = self.captions[index]
+        long = random.choice(self.variants[self.ids[index]]) if self.variants else caption
+        sample: dict[str, Any] = {"long": long, "short": first_sentence(caption)}
+        if self.preprocess is not None:
+            path = self.image_root / self.images[index]
+            try:
+                with Image.open(path) as image:
+                    sample["image"] = self.preprocess(image.convert("RGB"))
+            except (OSError, ValueError) as err:
+                raise OSError(f"cannot read image of record {self.ids[index]!r}: {path}: {err}") from err
+        return sample
+
+
+class Collate:
+    """Stack images and tokenise texts: ``{"image", "long", "short"}`` plus, for distillation,
+    ``"teacher_long"`` (the teacher's tokenisation) or ``"windows"``/``"window_mask"``."""
+
+    def __init__(self, tokenizer, short_tokenizer=None, teacher_tokenizer=None, windows: int = 0, overlap: int = 20):
+        self.tokenizer = tokenizer
+        self.short_tokenizer = short_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.windows, self.overlap = windows, overlap
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longs = [s["long"] for s in samples]
+        batch = {"long": trim_padding(self.tokenizer(longs))}
+        if "image" in samples[0]:
+            batch["image"] = torch.stack([s["image"] for s in samples])
+        if self.short_tokenizer is not None:
+            batch["short"] = trim_padding(self.short_tokenizer([s["short"] for s in samples]))
+        if self.teacher_tokenizer is not None:
+            if self.windows:
+                batch["windows"], batch["window_mask"] = window_tokens(
+                    longs, self.teacher_tokenizer, self.overlap, self.windows
+                )
+            else:
+                batch["teacher_long"] = self.teacher_tokenizer(longs)
+        return batch
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the padding columns that no text in the batch reaches (the text towers are causal
+    and pool at the end-of-text token, so the embeddings do not change; the work does)."""
+    length = int((tokens != 0).sum(dim=1).max())
+    return tokens[:, : max(length, 1)]
+
+
+def window_tokens(texts: list[str], tokenizer, overlap: int, max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping windows of each text for a short-context teacher.
+
+    Each window holds ``context - 2`` BPE tokens wrapped in start/end tokens; consecutive windows
+    share ``overlap`` tokens. Returns tokens [B, max_windows, context] and a mask [B, max_windows].
+    """
+    context = tokenizer.context_length
+    inner = context - 2
+    stride = inner - overlap
+    if stride < 1:
+        raise ValueError(f"window overlap {overlap} leaves no stride in a {context}-token window")
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    out = torch.zeros(len(texts), max_windows, context, dtype=torch.long)
+    mask = torch.zeros(len(texts), max_windows, dtype=torch.bool)
+    for b, text in enumerate(texts):
+        ids = tokenizer.encode(text)
+        starts = list(range(0, max(len(ids) - overlap, 1), stride))[:max_windows]
+        for w, start in enumerate(starts):
+            piece = [sot, *ids[start : start + inner], eot]
+            out[b, w, : len(piece)] = torch.tensor(piece)
+            mask[b, w] = True
+    return out, mask

@@ -1,0 +1,108 @@
+"""Training tasks: what each stage optimises, as modules the engine trains.
+
+A task's ``forward(batch)`` returns ``{"loss": ..., <scalars to log>}``; only its parameters with
+``requires_grad`` are trained. A frozen teacher is held outside the registered submodules, so it
+is neither optimised nor written into training checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tulip_pipelines.training.losses import DISTILL_LOSSES, clip_loss, distill_loss
+
+TOWERS = ("image", "text", "logit_scale")
+
+
+def _tower(name: str) -> str:
+    if name.startswith("visual."):
+        return "image"
+    if name in ("logit_scale", "logit_bias"):
+        return "logit_scale"
+    return "text"
+
+
+def freeze_towers(model: nn.Module, train_towers: Iterable[str]) -> None:
+    """Train only the named towers of a CLIP (``image``, ``text``, ``logit_scale``)."""
+    train_towers = set(train_towers)
+    unknown = train_towers - set(TOWERS)
+    if unknown or not train_towers:
+        raise ValueError(f"train_towers must be a non-empty subset of {TOWERS}, got {sorted(train_towers)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(_tower(name) in train_towers)
+
+
+class ContrastiveTask(nn.Module):
+    """CLIP loss on (image, long caption), plus optionally (image, short caption).
+
+    ``loss = long_weight * L(image, long) + short_weight * L(image, short)``: TULIP's expansion
+    stage (0.8/0.2), the Long-CLIP baseline's fine-tuning (same), and the demo teacher (1/0).
+    """
+
+    def __init__(self, model: nn.Module, long_weight: float = 0.8, short_weight: float = 0.2,
+                 train_towers: Iterable[str] = TOWERS):
+        super().__init__()
+        if long_weight < 0 or short_weight < 0 or long_weight + short_weight == 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got {long_weight}, {short_weight}")
+        self.model = model
+        self.long_weight, self.short_weight = float(long_weight), float(short_weight)
+        freeze_towers(model, train_towers)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image = self.model.encode_image(batch["image"], normalize=True)
+        scale = self.model.logit_scale.exp().clamp(max=100)
+        out = {"loss_long": clip_loss(image, self.model.encode_text(batch["long"], normalize=True), scale)}
+        loss = self.long_weight * out["loss_long"]
+        if self.short_weight:
+            out["loss_short"] = clip_loss(image, self.model.encode_text(batch["short"], normalize=True), scale)
+            loss = loss + self.short_weight * out["loss_short"]
+        out["loss"] = loss
+        out["logit_scale"] = scale.detach()
+        return out
+
+
+class DistillTask(nn.Module):
+    """Relative position distillation: the RoPE student's text embedding follows the teacher's.
+
+    ``teacher_input="tokens"``: both read the caption tokenised at the teacher's context (77).
+    ``teacher_input="windows"``: the teacher embeds overlapping windows of the long caption and
+    their mean is the target for the student reading the whole caption at its own context.
+    The student's token embedding, image tower and logit scale stay frozen.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss_type: str = "cosine",
+                 teacher_input: str = "tokens"):
+        super().__init__()
+        if loss_type not in DISTILL_LOSSES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; one of {DISTILL_LOSSES}")
+        if teacher_input not in ("tokens", "windows"):
+            raise ValueError(f"teacher_input must be 'tokens' or 'windows', got {teacher_input!r}")
+        self.student = student
+        self.loss_type, self.teacher_input = loss_type, teacher_input
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # frozen, not a submodule: not checkpointed
+        for name, param in student.named_parameters():
+            param.requires_grad_(_tower(name) == "text" and not name.startswith("token_embedding."))
+
+    @torch.no_grad()
+    def target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = batch["long"].device
+        self.teacher.to(device)
+        if self.teacher_input == "tokens":
+            return self.teacher.encode_text(batch["teacher_long"]).float()
+        windows, mask = batch["windows"], batch["window_mask"]
+        flat = self.teacher.encode_text(windows[mask]).float()
+        sums = torch.zeros(mask.shape[0], flat.shape[-1], device=device)
+        sums.index_add_(0, mask.nonzero()[:, 0], flat)
+        return sums / mask.sum(1, keepdim=True).clamp(min=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens = batch["teacher_long"] if self.teacher_input == "tokens" else batch["long"]
+        student = self.student.encode_text(tokens).float()
+        target = self.target(batch)
+        loss = distill_loss(student, target, self.loss_type)
+        cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
+        return {"loss": loss, "cosine": cosine}
