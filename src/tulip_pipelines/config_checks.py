@@ -44,3 +44,14 @@ def _register_builtin_validators() -> None:
 
     VALIDATORS["ingest"] = lambda p, _: IngestConfig.from_params(p)
     VALIDATORS["split"] = lambda p, _: SplitConfig.from_params(p)
+
+    from tulip_pipelines.data.demo import DemoDataConfig
+
+    VALIDATORS["demo_data"] = lambda p, _: DemoDataConfig.from_params(p)
+
+    from tulip_pipelines.evaluation.evaluate import EvaluateConfig
+    from tulip_pipelines.training.stages import STAGES, check_stage_params
+
+    VALIDATORS["evaluate"] = lambda p, _: EvaluateConfig.from_params(p)
+    for stage in STAGES:
+        VALIDATORS[stage] = lambda p, all_params, stage=stage: check_stage_params(stage, p, all_params)

@@ -13,9 +13,10 @@ from tulip_pipelines.training.stages import DistillParams, loss_figure, run_stag
 def distill(teacher_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
             params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
     """Distil the frozen teacher's text embeddings into a RoPE student."""
+    stage_params = DistillParams.from_params(params, "distill")  # before touching any input
     parent = teacher_model.spec.extra.get("mlflow_run_id")
     model, result = run_stage(
-        "distill", DistillParams.from_params(params, "distill"), bundles={"teacher": teacher_model},
+        "distill", stage_params, bundles={"teacher": teacher_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
         tags={"tulip.parent_run_id": parent} if parent else None,
     )

@@ -13,9 +13,10 @@ from tulip_pipelines.training.stages import ExpandParams, loss_figure, run_stage
 def expand(distilled_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
            params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
     """Fine-tune the distilled student contrastively on long and short captions."""
+    stage_params = ExpandParams.from_params(params, "expand")  # before touching any input
     parent = distilled_model.spec.extra.get("mlflow_run_id")
     model, result = run_stage(
-        "expand", ExpandParams.from_params(params, "expand"), bundles={"distilled": distilled_model},
+        "expand", stage_params, bundles={"distilled": distilled_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
         tags={"tulip.parent_run_id": parent} if parent else None,
     )
