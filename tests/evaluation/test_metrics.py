@@ -49,6 +49,22 @@ def test_chunked_equals_full_sort_with_ties():
         assert out["i2t"] == pytest.approx(full["i2t"]) and out["t2i"] == pytest.approx(full["t2i"])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_chunked_equals_full_sort_with_duplicate_images_and_texts(seed):
+    g = torch.Generator().manual_seed(seed)
+    images = F.normalize(torch.randn(30, 4, generator=g), dim=-1)
+    images[5], images[17] = images[2], images[2]  # tied columns for text->image
+    t2i = torch.randint(0, 27, (70,), generator=g)  # images 27-29 have no text: no i2t query
+    texts = F.normalize(images[t2i] + 0.8 * torch.randn(70, 4, generator=g), dim=-1)
+    texts[40], texts[9] = texts[3], texts[3]  # tied rows for image->text
+    ks = (1, 3, 20, 100)  # 100: more than there are candidates
+    full = retrieval_recall_full_sort(images, texts, t2i, ks)
+    for chunk in (1, 4, 64):
+        out = retrieval_recall(images, texts, t2i, ks, chunk_size=chunk)
+        assert out["i2t"] == full["i2t"] and out["t2i"] == full["t2i"]
+        assert out["n_queries"] == {"i2t": len(torch.unique(t2i)), "t2i": 70}
+
+
 def test_mismatched_links_are_an_error():
     with pytest.raises(ValueError, match="2 text->image links for 3 texts"):
         retrieval_recall(torch.eye(3), torch.eye(3), [0, 1])

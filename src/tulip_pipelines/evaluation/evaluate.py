@@ -1,133 +1,264 @@
-"""Score every model on every benchmark, side by side, and render the report."""
+"""Score every model on every benchmark, side by side (no Kedro).
+
+Each model encodes images with its own image tower and texts with its own tokenizer (the
+teacher's truncates at 77 tokens, the long models' at 248, end-of-text kept). Image features are
+cached per benchmark and image-tower weights: models that share an image tower (the teacher and
+the untrained Long-CLIP stretch, a student distilled with a frozen image tower) encode once.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tulip_pipelines.evaluation.metrics import retrieval_recall
-from tulip_pipelines.evaluation.readers import READERS, BenchmarkMissing, RetrievalBenchmark, read_sharegpt4v
+from tulip_pipelines.evaluation.readers import (
+    READERS,
+    BenchmarkMissing,
+    RetrievalBenchmark,
+    build_dci_long,
+    read_sharegpt4v,
+)
 from tulip_pipelines.models.spec import ModelBundle
-from tulip_pipelines.training.data import trim_padding
 
 logger = logging.getLogger(__name__)
+
 METRIC_COLUMNS = ["benchmark", "model", "direction", "k", "recall", "n_queries"]
+ISSUE_COLUMNS = ["benchmark", "item", "reason", "detail"]
+FORMATS = {**READERS, "sharegpt4v": read_sharegpt4v}
+# Options of a dci_long entry used to build dci_long.csv from the DCI release (not by the reader).
+DCI_BUILD_OPTIONS = ("annotations", "photos_prefix")
+_SET_BY_CONFIG = {"root", "name", "kind", "val_captions", "image_root"}
+
+
+def _reader_options(fmt: str) -> set[str]:
+    extra = set(DCI_BUILD_OPTIONS) if fmt == "dci_long" else set()
+    return set(inspect.signature(FORMATS[fmt]).parameters) - _SET_BY_CONFIG | extra
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class BenchmarkConfig:
+    """One entry of ``evaluate.benchmarks``: ``format``, ``root`` (a folder; not for sharegpt4v),
+    ``kind`` (long/short) and the reader's own options (e.g. ``karpathy_json`` for flickr30k)."""
+
+    name: str
+    format: str
+    kind: str = "long"
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"evaluate.benchmarks.{self.name}"
+        if self.format not in FORMATS:
+            raise ValueError(f"{where}.format: unknown format {self.format!r}; one of {sorted(FORMATS)}")
+        if self.kind not in ("long", "short"):
+            raise ValueError(f"{where}.kind must be 'long' or 'short', got {self.kind!r}")
+        if self.format != "sharegpt4v" and not self.root:
+            raise ValueError(f"{where}.root is required (the benchmark's folder)")
+        unknown = sorted(set(self.options) - _reader_options(self.format))
+        if unknown:
+            raise ValueError(f"{where}: unknown option(s) {unknown} for format {self.format}; "
+                             f"known: {sorted(_reader_options(self.format))}")
+
+    @classmethod
+    def from_params(cls, name: str, params: Mapping[str, Any]) -> "BenchmarkConfig":
+        if not isinstance(params, Mapping) or "format" not in params:
+            raise ValueError(f"evaluate.benchmarks.{name} must be a mapping with a `format`")
+        own = {k: params[k] for k in ("format", "kind", "root") if k in params}
+        return cls(name, options={k: v for k, v in params.items() if k not in own}, **own)
 
 
 @dataclass
 class EvaluateConfig:
-    """``params:evaluate``: benchmarks {name: {format, root, kind, ...reader options}}."""
+    """``params:evaluate``.
 
-    benchmarks: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    batch_size: int = 256
+    Attributes:
+        benchmarks: name -> benchmark entry (see :class:`BenchmarkConfig`).
+        ks: the k of recall@k.
+        batch_size: images / texts per encoding batch.
+        chunk_size: queries per similarity chunk in the recall computation.
+        num_workers: image-loading worker processes.
+    """
+
+    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    ks: tuple[int, ...] = (1, 5, 10)
+    batch_size: int = 64
     chunk_size: int = 1024
-    longclip_keep: int = 20
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ks or not all(_positive_int(k) for k in self.ks):
+            raise ValueError(f"evaluate.ks must be a list of positive integers, got {self.ks!r}")
+        for name in ("batch_size", "chunk_size"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"evaluate.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"evaluate.num_workers must be an integer >= 0, got {self.num_workers!r}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "EvaluateConfig":
+        """Build from ``params:evaluate``; unknown keys are an error naming the key."""
         params = dict(params or {})
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"unknown evaluate parameter(s) {unknown}")
-        cfg = cls(**params)
-        for name, spec in cfg.benchmarks.items():
-            fmt = spec.get("format")
-            if fmt not in (*READERS, "sharegpt4v"):
-                raise ValueError(f"benchmark {name}: unknown format {fmt!r}; one of {sorted([*READERS, 'sharegpt4v'])}")
-            if fmt != "sharegpt4v" and not spec.get("root"):
-                raise ValueError(f"benchmark {name}: `root` (the benchmark folder) is required")
-            if spec.get("kind", "long") not in ("long", "short"):
-                raise ValueError(f"benchmark {name}: kind must be long or short")
-        return cfg
+            raise ValueError(f"unknown evaluate parameter(s) {unknown}; known: {sorted(known)}")
+        entries = params.pop("benchmarks", None) or {}
+        benchmarks = {n: BenchmarkConfig.from_params(n, p) for n, p in entries.items()}
+        if "ks" in params:
+            params["ks"] = tuple(params["ks"])
+        return cls(benchmarks=benchmarks, **params)
 
 
-def load_benchmarks(cfg: EvaluateConfig, val_captions: pd.DataFrame | None, image_root: str) -> dict[str, RetrievalBenchmark]:
-    """Read every configured benchmark; absent ones are skipped with a log line naming the path."""
+# ---------------------------------------------------------------------------------------------
+# Benchmarks
+
+
+def load_benchmarks(
+    cfg: EvaluateConfig, val_captions: pd.DataFrame | None, image_root: str | Path
+) -> dict[str, RetrievalBenchmark]:
+    """Read every configured benchmark. One whose files are absent (or that has no usable pair)
+    is skipped with a log line naming the path, and gets no rows in the results."""
     out = {}
-    for name, spec in cfg.benchmarks.items():
-        options = {k: v for k, v in spec.items() if k not in ("format", "root", "kind")}
+    for name, bc in cfg.benchmarks.items():
+        options = {k: v for k, v in bc.options.items() if k not in DCI_BUILD_OPTIONS}
         try:
-            if spec["format"] == "sharegpt4v":
-                bench = read_sharegpt4v(val_captions, image_root, name=name, **options)
+            if bc.format == "sharegpt4v":
+                bench = read_sharegpt4v(val_captions, image_root, name=name, kind=bc.kind, **options)
             else:
-                bench = READERS[spec["format"]](spec["root"], name=name, **options)
+                bench = READERS[bc.format](bc.root, name=name, kind=bc.kind, **options)
         except BenchmarkMissing as err:
-            logger.warning("skipping benchmark %s: %s", name, err)
+            logger.warning("skipping %s: %s not found", name, err.path)
             continue
-        for entry, reason in bench.issues[:5]:
-            logger.warning("benchmark %s: %s: %s", name, entry, reason)
-        logger.info("benchmark %s: %d images, %d texts, %d entries not usable", name,
-                    len(bench.image_paths), len(bench.texts), len(bench.issues))
+        bench.log_summary()
+        for issue in bench.issues[:5]:
+            logger.warning("%s: left out %s (%s: %s)", name, issue.item, issue.reason.value, issue.detail)
+        if not bench.texts:
+            logger.warning("skipping %s: no usable image-text pair under %s", name, bc.root or image_root)
+            continue
         out[name] = bench
     return out
 
 
-@torch.no_grad()
-def encode(model_bundle: ModelBundle, bench: RetrievalBenchmark, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and text features with the model's own towers and tokenizer."""
-    model = model_bundle.model.eval()
-    images, texts = [], []
-    for start in range(0, len(bench.image_paths), batch_size):
-        batch = []
-        for path in bench.image_paths[start : start + batch_size]:
-            with Image.open(path) as im:
-                batch.append(model_bundle.preprocess(im.convert("RGB")))
-        images.append(model.encode_image(torch.stack(batch), normalize=True).float())
-    for start in range(0, len(bench.texts), batch_size):
-        tokens = trim_padding(model_bundle.tokenizer(bench.texts[start : start + batch_size]))
-        texts.append(model.encode_text(tokens, normalize=True).float())
-    return torch.cat(images), torch.cat(texts)
+def issues_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:
+    """Every entry left out of a scored benchmark, with its reason (``benchmark_issues``)."""
+    frames = [b.issues_frame() for b in benchmarks.values() if b.issues]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ISSUE_COLUMNS)
 
 
-def score(models: Mapping[str, ModelBundle], benchmarks: Mapping[str, RetrievalBenchmark],
-          ks: Sequence[int] = (1, 5, 10), batch_size: int = 256, chunk_size: int = 1024) -> pd.DataFrame:
-    """The ``retrieval_metrics`` table: recall (percent) per benchmark, model, direction and k."""
+def prepare_dci_long(cfg: EvaluateConfig) -> pd.DataFrame:
+    """Write ``<root>/dci_long.csv`` for each dci_long entry with ``annotations`` (the folder of
+    DCI's per-image JSON files, relative to root) whose CSV does not exist yet; returns a summary."""
     rows = []
-    jobs = [(b, m) for b in benchmarks for m in models]
-    for bench_name, model_name in tqdm(jobs, desc="evaluate", unit="model"):
-        bench = benchmarks[bench_name]
-        image_features, text_features = encode(models[model_name], bench, batch_size)
-        result = retrieval_recall(image_features, text_features, bench.text_to_image, ks, chunk_size)
-        for direction in ("i2t", "t2i"):
-            for k in ks:
-                rows.append((bench_name, model_name, direction, int(k), result[direction][k],
-                             result["n_queries"][direction]))
-    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    for name, bc in cfg.benchmarks.items():
+        if bc.format != "dci_long" or "annotations" not in bc.options:
+            continue
+        root = Path(bc.root)
+        csv_path = root / bc.options.get("csv_name", "dci_long.csv")
+        if csv_path.exists():
+            logger.info("%s: %s exists, kept as it is", name, csv_path)
+            rows.append((name, str(csv_path), "kept", None, None))
+            continue
+        try:
+            frame, without_long = build_dci_long(
+                root / bc.options["annotations"], bc.options.get("photos_prefix", "photos"))
+        except BenchmarkMissing as err:
+            logger.warning("%s: cannot build %s: %s not found", name, csv_path, err.path)
+            rows.append((name, str(csv_path), "missing", None, None))
+            continue
+        frame.to_csv(csv_path, sep="\t", index=False)
+        logger.info("%s: wrote %s (%d records; %d without a long caption left out)",
+                    name, csv_path, len(frame), without_long)
+        rows.append((name, str(csv_path), "written", len(frame), without_long))
+    return pd.DataFrame(rows, columns=["benchmark", "path", "action", "records", "without_long_caption"])
 
 
-def report_markdown(metrics: pd.DataFrame) -> str:
-    """One row per benchmark and model; columns I2T/T2I R@k."""
-    if metrics.empty:
-        return "No benchmark was found, so nothing was scored (see the log for the paths).\n"
-    wide = metrics.pivot_table(index=["benchmark", "model"], columns=["direction", "k"], values="recall", sort=False)
-    wide.columns = [f"{d.upper()} R@{k}" for d, k in wide.columns]
-    return "Recall (%) of image-text retrieval.\n\n" + wide.reset_index().to_markdown(index=False, floatfmt=".1f") + "\n"
+# ---------------------------------------------------------------------------------------------
+# Encoding
 
 
-def report_figure(metrics: pd.DataFrame, k: int = 1):
-    """Bar chart of recall@k per benchmark, model and direction."""
-    import matplotlib
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[str], preprocess):
+        self.paths, self.preprocess = paths, preprocess
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __len__(self) -> int:
+        return len(self.paths)
 
-    data = metrics[metrics["k"] == k]
-    benchmarks = list(dict.fromkeys(data["benchmark"]))
-    fig, axes = plt.subplots(1, max(1, len(benchmarks)), figsize=(5 * max(1, len(benchmarks)), 4), squeeze=False)
-    for ax, bench in zip(axes[0], benchmarks):
-        table = data[data["benchmark"] == bench].pivot(index="model", columns="direction", values="recall")
-        table = table.reindex(list(dict.fromkeys(data[data["benchmark"] == bench]["model"])))
-        table.plot.bar(ax=ax, rot=30)
-        ax.set_title(f"{bench}: R@{k}")
-        ax.set_ylabel("recall (%)")
-        ax.set_ylim(0, 100)
-    fig.tight_layout()
-    return fig
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as image:
+            return self.preprocess(image.convert("RGB"))
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def encode_images(bundle: ModelBundle, paths: Sequence[str], batch_size: int, num_workers: int = 0,
+                  desc: str = "images") -> torch.Tensor:
+    """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower."""
+    model = bundle.model.eval()
+    loader = DataLoader(_Images(paths, bundle.preprocess), batch_size=batch_size, num_workers=num_workers)
+    out = [model.encode_image(batch.to(_device(model)), normalize=True).float().cpu()
+           for batch in tqdm(loader, desc=desc, unit="batch", leave=False)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(
+    bundle: ModelBundle, texts: Sequence[str], batch_size: int, desc: str = "texts"
+) -> torch.Tensor:
+    """L2-normalised text features [n, d] with the bundle's own tokenizer (its context length)."""
+    model = bundle.model.eval()
+    out = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+        tokens = bundle.tokenizer(list(texts[start : start + batch_size]))
+        length = max(int((tokens != 0).sum(dim=1).max()), 1)  # padding after EOT changes nothing
+        out.append(model.encode_text(tokens[:, :length].to(_device(model)), normalize=True).float().cpu())
+    return torch.cat(out)
+
+
+def image_tower_fingerprint(bundle: ModelBundle) -> str:
+    """A hash of the image tower's weights and preprocessing: equal towers encode images alike."""
+    digest = hashlib.sha1(repr(bundle.preprocess).encode())
+    for key, tensor in bundle.model.visual.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def score(
+    models: Mapping[str, ModelBundle], benchmarks: Mapping[str, RetrievalBenchmark], cfg: EvaluateConfig
+) -> pd.DataFrame:
+    """The ``retrieval_metrics`` table: recall (percent, 0-100) per benchmark, model, direction, k."""
+    fingerprints = {name: image_tower_fingerprint(b) for name, b in models.items()}
+    rows = []
+    for bench_name, bench in benchmarks.items():
+        image_cache: dict[str, torch.Tensor] = {}
+        for model_name, bundle in models.items():
+            logger.info("scoring %s on %s", model_name, bench_name)
+            key = fingerprints[model_name]
+            if key not in image_cache:
+                image_cache[key] = encode_images(bundle, bench.image_paths, cfg.batch_size, cfg.num_workers,
+                                                 desc=f"{bench_name}/{model_name} images")
+            texts = encode_texts(bundle, bench.texts, cfg.batch_size, desc=f"{bench_name}/{model_name} texts")
+            result = retrieval_recall(image_cache[key], texts, bench.text_to_image, cfg.ks, cfg.chunk_size)
+            rows += [(bench_name, model_name, d, int(k), result[d][k], result["n_queries"][d])
+                     for d in ("i2t", "t2i") for k in cfg.ks]
+    frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    return frame.astype({"k": "int64", "n_queries": "int64", "recall": "float64"})

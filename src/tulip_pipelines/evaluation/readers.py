@@ -1,144 +1,334 @@
-"""Readers of the retrieval benchmarks, each for the benchmark's own on-disk layout.
+"""Readers of the retrieval benchmarks, each for the benchmark's own on-disk format.
 
-Every reader returns a :class:`RetrievalBenchmark`; entries that cannot be used (an image without
-caption, a caption whose image is missing, an empty caption) are listed in ``issues`` with the
-reason, never dropped silently. A benchmark whose files are absent raises
-:class:`BenchmarkMissing` naming the path, and the evaluation skips it with that message.
+Every reader returns a :class:`RetrievalBenchmark`: absolute image paths, the texts, and for each
+text the index of its image. Entries that cannot be scored are never dropped silently: each one
+becomes a :class:`BenchmarkIssue` with a reason (see :class:`IssueReason`). A reader whose files
+are absent raises :class:`BenchmarkMissing` naming the expected path.
 
-Layouts:
-- ``urban1k``: ``<root>/image/<name>.jpg`` and ``<root>/caption/<name>.txt`` (first line).
-- ``flickr30k``: ``<root>/results.csv`` (``|``-separated: image_name, comment_number, comment) and
-  ``<root>/flickr30k_images/``; optionally only the Karpathy split's images
-  (``dataset_flickr30k.json``: ``images[].filename``, ``split``).
-- ``coco``: ``<root>/annotations/captions_val2017.json`` and ``<root>/val2017/``; the first
-  ``captions_per_image`` captions of each image in annotation order.
-- ``dci_long``: ``<root>/dci_long.csv``, tab-separated, columns ``filepath`` (relative to root)
-  and ``title`` (the long caption), as TULIP's evaluation prepares it.
-- ``sharegpt4v``: the first ``n`` records of a captions table (our ``val_captions``).
+Formats (facts from the benchmarks' releases and the TULIP / Long-CLIP evaluation code):
+
+* **Urban1k**: ``image/<stem>.jpg`` and ``caption/<stem>.txt``; the caption is the text file's
+  first line; pairs are matched by file stem, in sorted stem order.
+* **DCI-long**: ``dci_long.csv``, tab-separated, columns ``filepath`` (relative to the root) and
+  ``title`` (the long caption), as TULIP prepares it; :func:`build_dci_long` writes it from the
+  DCI release's annotation JSON files (one per image, long caption = ``extra_caption``, image file
+  name = ``image``; records with an empty ``extra_caption`` are left out, as TULIP does).
+* **COCO**: ``val2017/`` and ``annotations/captions_val2017.json`` (``images[].id/file_name``,
+  ``annotations[].image_id/caption``); the first 5 captions of each image in annotation order.
+* **Flickr30k**: ``results.csv`` with header ``image_name| comment_number| comment`` (``|`` then a
+  space), images in ``flickr30k_images/``; optionally only Karpathy's test split
+  (``dataset_flickr30k.json``: ``images[].filename`` with ``split == "test"``).
+* **ShareGPT4V-1k**: the first 1,000 validation records (``val_captions``), image paths relative
+  to the ingest image root.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+logger = logging.getLogger(__name__)
+
+
+class IssueReason(str, Enum):
+    MISSING_IMAGE = "missing_image"
+    CAPTION_WITHOUT_IMAGE = "caption_without_image"
+    IMAGE_WITHOUT_CAPTION = "image_without_caption"
+    EMPTY_CAPTION = "empty_caption"
+    MALFORMED_ROW = "malformed_row"
+
+
+@dataclass(frozen=True)
+class BenchmarkIssue:
+    """One entry left out of a benchmark: ``item`` names it (file, row), ``detail`` says why."""
+
+    item: str
+    reason: IssueReason
+    detail: str = ""
+
+
+@dataclass
+class RetrievalBenchmark:
+    """Images, texts and ``text_to_image[t]`` (the image of text ``t``); ``kind`` is long/short."""
+
+    name: str
+    kind: str
+    image_paths: list[str]
+    texts: list[str]
+    text_to_image: np.ndarray
+    issues: list[BenchmarkIssue] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
+        if len(self.texts) != len(self.text_to_image):
+            raise ValueError(f"{self.name}: {len(self.texts)} texts but {len(self.text_to_image)} links")
+        links = self.text_to_image
+        if len(links) and not (0 <= links.min() and links.max() < len(self.image_paths)):
+            raise ValueError(f"{self.name}: text_to_image points outside the {len(self.image_paths)} images")
+
+    def issues_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "benchmark": [self.name] * len(self.issues),
+                "item": [i.item for i in self.issues],
+                "reason": [i.reason.value for i in self.issues],
+                "detail": [i.detail for i in self.issues],
+            },
+            columns=["benchmark", "item", "reason", "detail"],
+        )
+
+    def log_summary(self) -> None:
+        counts = pd.Series([i.reason.value for i in self.issues], dtype=object).value_counts().to_dict()
+        logger.info(
+            "benchmark %s (%s): %d images, %d texts; %d entries left out %s",
+            self.name, self.kind, len(self.image_paths), len(self.texts), len(self.issues), counts or "",
+        )  # fmt: skip
 
 
 class BenchmarkMissing(FileNotFoundError):
     """The benchmark's files are not where the configuration says."""
 
-
-@dataclass
-class RetrievalBenchmark:
-    name: str
-    image_paths: list[Path]
-    texts: list[str]
-    text_to_image: list[int]
-    issues: list[tuple[str, str]] = field(default_factory=list)  # (entry, reason)
-
-    def __post_init__(self):
-        if not self.image_paths or not self.texts:
-            raise ValueError(f"benchmark {self.name}: no usable image-text pairs ({len(self.issues)} issues)")
+    def __init__(self, name: str, path: Path):
+        super().__init__(f"{name}: {path} not found")
+        self.name, self.path = name, path
 
 
-def _require(path: Path, what: str) -> Path:
+def _require(name: str, path: Path) -> Path:
     if not path.exists():
-        raise BenchmarkMissing(f"{what} not found at {path}")
+        raise BenchmarkMissing(name, path)
     return path
 
 
-def _from_pairs(name: str, pairs: dict[Path, list[str]], issues: list) -> RetrievalBenchmark:
-    images, texts, links = [], [], []
-    for path, captions in pairs.items():
-        if not path.is_file():
-            issues.append((str(path), "image file missing"))
-            continue
-        kept = [c.strip() for c in captions if c and c.strip()]
-        if len(kept) < len(captions):
-            issues.append((str(path), f"{len(captions) - len(kept)} empty caption(s)"))
-        if not kept:
-            continue
-        images.append(path)
-        for caption in kept:
-            texts.append(caption)
-            links.append(len(images) - 1)
-    return RetrievalBenchmark(name, images, texts, links, issues)
+def _pairs(
+    name: str, kind: str, items: list[tuple[str, list[str]]], issues: list[BenchmarkIssue]
+) -> RetrievalBenchmark:
+    """Build a benchmark from ``(image path, its texts)`` in order."""
+    texts = [t for _, ts in items for t in ts]
+    t2i = [i for i, (_, ts) in enumerate(items) for _ in ts]
+    return RetrievalBenchmark(name, kind, [p for p, _ in items], texts, np.array(t2i, dtype=np.int64), issues)
 
 
-def read_urban1k(root: str | Path, name: str = "urban1k") -> RetrievalBenchmark:
+def _clean(text: object) -> str:
+    return text.strip() if isinstance(text, str) else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Urban1k
+
+
+def read_urban1k(root: str | Path, name: str = "urban1k", kind: str = "long") -> RetrievalBenchmark:
+    """Urban1k: ``image/<stem>.jpg`` + ``caption/<stem>.txt`` (first line), sorted by stem."""
     root = Path(root)
-    image_dir, caption_dir = _require(root / "image", "Urban1k images"), _require(root / "caption", "Urban1k captions")
-    images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-    captions = {p.stem: p for p in sorted(caption_dir.glob("*.txt"))}
-    issues = [(str(images[s]), "image without caption file") for s in sorted(set(images) - set(captions))]
-    pairs = {}
+    image_dir, caption_dir = _require(name, root / "image"), _require(name, root / "caption")
+    images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg"}
+    captions = {p.stem: p for p in caption_dir.iterdir() if p.suffix == ".txt"}
+    issues = [
+        BenchmarkIssue(f"image/{images[s].name}", IssueReason.IMAGE_WITHOUT_CAPTION, f"no caption/{s}.txt")
+        for s in sorted(set(images) - set(captions))
+    ]
+    items = []
     for stem in sorted(captions):
+        if stem not in images:
+            issues.append(BenchmarkIssue(
+                f"caption/{stem}.txt", IssueReason.CAPTION_WITHOUT_IMAGE, f"no image/{stem}.jpg"))
+            continue
         lines = captions[stem].read_text(encoding="utf-8").splitlines()
-        pairs[images.get(stem, image_dir / f"{stem}.jpg")] = [lines[0] if lines else ""]
-    return _from_pairs(name, pairs, issues)
+        text = lines[0].strip() if lines else ""
+        if not text:
+            issues.append(BenchmarkIssue(
+                f"caption/{stem}.txt", IssueReason.EMPTY_CAPTION, "first line is empty"))
+            continue
+        items.append((str(images[stem].resolve()), [text]))
+    return _pairs(name, kind, items, issues)
 
 
-def read_flickr30k(root: str | Path, karpathy_json: str | Path | None = None, split: str = "test",
-                   name: str = "flickr30k") -> RetrievalBenchmark:
+# ---------------------------------------------------------------------------------------------
+# DCI-long
+
+
+def read_dci_long(
+    root: str | Path, name: str = "dci_long", kind: str = "long", csv_name: str = "dci_long.csv"
+) -> RetrievalBenchmark:
+    """DCI-long: tab-separated ``dci_long.csv`` (``filepath`` relative to ``root``, ``title``)."""
     root = Path(root)
-    results = _require(root / "results.csv", "Flickr30k results.csv")
-    image_dir = root / "flickr30k_images"
+    path = _require(name, root / csv_name)
+    frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
+    missing_columns = {"filepath", "title"} - set(frame.columns)
+    if missing_columns:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing_columns)}; found {list(frame.columns)}")
+    items, issues = [], []
+    for row, (rel, title) in enumerate(zip(frame["filepath"], frame["title"])):
+        item = f"{csv_name} row {row + 1}"
+        if not _clean(title):
+            issues.append(BenchmarkIssue(item, IssueReason.EMPTY_CAPTION, f"empty title for {rel!r}"))
+        elif not (root / rel).is_file():
+            issues.append(BenchmarkIssue(item, IssueReason.MISSING_IMAGE, f"{root / rel} not found"))
+        else:
+            items.append((str((root / rel).resolve()), [_clean(title)]))
+    return _pairs(name, kind, items, issues)
+
+
+def build_dci_long(annotations_dir: str | Path, photos_prefix: str = "photos") -> tuple[pd.DataFrame, int]:
+    """``dci_long.csv``'s rows from the DCI annotation JSON files (sorted by file name).
+
+    Returns ``(frame with filepath/title, number of records without a long caption)``;
+    ``filepath`` is ``<photos_prefix>/<image>``, relative to the DCI root.
+    """
+    annotations_dir = Path(annotations_dir)
+    if not annotations_dir.is_dir():
+        raise BenchmarkMissing("dci_long", annotations_dir)
+    rows, without_long = [], 0
+    for path in sorted(annotations_dir.glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or "image" not in record:
+            raise ValueError(
+                f"{path}: not a DCI annotation (expected an object with 'image' and 'extra_caption')")
+        long_caption = _clean(record.get("extra_caption"))
+        if not long_caption:
+            without_long += 1
+            continue
+        rows.append({"filepath": f"{photos_prefix}/{record['image']}" if photos_prefix else record["image"],
+                     "title": " ".join(long_caption.split())})  # one line per record in the TSV
+    return pd.DataFrame(rows, columns=["filepath", "title"]), without_long
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO
+
+
+def read_coco(
+    root: str | Path,
+    name: str = "coco",
+    kind: str = "short",
+    images_dir: str = "val2017",
+    annotations: str = "annotations/captions_val2017.json",
+    captions_per_image: int = 5,
+) -> RetrievalBenchmark:
+    """COCO captions: images in ``images[]`` order, the first ``captions_per_image`` per image."""
+    root = Path(root)
+    ann_path, image_dir = _require(name, root / annotations), _require(name, root / images_dir)
+    data = json.loads(ann_path.read_text(encoding="utf-8"))
+    by_image: dict[int, list[str]] = defaultdict(list)
+    issues = []
+    for ann in data["annotations"]:
+        text = _clean(ann.get("caption"))
+        if not text:
+            issues.append(BenchmarkIssue(
+                f"annotation {ann.get('id')}", IssueReason.EMPTY_CAPTION, f"image_id {ann['image_id']}"))
+        elif len(by_image[ann["image_id"]]) < captions_per_image:
+            by_image[ann["image_id"]].append(text)
+    items = []
+    for image in data["images"]:
+        path = image_dir / image["file_name"]
+        if not by_image.get(image["id"]):
+            issues.append(BenchmarkIssue(
+                image["file_name"], IssueReason.IMAGE_WITHOUT_CAPTION, f"image id {image['id']}"))
+        elif not path.is_file():
+            issues.append(BenchmarkIssue(image["file_name"], IssueReason.MISSING_IMAGE, f"{path} not found"))
+        else:
+            items.append((str(path.resolve()), by_image[image["id"]]))
+    return _pairs(name, kind, items, issues)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flickr30k
+
+
+def read_flickr30k(
+    root: str | Path,
+    name: str = "flickr30k",
+    kind: str = "short",
+    results: str = "results.csv",
+    images_dir: str = "flickr30k_images",
+    karpathy_json: str | None = None,
+    split: str = "test",
+) -> RetrievalBenchmark:
+    """Flickr30k ``results.csv`` (``|``-separated), images in first-appearance order.
+
+    With ``karpathy_json`` (relative to ``root``) only that split's images are kept.
+    """
+    root = Path(root)
+    csv_path, image_dir = _require(name, root / results), _require(name, root / images_dir)
     keep = None
     if karpathy_json:
-        data = json.loads(_require(Path(karpathy_json), "Karpathy split JSON").read_text())
-        keep = {im["filename"] for im in data["images"] if im.get("split") == split}
-    pairs: dict[Path, list[str]] = defaultdict(list)
+        split_data = json.loads(_require(name, root / karpathy_json).read_text(encoding="utf-8"))
+        keep = {img["filename"] for img in split_data["images"] if img.get("split") == split}
+    by_image: dict[str, list[str]] = {}
     issues = []
-    with results.open(encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="|")
-        header = [h.strip() for h in next(reader)]
-        if header[:3] != ["image_name", "comment_number", "comment"]:
-            raise ValueError(f"{results}: expected header 'image_name| comment_number| comment', got {header}")
-        for line_no, row in enumerate(reader, start=2):
-            if len(row) < 3:
-                issues.append((f"{results}:{line_no}", "row without three '|'-separated fields"))
+    with open(csv_path, encoding="utf-8") as f:
+        header = [h.strip() for h in f.readline().split("|")]
+        if header != ["image_name", "comment_number", "comment"]:
+            raise ValueError(f"{csv_path}: header {header}, expected image_name| comment_number| comment")
+        for line_no, line in enumerate(f, start=2):
+            if not line.strip():
                 continue
-            image = row[0].strip()
-            if keep is None or image in keep:
-                pairs[image_dir / image].append("|".join(row[2:]).strip())
-    return _from_pairs(name, dict(pairs), issues)
+            fields = [x.strip() for x in line.rstrip("\n").split("|", 2)]
+            item = f"{results} line {line_no}"
+            if len(fields) != 3:
+                detail = f"{len(fields)} fields: {line.strip()[:80]!r}"
+                issues.append(BenchmarkIssue(item, IssueReason.MALFORMED_ROW, detail))
+                continue
+            image, _, comment = fields
+            if keep is not None and image not in keep:
+                continue
+            texts = by_image.setdefault(image, [])
+            if comment:
+                texts.append(comment)
+            else:
+                issues.append(BenchmarkIssue(item, IssueReason.EMPTY_CAPTION, f"image {image}"))
+    items = []
+    for image, texts in by_image.items():
+        path = image_dir / image
+        if not path.is_file():
+            detail = f"{path} not found ({len(texts)} captions)"
+            issues.append(BenchmarkIssue(image, IssueReason.MISSING_IMAGE, detail))
+        elif texts:
+            items.append((str(path.resolve()), texts))
+        else:
+            issues.append(BenchmarkIssue(
+                image, IssueReason.IMAGE_WITHOUT_CAPTION, "all its captions are empty"))
+    if keep is not None and (absent := len(keep - set(by_image))):
+        logger.warning("%s: %d %s-split images of %s have no row in %s",
+                       name, absent, split, karpathy_json, results)
+    return _pairs(name, kind, items, issues)
 
 
-def read_coco(root: str | Path, captions_per_image: int = 5, name: str = "coco") -> RetrievalBenchmark:
-    root = Path(root)
-    ann = json.loads(_require(root / "annotations" / "captions_val2017.json", "COCO captions").read_text())
-    files = {im["id"]: root / "val2017" / im["file_name"] for im in ann["images"]}
-    pairs: dict[Path, list[str]] = {path: [] for path in files.values()}
-    for a in ann["annotations"]:
-        captions = pairs[files[a["image_id"]]]
-        if len(captions) < captions_per_image:
-            captions.append(a["caption"])
-    return _from_pairs(name, pairs, [])
+# ---------------------------------------------------------------------------------------------
+# ShareGPT4V-1k
 
 
-def read_dci_long(root: str | Path, name: str = "dci_long") -> RetrievalBenchmark:
-    root = Path(root)
-    table = pd.read_csv(_require(root / "dci_long.csv", "DCI-long dci_long.csv"), sep="\t")
-    missing = {"filepath", "title"} - set(table.columns)
-    if missing:
-        raise ValueError(f"{root / 'dci_long.csv'}: missing column(s) {sorted(missing)}")
-    pairs = {root / str(r.filepath): [str(r.title) if pd.notna(r.title) else ""] for r in table.itertuples()}
-    return _from_pairs(name, pairs, [])
+def read_sharegpt4v(
+    val_captions: pd.DataFrame,
+    image_root: str | Path,
+    name: str = "sharegpt4v_1k",
+    kind: str = "long",
+    n: int = 1000,
+) -> RetrievalBenchmark:
+    """The first ``n`` records of ``val_captions`` (columns ``id``, ``image``, ``caption``)."""
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise BenchmarkMissing(name, image_root)
+    if len(val_captions) < n:
+        logger.warning("%s: val_captions has %d records, fewer than %d", name, len(val_captions), n)
+    items, issues = [], []
+    for rec_id, image, caption in val_captions[["id", "image", "caption"]].head(n).itertuples(index=False):
+        path = image_root / image
+        if not _clean(caption):
+            issues.append(BenchmarkIssue(str(rec_id), IssueReason.EMPTY_CAPTION, f"image {image}"))
+        elif not path.is_file():
+            issues.append(BenchmarkIssue(str(rec_id), IssueReason.MISSING_IMAGE, f"{path} not found"))
+        else:
+            items.append((str(path.resolve()), [_clean(caption)]))
+    return _pairs(name, kind, items, issues)
 
 
-def read_sharegpt4v(captions: pd.DataFrame, image_root: str | Path, n: int = 1000,
-                    name: str = "sharegpt4v_1k") -> RetrievalBenchmark:
-    if captions is None or captions.empty:
-        raise BenchmarkMissing("no validation captions (run the split pipeline)")
-    head = captions.head(n)
-    pairs = {Path(image_root) / p: [c] for p, c in zip(head["image"], head["caption"])}
-    return _from_pairs(name, pairs, [])
-
-
-READERS = {"urban1k": read_urban1k, "flickr30k": read_flickr30k, "coco": read_coco, "dci_long": read_dci_long}
+# Benchmarks read from files under a root folder, by ``format`` (ShareGPT4V reads val_captions).
+READERS = {"urban1k": read_urban1k, "dci_long": read_dci_long, "coco": read_coco, "flickr30k": read_flickr30k}

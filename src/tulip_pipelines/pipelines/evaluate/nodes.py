@@ -1,4 +1,4 @@
-"""Node of the evaluate pipeline: every model on every benchmark, side by side."""
+"""Nodes of the evaluate pipeline: every model on every benchmark, side by side."""
 
 from __future__ import annotations
 
@@ -9,38 +9,55 @@ import pandas as pd
 
 from tulip_pipelines.evaluation.evaluate import (
     EvaluateConfig,
+    issues_table,
     load_benchmarks,
-    report_figure,
-    report_markdown,
+    prepare_dci_long,
     score,
 )
+from tulip_pipelines.evaluation.report import log_to_mlflow, report_figure, report_markdown
 from tulip_pipelines.models import ModelBundle, stretch_position_embedding
 from tulip_pipelines.tracking import stage_run
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate(teacher_model: ModelBundle, longclip_model: ModelBundle, distilled_model: ModelBundle,
-             expanded_model: ModelBundle, val_captions: pd.DataFrame, params: dict[str, Any], image_root: str):
-    """Score the teacher, Long-CLIP (stretched only / fine-tuned) and TULIP (distilled / expanded)."""
+def build_dci_long_csv(params: dict[str, Any]) -> pd.DataFrame:
+    """Write dci_long.csv from the DCI annotation JSONs where configured (a no-op otherwise)."""
+    return prepare_dci_long(EvaluateConfig.from_params(params))
+
+
+def evaluate_retrieval(
+    teacher_model: ModelBundle,
+    longclip_model: ModelBundle,
+    distilled_model: ModelBundle,
+    expanded_model: ModelBundle,
+    val_captions: pd.DataFrame,
+    dci_long_prepared: pd.DataFrame,
+    params: dict[str, Any],
+    image_root: str,
+):
+    """Score the teacher, Long-CLIP (stretched only / fine-tuned) and TULIP (distilled / expanded).
+
+    Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown) and
+    ``retrieval_report_plot``; logs them to MLflow when tracking is on.
+    """
     cfg = EvaluateConfig.from_params(params)
     benchmarks = load_benchmarks(cfg, val_captions, image_root)
+    stretch = longclip_model.spec
     models = {
         "teacher": teacher_model,
         "longclip_stretched": stretch_position_embedding(
-            teacher_model, longclip_model.spec.context_length, cfg.longclip_keep),
+            teacher_model, stretch.context_length, stretch.extra.get("keep", 20)),
         "longclip_finetuned": longclip_model,
         "tulip_distilled": distilled_model,
         "tulip_expanded": expanded_model,
     }
-    with stage_run("evaluate", {"benchmarks": list(benchmarks), "ks": cfg.ks},
-                   tags={"tulip.expanded_run_id": str(expanded_model.spec.extra.get("mlflow_run_id"))}) as tracker:
-        metrics = score(models, benchmarks, cfg.ks, cfg.batch_size, cfg.chunk_size)
-        report, figure = report_markdown(metrics), report_figure(metrics)
-        tracker.log({f"recall/{r.benchmark}/{r.model}/{r.direction}_r{r.k}": r.recall
-                     for r in metrics.itertuples()}, step=0)
-        tracker.log_text(report, "retrieval_report.md")
-        tracker.log_figure(figure, "retrieval_report.png")
-        tracker.log_table(metrics, "retrieval_metrics.json")
+    parent = expanded_model.spec.extra.get("mlflow_run_id")
+    with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(cfg.ks)},
+                   tags={"tulip.parent_run_id": parent} if parent else None) as tracker:
+        metrics = score(models, benchmarks, cfg)
+        issues = issues_table(benchmarks)
+        report, figure = report_markdown(metrics, issues), report_figure(metrics)
+        log_to_mlflow(tracker, metrics, report, figure, issues)
     logger.info("retrieval results:\n%s", report)
-    return metrics, report, figure
+    return metrics, issues, report, figure

@@ -1,0 +1,140 @@
+"""The evaluate pipeline on tiny checkpoints and small benchmarks written in their own layouts."""
+
+import logging
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from PIL import Image
+
+from tulip_pipelines.evaluation.evaluate import EvaluateConfig, image_tower_fingerprint
+from tulip_pipelines.models import build_student, create_teacher, load_bundle, save_model, stretch_position_embedding
+from tulip_pipelines.pipelines.evaluate import create_pipeline
+
+COLORS = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250), (250, 0, 250)]
+
+
+def _image(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (48, 48), color).save(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    urban = root / "urban"
+    for i, color in enumerate(COLORS):
+        _image(urban / "image" / f"u{i}.jpg", color)
+        (urban / "caption").mkdir(exist_ok=True)
+        (urban / "caption" / f"u{i}.txt").write_text(f"A square of colour number {i}. " + "More words. " * 60)
+    (urban / "caption" / "orphan.txt").write_text("A caption without its image.")
+    flickr = root / "flickr"
+    lines = ["image_name| comment_number| comment"]
+    for i, color in enumerate(COLORS[:4]):
+        _image(flickr / "flickr30k_images" / f"f{i}.jpg", color)
+        lines += [f"f{i}.jpg| 0| colour {i} .", f"f{i}.jpg| 1| another caption of {i} ."]
+    (flickr / "results.csv").write_text("\n".join(lines) + "\n")
+    _image(root / "images" / "v0.jpg", COLORS[0])
+    _image(root / "images" / "v1.jpg", COLORS[1])
+    val = pd.DataFrame({"id": ["a", "b"], "image": ["v0.jpg", "v1.jpg"], "caption": ["zero", "one"]})
+
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    save_model(teacher, root / "teacher")
+    teacher = load_bundle(root / "teacher")  # as the catalog would give it
+    student = build_student(teacher, 248)
+    models = {"teacher_model": teacher, "longclip_model": stretch_position_embedding(teacher, 248, 20),
+              "distilled_model": student, "expanded_model": build_student(teacher, 248)}
+    with torch.no_grad():
+        models["expanded_model"].model.visual.proj.mul_(-1.0)  # its own image tower
+    params = {
+        "benchmarks": {
+            "urban_tiny": {"format": "urban1k", "root": str(urban), "kind": "long"},
+            "flickr_tiny": {"format": "flickr30k", "root": str(flickr), "kind": "short"},
+            "coco_absent": {"format": "coco", "root": str(root / "no_coco"), "kind": "short"},
+            "val": {"format": "sharegpt4v", "n": 2},
+        },
+        "ks": [1, 5], "batch_size": 4, "chunk_size": 3,
+    }
+    return {"models": models, "val": val, "params": params, "image_root": str(root / "images")}
+
+
+def _catalog(setup) -> DataCatalog:
+    catalog = DataCatalog()
+    for name, bundle in setup["models"].items():
+        catalog[name] = MemoryDataset(bundle, copy_mode="assign")
+    catalog["val_captions"] = setup["val"]
+    catalog["params:evaluate"] = setup["params"]
+    catalog["params:ingest.image_root"] = setup["image_root"]
+    for name in ("retrieval_metrics", "benchmark_issues", "retrieval_report", "retrieval_report_plot"):
+        catalog[name] = MemoryDataset(copy_mode="assign")
+    return catalog
+
+
+def test_pipeline_scores_every_model_side_by_side_and_skips_absent(setup, caplog, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    catalog = _catalog(setup)
+    try:
+        with caplog.at_level(logging.INFO):
+            SequentialRunner().run(create_pipeline(), catalog)
+    finally:
+        mlflow.set_tracking_uri(None)
+    metrics = catalog.load("retrieval_metrics")
+    assert list(metrics.columns) == ["benchmark", "model", "direction", "k", "recall", "n_queries"]
+    assert set(metrics["benchmark"]) == {"urban_tiny", "flickr_tiny", "val"}  # coco_absent: no rows
+    assert f"skipping coco_absent: {setup['params']['benchmarks']['coco_absent']['root']}" in caplog.text
+    models = ["teacher", "longclip_stretched", "longclip_finetuned", "tulip_distilled", "tulip_expanded"]
+    assert list(dict.fromkeys(metrics["model"])) == models
+    assert len(metrics) == 3 * 5 * 2 * 2
+    assert metrics["recall"].between(0, 100).all()
+    n = metrics.groupby(["benchmark", "direction"])["n_queries"].unique()
+    assert n[("flickr_tiny", "i2t")].tolist() == [4] and n[("flickr_tiny", "t2i")].tolist() == [8]
+    assert n[("urban_tiny", "t2i")].tolist() == [6]
+    wide = metrics.pivot_table(index=["benchmark", "model", "direction"], columns="k", values="recall")
+    assert (wide[5] >= wide[1]).all()
+    # k at least the number of candidates: every query hits, whatever the model
+    assert (wide.loc["val", 5] == 100).all() and (wide.loc["flickr_tiny", 5].xs("t2i", level="direction") == 100).all()
+
+    issues = catalog.load("benchmark_issues")
+    assert issues[["benchmark", "item", "reason"]].values.tolist() == [["urban_tiny", "caption/orphan.txt", "caption_without_image"]]
+    report = catalog.load("retrieval_report")
+    assert "| urban_tiny" in report and "tulip_expanded" in report and "1 caption_without_image" in report
+    assert "retrieval results:" in caplog.text
+    assert len(catalog.load("retrieval_report_plot").axes) == 6  # 3 benchmarks x 2 directions
+
+    run = mlflow.MlflowClient(uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()],
+        filter_string="tags.`tulip.stage` = 'evaluate'")[0]
+    row = metrics[(metrics["benchmark"] == "val") & (metrics["model"] == "teacher")
+                  & (metrics["direction"] == "t2i") & (metrics["k"] == 1)]["recall"].item()
+    assert run.data.metrics["recall/val/teacher/t2i_r1"] == pytest.approx(row)
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert {"retrieval_report.md", "retrieval_report.png", "retrieval_metrics.parquet"} <= artifacts
+
+
+def test_models_sharing_an_image_tower_share_the_fingerprint(setup):
+    models = setup["models"]
+    teacher = image_tower_fingerprint(models["teacher_model"])
+    assert image_tower_fingerprint(models["longclip_model"]) == teacher
+    assert image_tower_fingerprint(models["distilled_model"]) == teacher
+    assert image_tower_fingerprint(models["expanded_model"]) != teacher
+
+
+def test_parameter_mistakes_name_the_field():
+    with pytest.raises(ValueError, match=r"unknown evaluate parameter\(s\) \['batchsize'\]"):
+        EvaluateConfig.from_params({"batchsize": 4})
+    with pytest.raises(ValueError, match=r"evaluate.benchmarks.x.format: unknown format 'urban'"):
+        EvaluateConfig.from_params({"benchmarks": {"x": {"format": "urban", "root": "r"}}})
+    with pytest.raises(ValueError, match=r"evaluate.benchmarks.x.root is required"):
+        EvaluateConfig.from_params({"benchmarks": {"x": {"format": "coco"}}})
+    with pytest.raises(ValueError, match=r"evaluate.benchmarks.x: unknown option\(s\) \['karpathy'\]"):
+        EvaluateConfig.from_params({"benchmarks": {"x": {"format": "flickr30k", "root": "r", "karpathy": "y"}}})
+    with pytest.raises(ValueError, match=r"evaluate.ks must be a list of positive integers"):
+        EvaluateConfig.from_params({"ks": [0, 5]})
+    cfg = EvaluateConfig.from_params({"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}})
+    assert cfg.benchmarks["d"].options == {"annotations": "a"}
