@@ -7,14 +7,14 @@ imports without Kedro. ``load_model`` is the one-call entry point for trained ch
 __version__ = "0.1.0"
 
 
-def load_model(path, device="cpu"):
-    """Load a checkpoint written by this project (or a published TULIP ``epoch_N.pt``).
-
-    Returns ``(model, preprocess, tokenizer)``. See :mod:`tulip_pipelines.models.checkpoint`.
+def load_model(path, device="cpu", **original_kwargs):
+    """Load a checkpoint written by this project (or a published TULIP ``epoch_N.pt``; name its
+    teacher with ``teacher=``/``pretrained=``). Returns ``(model, preprocess, tokenizer)``.
+    See :mod:`tulip_pipelines.models.checkpoint`.
     """
     from tulip_pipelines.models.checkpoint import load_model as _load_model
 
-    return _load_model(path, device=device)
+    return _load_model(path, device=device, **original_kwargs)
 
 
 __all__ = ["load_model", "__version__"]

@@ -4,7 +4,9 @@ import math
 
 import open_clip
 import pytest
+import safetensors.torch
 import torch
+from open_clip.transformer import QuickGELU
 
 from tulip_pipelines.models import (
     build_student,
@@ -15,7 +17,7 @@ from tulip_pipelines.models import (
     save_model,
     stretch_position_embedding,
 )
-from tulip_pipelines.models.rope import RotaryEmbedding, ntk_scaled_theta
+from tulip_pipelines.models.rope import RopeSelfAttention, RotaryEmbedding, ntk_scaled_theta
 
 LONG = " ".join(f"In cell {i} there is a small red circle with a striped fill." for i in range(40))
 
@@ -55,6 +57,22 @@ def test_attention_scores_depend_only_on_offset():
     scores, shifted = rq @ rk.T, rq2 @ rk2.T
     assert torch.allclose(scores, shifted, atol=1e-4)
     assert not torch.allclose(scores[0, 1], scores[0, 5])  # but they do depend on the offset
+
+
+def test_rope_attention_matches_explicit_computation():
+    torch.manual_seed(1)
+    width, heads, length = 32, 4, 9
+    mha = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+    rotary = RotaryEmbedding(width // heads)
+    attn = RopeSelfAttention.from_multihead(mha, rotary)
+    x = torch.randn(2, length, width)
+    q, k, v = (x @ w.T + b for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)))
+    split = lambda t: t.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # noqa: E731
+    q, k, v = rotary.rotate(split(q)), rotary.rotate(split(k)), split(v)  # v is not rotated
+    scores = q @ k.transpose(-1, -2) / math.sqrt(width // heads)
+    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    expected = mha.out_proj(((scores.softmax(-1) @ v).transpose(1, 2)).flatten(2))
+    assert torch.allclose(attn(x)[0], expected, atol=1e-5)
 
 
 def test_student_copies_teacher_weights(teacher, student):
@@ -123,6 +141,11 @@ def test_ntk_scaling_raises_theta(student):
     expected = 10000.0 * (512 / 248) ** (16 / 14)
     assert longer.spec.rope_theta == pytest.approx(expected)
     assert longer.model.rotary.theta == pytest.approx(expected)
+    assert all(block.attn.rotary is longer.model.rotary for block in longer.model.transformer.resblocks)
+    assert student.model.rotary.theta == 10000.0  # the original is untouched
+    tok = student.tokenizer([LONG])
+    with torch.no_grad():
+        assert not torch.allclose(longer.model.encode_text(tok), student.model.encode_text(tok))
 
 
 def test_missing_pretrained_weights_say_where_they_were_looked_for(tmp_path, monkeypatch):
@@ -132,6 +155,30 @@ def test_missing_pretrained_weights_say_where_they_were_looked_for(tmp_path, mon
     assert str(tmp_path / "empty") in str(err.value)
     with pytest.raises(FileNotFoundError, match="teacher weights file not found"):
         create_teacher("TULIP-Tiny", str(tmp_path / "missing.pt"))
+
+
+def _tiny_gelu_configs(monkeypatch):
+    """A GELU variant of TULIP-Tiny and its -quickgelu twin, registered for one test."""
+    base = open_clip.get_model_config("TULIP-Tiny")
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-gelu", {**base, "quick_gelu": False})
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-gelu-quickgelu", {**base, "quick_gelu": True})
+
+
+def test_pretrained_tag_resolves_from_hub_cache_offline(teacher, tmp_path, monkeypatch):
+    _tiny_gelu_configs(monkeypatch)
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "Tiny-gelu",
+                        {"demo": {"url": "", "hf_hub": "tulip/tiny-demo/", "quick_gelu": True}})
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--tulip--tiny-demo"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    safetensors.torch.save_file(teacher.model.state_dict(), repo / "snapshots" / commit / "open_clip_model.safetensors")
+    loaded = create_teacher("Tiny-gelu", "demo", cache_dir=str(tmp_path / "hub"))
+    assert loaded.spec.model_name == "Tiny-gelu-quickgelu"  # the tag was trained with QuickGELU
+    tok = teacher.tokenizer(["a blue square"])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tok), teacher.model.encode_text(tok))
 
 
 def test_openai_state_dict_format_loads(teacher, tmp_path):
@@ -144,11 +191,21 @@ def test_openai_state_dict_format_loads(teacher, tmp_path):
         assert torch.equal(loaded.model.encode_text(tok), teacher.model.encode_text(tok))
 
 
+def test_openai_format_selects_quick_gelu_in_both_towers(teacher, tmp_path, monkeypatch):
+    _tiny_gelu_configs(monkeypatch)
+    state = dict(teacher.model.state_dict(), input_resolution=torch.tensor(48))
+    torch.save(state, tmp_path / "openai_format.pt")
+    loaded = create_teacher("Tiny-gelu", str(tmp_path / "openai_format.pt"))
+    assert loaded.spec.model_name == "Tiny-gelu-quickgelu"
+    assert isinstance(loaded.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(loaded.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
+
 def test_original_stage2_checkpoint_loads(student, tmp_path):
     state = {f"module.{k}": v for k, v in student.model.state_dict().items()}
     state["module.positional_embedding"] = torch.randn(77, 64)  # the unused leftover
     torch.save({"epoch": 1, "state_dict": state}, tmp_path / "epoch_1.pt")
-    loaded = load_bundle(tmp_path / "epoch_1.pt", model_name="TULIP-Tiny", activation=None)
+    loaded = load_bundle(tmp_path / "epoch_1.pt", teacher="TULIP-Tiny", pretrained=None, activation=None)
     tok = student.tokenizer([LONG])
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
@@ -164,8 +221,8 @@ def test_original_stage1_checkpoint_loads_with_teacher_image_tower(teacher, stud
     torch.save({"state_dict": text_only}, tmp_path / "epoch_5.pt")
     teacher_file = tmp_path / "teacher.pt"
     torch.save(teacher.model.state_dict(), teacher_file)
-    loaded = load_bundle(tmp_path / "epoch_5.pt", model_name="TULIP-Tiny",
-                         teacher_pretrained=str(teacher_file), activation=None)
+    loaded = load_bundle(tmp_path / "epoch_5.pt", teacher="TULIP-Tiny",
+                         pretrained=str(teacher_file), activation=None)
     tok = student.tokenizer([LONG])
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))

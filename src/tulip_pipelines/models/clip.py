@@ -10,6 +10,9 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
@@ -46,18 +49,14 @@ def get_tokenizer(model_name: str, context_length: int):
 
 
 def _preprocess(model) -> object:
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    return open_clip.image_transform(
-        model.visual.image_size,
-        is_train=False,
-        mean=cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
-        std=cfg.get("std", open_clip.OPENAI_DATASET_STD),
-    )
+    """open_clip's eval transform for the model's image size and normalisation."""
+    return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
 
 
 def bundle(model: nn.Module, spec: ModelSpec) -> ModelBundle:
     model.eval()
-    return ModelBundle(model, spec, _preprocess(model), get_tokenizer(spec.model_name, spec.context_length))
+    tokenizer = get_tokenizer(spec.model_name, spec.context_length)
+    return ModelBundle(model, spec, _preprocess(model), tokenizer)
 
 
 def _set_text_activation(model: nn.Module, activation: str | None) -> None:
@@ -75,23 +74,31 @@ class AbsoluteCLIP(open_clip.CLIP):
     after the end-of-text token is invisible to a causal text tower pooled at that token."""
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        length = text.shape[1]
-        if length > self.context_length:
-            raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
-        x = self.token_embedding(text).to(self.transformer.get_cast_dtype())
-        x = x + self.positional_embedding[:length].to(x.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length])
-        x = self.ln_final(x)
-        x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
-        if self.text_projection is not None:
-            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        if text.shape[1] > self.context_length:
+            raise ValueError(f"{text.shape[1]} tokens exceed the context length {self.context_length}")
+        x = self.text_transformer(self.token_embedding(text).to(self.transformer.get_cast_dtype()))
+        eos_id = getattr(self, "text_eos_id", None)
+        x = text_global_pool(self.ln_final(x), text, self.text_pool_type, eos_token_id=eos_id)
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        elif self.text_projection is not None:
+            x = x @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
+
+    def text_transformer(self, x: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [N, L, width] -> transformer output: absolute positions added, the
+        causal mask cut to L."""
+        length = x.shape[1]
+        x = x + self.positional_embedding[:length].to(x.dtype)
+        return self.transformer(x, attn_mask=self.attn_mask[:length, :length])
 
 
 def _new_clip(model_name: str, **kwargs) -> AbsoluteCLIP:
     model = open_clip.create_model(model_name, **kwargs)
     if type(model) is not open_clip.CLIP:
-        raise ValueError(f"{model_name} is not a plain open_clip CLIP ({type(model).__name__}); not supported")
+        raise ValueError(
+            f"{model_name} is not a plain open_clip CLIP ({type(model).__name__}); not supported"
+        )
     model.__class__ = AbsoluteCLIP
     return model
 
@@ -103,8 +110,52 @@ def _new_clip(model_name: str, **kwargs) -> AbsoluteCLIP:
 def _hf_cache_dirs(cache_dir: str | None) -> list[str]:
     dirs = [cache_dir] if cache_dir else []
     dirs.append(os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"))
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"))  # fmt: skip
     return dirs
+
+
+def pretrained_config(model_name: str, tag: str) -> dict:
+    """open_clip's pretrained config of ``tag`` (for ``X-quickgelu`` names also X's tags)."""
+    for name in dict.fromkeys((model_name, model_name.removesuffix("-quickgelu"))):
+        if tag in open_clip.list_pretrained_tags_by_model(name):
+            return open_clip.get_pretrained_cfg(name, tag)
+    raise ValueError(
+        f"open_clip has no pretrained tag {tag!r} for {model_name}; known: "
+        f"{open_clip.list_pretrained_tags_by_model(model_name.removesuffix('-quickgelu'))}, "
+        "or give the path of a weights file"
+    )
+
+
+def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None) -> Path:
+    """The local file of open_clip's ``tag`` weights, never downloading: the Hugging Face hub
+    cache (``cache_dir``, then ``HF_HUB_CACHE``/``HF_HOME``) and open_clip's URL cache
+    (``cache_dir`` or ``~/.cache/clip``)."""
+    cfg = pretrained_config(model_name, tag)
+    looked = []
+    if cfg.get("hf_hub"):
+        repo_id, filename = os.path.split(cfg["hf_hub"])
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for directory in _hf_cache_dirs(cache_dir):
+            looked.append(f"{directory} (hub repo {repo_id}: {', '.join(names)})")
+            for name in names:
+                found = try_to_load_from_cache(repo_id, name, cache_dir=directory)
+                if isinstance(found, str):
+                    return Path(found)
+    if cfg.get("url"):
+        for directory in dict.fromkeys([cache_dir or os.path.expanduser("~/.cache/clip"),
+                                        os.path.expanduser("~/.cache/clip")]):  # fmt: skip
+            candidate = Path(directory) / os.path.basename(cfg["url"])
+            looked.append(str(candidate))
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(
+        f"weights for {model_name} pretrained={tag!r} are not in the local cache; looked in: "
+        f"{'; '.join(looked)}. This project never downloads: copy the weights there (Hugging Face "
+        "hub layout, or open_clip's URL cache), or set `pretrained` to the path of a weights file "
+        f"(e.g. {cfg.get('url', 'the released checkpoint')})."
+    )
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -128,6 +179,31 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def quick_gelu_name(model_name: str) -> str:
+    """The open_clip config of ``model_name`` with QuickGELU in both towers (``X-quickgelu``)."""
+    if open_clip.get_model_config(model_name).get("quick_gelu"):
+        return model_name
+    check_model_name(f"{model_name}-quickgelu")
+    return f"{model_name}-quickgelu"
+
+
+def teacher_architecture(model_name: str, pretrained: str | None) -> str:
+    """The config that matches ``pretrained`` weights: QuickGELU ones (OpenAI's and others trained
+    with it) need the ``-quickgelu`` variant; open_clip 3 only warns about the mismatch."""
+    if pretrained and not is_weights_path(pretrained):
+        if pretrained_config(model_name, pretrained).get("quick_gelu"):
+            return quick_gelu_name(model_name)
+    return model_name
+
+
+OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_weights_path(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a file rather than an open_clip tag (tags have no / or .)."""
+    return bool(Path(pretrained).suffix) or "/" in pretrained or os.sep in pretrained
+
+
 def create_teacher(
     model_name: str,
     pretrained: str | None = None,
@@ -138,44 +214,32 @@ def create_teacher(
     """An open_clip CLIP with absolute position embeddings.
 
     ``pretrained``: ``None`` (random init, the embedded default trains it), an open_clip tag such
-    as ``"openai"`` resolved from the local cache only (never downloaded), or a weights file path.
+    as ``"openai"`` resolved from the local cache only (never downloaded), or a weights file path
+    (open_clip or OpenAI state dict, OpenAI's TorchScript release, safetensors). Weights trained
+    with QuickGELU (OpenAI's) select the ``-quickgelu`` config, recorded in ``spec.model_name``.
+    ``activation`` overrides the text tower's activation only.
     """
     check_model_name(model_name)
-    if pretrained and Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"):
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"teacher weights file not found: {pretrained}")
-        model = _new_clip(model_name)
-        state = load_weights_file(pretrained)
-        for extra in ("input_resolution", "context_length", "vocab_size"):
-            state.pop(extra, None)  # scalars of OpenAI's format, not parameters
+    name, state = teacher_architecture(model_name, pretrained), None
+    if pretrained:
+        if is_weights_path(pretrained):
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"teacher weights file not found: {pretrained}")
+            path = Path(pretrained)
+        else:
+            path = cached_weights_file(model_name, pretrained, cache_dir)
+        state = load_weights_file(path)
+        if OPENAI_SCALARS[0] in state:  # OpenAI's format: QuickGELU everywhere
+            name = quick_gelu_name(model_name)
+        for key in OPENAI_SCALARS:
+            state.pop(key, None)
+    model = _new_clip(name)
+    if state is not None:
         model.load_state_dict(state, strict=True)
-    elif pretrained:
-        if pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
-            raise ValueError(
-                f"open_clip has no pretrained tag {pretrained!r} for {model_name}; known: "
-                f"{open_clip.list_pretrained_tags_by_model(model_name)}"
-            )
-        previous = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            model = _new_clip(model_name, pretrained=pretrained, cache_dir=cache_dir)
-        except Exception as err:  # noqa: BLE001 - any failure here means "not in the cache"
-            raise FileNotFoundError(
-                f"weights for {model_name} pretrained={pretrained!r} are not in the local cache "
-                f"(looked in {_hf_cache_dirs(cache_dir)}; this machine never downloads). Copy the "
-                "weights there (huggingface_hub layout), or set `pretrained` to the path of the "
-                f"weights file (e.g. OpenAI's ViT-L-14.pt). Underlying error: {err}"
-            ) from err
-        finally:
-            if previous is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = previous
-    else:
-        model = _new_clip(model_name)
+        logger.info("teacher %s: loaded %s", name, path)
     _set_text_activation(model, activation)
     extra = {"pretrained": pretrained} if pretrained else {}
-    spec = ModelSpec(model_name, "absolute", model.context_length, activation=activation, extra=extra)
+    spec = ModelSpec(name, "absolute", model.context_length, activation=activation, extra=extra)
     return bundle(model, spec)
 
 
@@ -187,16 +251,9 @@ class RopeCLIP(AbsoluteCLIP):
     """open_clip's CLIP whose text tower uses RoPE in every attention layer, no absolute
     position embedding, and any input length up to ``context_length``."""
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        if text.shape[1] > self.context_length:
-            raise ValueError(f"{text.shape[1]} tokens exceed the context length {self.context_length}")
-        x = self.token_embedding(text).to(self.transformer.get_cast_dtype())
-        x = self.transformer(x, attn_mask=None)  # causal masking happens inside RoPE attention
-        x = self.ln_final(x)
-        x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
-        if self.text_projection is not None:
-            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-        return F.normalize(x, dim=-1) if normalize else x
+    def text_transformer(self, x: torch.Tensor) -> torch.Tensor:
+        """No absolute positions: RoPE and the causal mask act inside every attention layer."""
+        return self.transformer(x, attn_mask=None)
 
 
 def _to_rope(model: AbsoluteCLIP, context_length: int, rope_theta: float) -> RopeCLIP:
@@ -236,14 +293,17 @@ def build_student(
     return bundle(model, spec)
 
 
-def expand_rope_context(student: ModelBundle, new_context_length: int, ntk_scale: float | None = None) -> ModelBundle:
+def expand_rope_context(
+    student: ModelBundle, new_context_length: int, ntk_scale: float | None = None
+) -> ModelBundle:
     """Lengthen a student's context; with ``ntk_scale`` also rescale the RoPE base NTK-style."""
     if student.spec.kind != "rope":
         raise ValueError("expand_rope_context needs a RoPE student")
     model = copy.deepcopy(student.model)
     theta = student.spec.rope_theta
     if ntk_scale is not None:
-        theta = ntk_scaled_theta(theta, model.rotary.head_dim, student.spec.context_length, new_context_length, ntk_scale)
+        old_length, head_dim = student.spec.context_length, model.rotary.head_dim
+        theta = ntk_scaled_theta(theta, head_dim, old_length, new_context_length, ntk_scale)
     model.rotary.set_theta(theta)
     model.context_length = new_context_length
     spec = copy.deepcopy(student.spec)
@@ -279,7 +339,9 @@ def stretch_positions(pos: torch.Tensor, new_length: int = 248, keep: int = 20) 
     return out
 
 
-def stretch_position_embedding(teacher: ModelBundle, new_length: int = 248, keep: int = 20) -> ModelBundle:
+def stretch_position_embedding(
+    teacher: ModelBundle, new_length: int = 248, keep: int = 20
+) -> ModelBundle:
     """The Long-CLIP baseline: the teacher with its position embedding stretched to ``new_length``."""
     if teacher.spec.kind != "absolute":
         raise ValueError("Long-CLIP stretching needs a model with absolute position embeddings")
@@ -305,6 +367,7 @@ def build_architecture(spec: ModelSpec) -> nn.Module:
     if spec.kind == "rope":
         return _to_rope(model, spec.context_length, spec.rope_theta)
     if spec.context_length != model.context_length:
-        base = ModelBundle(model, ModelSpec(spec.model_name, context_length=model.context_length), None, None)
+        base_spec = ModelSpec(spec.model_name, context_length=model.context_length)
+        base = ModelBundle(model, base_spec, None, None)
         return stretch_position_embedding(base, spec.context_length).model
     return model

@@ -22,7 +22,8 @@ def ntk_scaled_theta(theta: float, head_dim: int, old_len: int, new_len: int, sc
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for interleaved RoPE, cached per (length, device, dtype)."""
+    """Interleaved RoPE with its cos/sin tables (one complex64 table, ``cos + i sin``) cached per
+    (length, device, theta); the rotation is a complex multiplication in float32."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
@@ -30,36 +31,34 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
         self.head_dim = head_dim
         self.theta = float(theta)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def set_theta(self, theta: float) -> None:
         self.theta = float(theta)
         self._cache.clear()
 
-    def tables(self, length: int, device: torch.device, dtype: torch.dtype = torch.float32):
-        key = (length, device, dtype, self.theta)
+    def table(self, length: int, device: torch.device) -> torch.Tensor:
+        """``exp(i * pos * theta ** (-2j / head_dim))`` as complex64 of shape [length, head_dim / 2]."""
+        key = (length, device, self.theta)
         if key not in self._cache:
-            inv_freq = self.theta ** (
-                -torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64) / self.head_dim
-            )
-            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv_freq)
-            # each frequency serves one (even, odd) channel pair: repeat it for both channels
-            angles = angles.repeat_interleave(2, dim=-1)
-            self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
+            channels = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
+            positions = torch.arange(length, device=device, dtype=torch.float64)
+            angles = torch.outer(positions, self.theta ** -(channels / self.head_dim))
+            self._cache[key] = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
         return self._cache[key]
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate ``x`` of shape [..., L, head_dim] (float32 math, result in x's dtype)."""
-        length = x.shape[-2]
-        cos, sin = self.tables(length if positions is None else int(positions.max()) + 1, x.device)
-        if positions is not None:
-            cos, sin = cos[positions], sin[positions]
+        """Rotate ``x`` of shape [..., L, head_dim]: channels (2j, 2j+1) at position p turn by
+        ``p * theta ** (-2j / head_dim)``. Math in float32, result in x's dtype."""
+        if positions is None:
+            table = self.table(x.shape[-2], x.device)
         else:
-            cos, sin = cos[:length], sin[:length]
+            table = self.table(int(positions.max()) + 1, x.device)[positions]
         xf = x.float()
-        pairs = xf.unflatten(-1, (-1, 2))
-        rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return (xf * cos + rotated_half * sin).to(x.dtype)
+        if xf.stride(-1) != 1 or any(s % 2 for s in xf.stride()[:-1]):
+            xf = xf.contiguous()  # view_as_complex needs (real, imag) pairs adjacent in memory
+        rotated = torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 class RopeSelfAttention(nn.Module):
@@ -91,8 +90,9 @@ class RopeSelfAttention(nn.Module):
     def project_qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (rotated) and v as [batch, heads, L, head_dim] from x [batch, L, width]."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = (t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2) for t in qkv.chunk(3, -1))
-        return self.rotary.rotate(q), self.rotary.rotate(k), v
+        qkv = qkv.unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        q, k = self.rotary.rotate(qkv[:2]).unbind(0)  # q and k in one pass
+        return q, k, qkv[2]
 
     def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None):
         x = query if self.batch_first else query.transpose(0, 1)
