@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from tulip_pipelines.data.text import split_sentences
+
 logger = logging.getLogger(__name__)
 
 POSITIONS = (
@@ -76,30 +78,27 @@ class DemoDataConfig:
     shuffled_variants: int = 8
     n_benchmark_groups: int = 50
     n_short_benchmark_images: int = 200
-    jpeg_quality: int = 95
 
     def __post_init__(self) -> None:
-        positive = ("image_size", "n_groups", "group_size", "shuffled_variants")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"demo_data.{name} must be a positive integer, got {getattr(self, name)!r}")
+        cells = GRID * GRID
+        minimum = {"seed": 0, "image_size": GRID, "n_groups": 1, "group_size": 2,
+                   "shared_cells": 1, "min_differing_cells": 1, "shuffled_variants": 1,
+                   "n_benchmark_groups": 0, "n_short_benchmark_images": 0}  # fmt: skip
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"demo_data.{name} must be an integer >= {low}, got {value!r}")
         if self.image_size % GRID:
-            raise ValueError(f"demo_data.image_size must be a multiple of {GRID}, got {self.image_size}")
-        if not 1 <= self.shared_cells < GRID * GRID:
-            raise ValueError(f"demo_data.shared_cells must be in [1, {GRID * GRID - 1}], got {self.shared_cells}")
-        varying = GRID * GRID - self.shared_cells
-        if not 1 <= self.min_differing_cells <= varying:
             raise ValueError(
-                f"demo_data.min_differing_cells must be in [1, {varying}] (the cells after the "
-                f"{self.shared_cells} shared ones), got {self.min_differing_cells}"
+                f"demo_data.image_size must be a multiple of {GRID}, got {self.image_size}"
             )
-        if self.group_size < 2:
-            raise ValueError("demo_data.group_size must be at least 2: groups are what makes the demo")
-        for name in ("n_benchmark_groups", "n_short_benchmark_images"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"demo_data.{name} must be a non-negative integer")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError("demo_data.jpeg_quality must be in [1, 100]")
+        if self.shared_cells >= cells:
+            raise ValueError(f"demo_data.shared_cells must be < {cells}, got {self.shared_cells}")
+        if self.min_differing_cells > cells - self.shared_cells:
+            raise ValueError(
+                f"demo_data.min_differing_cells must be at most {cells - self.shared_cells} (the "
+                f"cells after the {self.shared_cells} shared ones), got {self.min_differing_cells}"
+            )
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> "DemoDataConfig":
@@ -217,7 +216,9 @@ def _random_cell(rng: np.random.Generator) -> Cell:
     )
 
 
-def _draw_group(rng: np.random.Generator, cfg: DemoDataConfig, size: int, taken: set) -> list[tuple]:
+def _draw_group(
+    rng: np.random.Generator, cfg: DemoDataConfig, size: int, taken: set
+) -> list[tuple[int, tuple[Cell, ...]]]:
     """Cells of ``size`` images that share the background and the first cells.
 
     Every pair differs in at least ``min_differing_cells`` of the later cells, and no image repeats
@@ -246,38 +247,43 @@ def _draw_group(rng: np.random.Generator, cfg: DemoDataConfig, size: int, taken:
     raise RuntimeError("could not draw a group of distinct images; lower demo_data.group_size")
 
 
-def text_tokens(texts: list[str]) -> list[list[int]]:
-    """open_clip's BPE tokens of each text, without start/end tokens and without truncation."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    tokenizer = SimpleTokenizer()
-    return [tokenizer.encode(t) for t in texts]
-
-
 def check_group_prefixes(images: list[DemoImage], cfg: DemoDataConfig) -> dict[str, float]:
     """Verify the demo's defining property with open_clip's tokenizer; return token statistics.
 
     Raises ``ValueError`` if a sentence that describes a varying cell starts within the first
     ``TEACHER_TEXT_TOKENS`` tokens of any caption (then a 77-token reader could tell group
     members apart), naming the image.
+
+    open_clip's BPE works word by word, so a caption's tokens are its sentences' tokens in order;
+    token counts are therefore taken per distinct sentence (a few thousand at most) and summed,
+    which is checked against a whole-caption encoding.
     """
     if not images:
         return {}
     from open_clip.tokenizer import SimpleTokenizer
 
     tokenizer = SimpleTokenizer()
+    counts: dict[str, int] = {}
+
+    def n_tokens(sentence: str) -> int:
+        if sentence not in counts:
+            counts[sentence] = len(tokenizer.encode(sentence))
+        return counts[sentence]
+
+    first = images[0].caption
+    if sum(map(n_tokens, split_sentences(first))) != len(tokenizer.encode(first)):
+        raise RuntimeError("open_clip's tokenizer is not additive over sentences: cannot check")
     lengths = []
     for image in images:
-        sentences = caption_sentences(image.background, image.cells)
-        shared_text = " ".join(sentences[: 1 + cfg.shared_cells])
-        shared_len = len(tokenizer.encode(shared_text))
+        per_sentence = [n_tokens(s) for s in caption_sentences(image.background, image.cells)]
+        shared_len = sum(per_sentence[: 1 + cfg.shared_cells])
         if shared_len < TEACHER_TEXT_TOKENS:
             raise ValueError(
-                f"demo image {image.name}: the summary and the {cfg.shared_cells} shared cells take "
-                f"only {shared_len} tokens, so a 77-token text tower also reads a varying cell; "
-                "raise demo_data.shared_cells"
+                f"demo image {image.name}: the summary and the {cfg.shared_cells} shared cells "
+                f"take only {shared_len} tokens, so a 77-token text tower also reads a varying "
+                "cell; raise demo_data.shared_cells"
             )
-        lengths.append(len(tokenizer.encode(image.caption)))
+        lengths.append(sum(per_sentence))
     return {
         "min_tokens": float(min(lengths)),
         "mean_tokens": float(np.mean(lengths)),
@@ -285,16 +291,26 @@ def check_group_prefixes(images: list[DemoImage], cfg: DemoDataConfig) -> dict[s
     }
 
 
-def _make_images(rng, cfg, n_groups, group_size, prefix, group_offset, taken) -> list[DemoImage]:
+def _make_images(
+    rng: np.random.Generator,
+    cfg: DemoDataConfig,
+    n_groups: int,
+    group_size: int,
+    prefix: str,
+    group_offset: int,
+    taken: set,
+) -> list[DemoImage]:
+    """``n_groups`` groups of distinct images, named ``<prefix><running number>``."""
     out = []
     for g in range(n_groups):
         for background, cells in _draw_group(rng, cfg, group_size, taken):
-            out.append(DemoImage(f"{prefix}{len(out) + 1:06d}", group_offset + g, background, cells))
+            name = f"{prefix}{len(out) + 1:06d}"
+            out.append(DemoImage(name, group_offset + g, background, cells))
     return out
 
 
 def generate_demo_data(cfg: DemoDataConfig) -> DemoData:
-    """Draw the training set and the two held-out benchmarks, deterministically from ``cfg.seed``."""
+    """Draw the training set and the two held-out benchmarks, deterministically from the seed."""
     train_rng, long_rng, short_rng, shuffle_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)
     )
@@ -331,8 +347,10 @@ def generate_demo_data(cfg: DemoDataConfig) -> DemoData:
         images[path] = draw_image(item.background, item.cells, cfg.image_size)
         sentences = caption_sentences(item.background, item.cells)
         for variant in range(cfg.shuffled_variants):
-            shuffled.append((f"demo_{item.name}", variant, shuffle_sentences(sentences, shuffle_rng)))
-    for split, items in (("train", train), ("long_benchmark", long_bench), ("short_benchmark", short_bench)):
+            caption = shuffle_sentences(sentences, shuffle_rng)
+            shuffled.append((f"demo_{item.name}", variant, caption))
+    splits = {"train": train, "long_benchmark": long_bench, "short_benchmark": short_bench}
+    for split, items in splits.items():
         manifest += [(i.name, split, i.group, list(BACKGROUNDS)[i.background]) for i in items]
 
     long_images = {i.name: draw_image(i.background, i.cells, cfg.image_size) for i in long_bench}

@@ -16,7 +16,7 @@ def generate_demo(
     list[dict], dict[str, Image.Image], pd.DataFrame, pd.DataFrame,
     dict[str, Image.Image], dict[str, str], dict[str, Image.Image], str,
 ]:  # fmt: skip
-    """Draw the demo dataset and its held-out benchmarks (one node: all is on disk before ingest)."""
+    """Draw the demo dataset and its held-out benchmarks (one node: all on disk before ingest)."""
     data = generate_demo_data(DemoDataConfig.from_params(params))
     return (
         data.records,
