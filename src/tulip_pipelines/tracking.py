@@ -81,6 +81,24 @@ class StageTracker:
             self.client.log_table(self.run_id, frame, name)
 
 
+def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
+    """Tags and params that tie a stage's run to the checkpoint it starts from.
+
+    Tag ``tulip.parent_run_id``: the MLflow run that produced ``bundle`` (from its
+    ``spec.extra["mlflow_run_id"]``), when it was tracked. Param ``init_checkpoint``: that run's
+    model artifact (``runs:/<id>/model``), else the file or pretrained tag the model came from.
+    """
+    extra = bundle.spec.extra
+    run_id = extra.get("mlflow_run_id")
+    if run_id:
+        source = f"runs:/{run_id}/model"
+    elif extra.get("file") or extra.get("pretrained"):
+        source = f"{bundle.spec.model_name}:{extra.get('file') or extra.get('pretrained')}"
+    else:
+        source = f"{bundle.spec.model_name}:{extra.get('stage', 'untracked')}"
+    return ({"tulip.parent_run_id": run_id} if run_id else {}), {"init_checkpoint": source}
+
+
 def tracking_enabled() -> bool:
     import mlflow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,10 @@ class CaptionImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         caption = self.captions[index]
-        long = random.choice(self.variants[self.ids[index]]) if self.variants else caption
+        long = caption
+        if self.variants:  # torch's generator: seeded by the engine and per DataLoader worker
+            choices = self.variants[self.ids[index]]
+            long = choices[int(torch.randint(len(choices), ()))]
         sample: dict[str, Any] = {"long": long, "short": first_sentence(caption)}
         if self.preprocess is not None:
             path = self.image_root / self.images[index]

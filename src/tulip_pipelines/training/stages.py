@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from tulip_pipelines.models import (
     ModelBundle,
@@ -163,8 +164,10 @@ def _job(stage: str, p: StageParams, bundles: Mapping[str, ModelBundle], frames:
          image_root: str, ds_config: Mapping[str, Any], extra: Mapping[str, Any]) -> tuple[TrainJob, ModelBundle]:
     """The training job of ``stage`` and the bundle whose model it trains."""
     train_df, val_df = frames["train"], frames.get("val")
+    cfg = p.train_config(stage)
     if stage == "teacher":
         assert isinstance(p, TeacherParams)
+        torch.manual_seed(cfg.seed)  # a reproducible initialisation, the same on every rank
         model = create_teacher(p.model_name)
         variants = None
         if p.caption_source == "shuffled":
@@ -194,7 +197,6 @@ def _job(stage: str, p: StageParams, bundles: Mapping[str, ModelBundle], frames:
     val_ds = None
     if val_df is not None and len(val_df):
         val_ds = CaptionImageDataset(val_df, image_root, None if stage == "distill" else model.preprocess)
-    cfg = p.train_config(stage)
     fingerprint = {"model": model.spec.to_dict(), "inputs": {k: b.spec.to_dict() for k, b in bundles.items()},
                    "train_ids": [str(train_df["id"].iloc[0]), str(train_df["id"].iloc[-1]), len(train_df)],
                    "params": {k: v for k, v in dataclasses.asdict(p).items() if k not in ("train", "checkpoint_dir")},
@@ -236,7 +238,9 @@ def run_stage(
         else:
             result = _run_launched(stage, params, bundles, frames, image_root, ds_config, extra, job, tracker)
         model.model.eval()
-        model.spec.extra = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id}
+        # a new spec: the input bundle (e.g. expand's distilled model) keeps its own provenance
+        provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id}
+        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance))
         tracker.log_final(result.final_metrics)
         tracker.log_model(model)
         figure = loss_figure(result.history, stage)

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.models import ModelBundle
+from tulip_pipelines.tracking import lineage
 from tulip_pipelines.training.stages import DistillParams, loss_figure, run_stage
 
 
@@ -14,10 +15,10 @@ def distill(teacher_model: ModelBundle, train_captions: pd.DataFrame, val_captio
             params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
     """Distil the frozen teacher's text embeddings into a RoPE student."""
     stage_params = DistillParams.from_params(params, "distill")  # before touching any input
-    parent = teacher_model.spec.extra.get("mlflow_run_id")
+    tags, source = lineage(teacher_model)
     model, result = run_stage(
         "distill", stage_params, bundles={"teacher": teacher_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
-        tags={"tulip.parent_run_id": parent} if parent else None,
+        extra=source, tags=tags,
     )
     return model, result.history, loss_figure(result.history, "distill")

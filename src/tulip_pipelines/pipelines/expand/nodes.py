@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.models import ModelBundle
+from tulip_pipelines.tracking import lineage
 from tulip_pipelines.training.stages import ExpandParams, loss_figure, run_stage
 
 
@@ -14,10 +15,10 @@ def expand(distilled_model: ModelBundle, train_captions: pd.DataFrame, val_capti
            params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
     """Fine-tune the distilled student contrastively on long and short captions."""
     stage_params = ExpandParams.from_params(params, "expand")  # before touching any input
-    parent = distilled_model.spec.extra.get("mlflow_run_id")
+    tags, source = lineage(distilled_model)
     model, result = run_stage(
         "expand", stage_params, bundles={"distilled": distilled_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
-        tags={"tulip.parent_run_id": parent} if parent else None,
+        extra=source, tags=tags,
     )
     return model, result.history, loss_figure(result.history, "expand")

@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.models import ModelBundle
+from tulip_pipelines.tracking import lineage
 from tulip_pipelines.training.stages import ExpandParams, LongclipParams, loss_figure, run_stage
 
 
@@ -17,11 +18,11 @@ def finetune_longclip(teacher_model: ModelBundle, train_captions: pd.DataFrame, 
     own = LongclipParams.from_params(params)
     budget = ExpandParams.from_params(expand_params, "expand")
     budget.context_length = None  # the stretched model's own length
-    parent = teacher_model.spec.extra.get("mlflow_run_id")
+    tags, source = lineage(teacher_model)
     model, result = run_stage(
         "longclip", budget, bundles={"teacher": teacher_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
-        extra={"context_length": own.context_length, "keep": own.keep},
-        tags={"tulip.parent_run_id": parent} if parent else None,
+        extra={"context_length": own.context_length, "keep": own.keep, **source},
+        tags=tags,
     )
     return model, result.history, loss_figure(result.history, "longclip")

@@ -1,0 +1,115 @@
+"""What a stage's MLflow run holds, read back with mlflow.search_runs: flattened parameters, the
+DeepSpeed config, per-step metrics, the checkpoint artifact and the lineage to its parent stage."""
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from tulip_pipelines.models import create_teacher
+from tulip_pipelines.pipelines.distill.nodes import distill
+from tulip_pipelines.pipelines.expand.nodes import expand
+from tulip_pipelines.tracking import flatten, lineage, stage_run
+
+DS = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "gradient_accumulation_steps": 1,
+      "gradient_clipping": 1.0, "steps_per_print": 10**9}
+TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "val_every": 0, "checkpoint_every": 0}
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def captions(tmp_path):
+    colours = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
+    for c in colours:
+        Image.new("RGB", (48, 48), c).save(tmp_path / f"{c}.png")
+    return pd.DataFrame({"id": colours, "image": [f"{c}.png" for c in colours],
+                         "caption": [f"A {c} picture. It is plain {c} all over." for c in colours]})
+
+
+def test_flatten_nests_keys_and_truncates_long_values():
+    flat = flatten({"expand": {"train": {"lr": 1e-5}, "towers": ["image", "text"]}, "note": "x" * 300})
+    assert flat == {"expand.train.lr": "1e-05", "expand.towers": "['image', 'text']", "note": "x" * 250}
+
+
+def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with stage_run("distill", {"loss_type": "cosine"}, DS) as tracker:
+        assert tracker.run_id is None
+        tracker.log({"train/loss": 1.0}, step=1)
+        tracker.log_final({"loss": 1.0})
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_lineage_of_untracked_and_pretrained_models():
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    assert lineage(teacher) == ({}, {"init_checkpoint": "TULIP-Tiny:untracked"})
+    teacher.spec.extra = {"pretrained": "openai"}
+    assert lineage(teacher) == ({}, {"init_checkpoint": "TULIP-Tiny:openai"})
+    teacher.spec.extra = {"mlflow_run_id": "abc"}
+    assert lineage(teacher) == ({"tulip.parent_run_id": "abc"}, {"init_checkpoint": "runs:/abc/model"})
+
+
+def test_stage_runs_hold_params_metrics_checkpoint_and_lineage(tracking_uri, captions, tmp_path):
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    common = {"checkpoint_dir": str(tmp_path / "ckpt"), "train": TRAIN}
+    with mlflow.start_run(run_name="kedro-run") as parent:  # what kedro-mlflow opens around a kedro run
+        distilled, _, _ = distill(teacher, captions, captions.iloc[:0], {**common, "loss_type": "mse"}, DS, str(tmp_path))
+        expanded, history, _ = expand(distilled, captions, captions.iloc[:0], common, DS, str(tmp_path))
+
+    runs = mlflow.search_runs(search_all_experiments=True)
+    by_stage = {r["tags.tulip.stage"]: r for _, r in runs.dropna(subset=["tags.tulip.stage"]).iterrows()}
+    assert set(by_stage) == {"distill", "expand"}
+    dist, exp = by_stage["distill"], by_stage["expand"]
+    assert dist["tags.mlflow.parentRunId"] == exp["tags.mlflow.parentRunId"] == parent.info.run_id
+    assert exp["tags.mlflow.runName"] == "expand"
+
+    # lineage: the distilled checkpoint names its run, and the expand run names it back
+    assert distilled.spec.extra["mlflow_run_id"] == dist["run_id"]
+    assert expanded.spec.extra["mlflow_run_id"] == exp["run_id"]
+    assert exp["tags.tulip.parent_run_id"] == dist["run_id"]
+    assert exp["params.expand.init_checkpoint"] == f"runs:/{dist['run_id']}/model"
+    assert dist["params.distill.init_checkpoint"] == "TULIP-Tiny:untracked"
+    assert "tags.tulip.parent_run_id" not in runs or pd.isna(dist["tags.tulip.parent_run_id"])
+
+    # flattened parameters and the DeepSpeed config
+    assert dist["params.distill.loss_type"] == "mse"
+    assert exp["params.expand.long_weight"] == "0.8" and exp["params.expand.train.batch_size"] == "4"
+    assert exp["params.deepspeed.zero_optimization.stage"] == "0"
+    client = mlflow.MlflowClient()
+    ds_path = client.download_artifacts(exp["run_id"], "deepspeed_config.json", str(tmp_path / "dl"))
+    with open(ds_path) as f:
+        assert json.load(f) == DS
+
+    # per-step metrics, final metrics
+    losses = client.get_metric_history(exp["run_id"], "train/loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert [m.value for m in losses] == pytest.approx(history["loss"].tolist())
+    assert {m.step for m in client.get_metric_history(exp["run_id"], "train/lr")} == {1, 2, 3}
+    assert client.get_metric_history(exp["run_id"], "train/samples_per_s")[0].value > 0
+    assert exp["metrics.final/train/loss"] == pytest.approx(history["loss"].iloc[-1])
+
+    # the final checkpoint and the loss curve as artifacts
+    artifacts = {a.path for a in client.list_artifacts(exp["run_id"])}
+    assert {"model", "expand_loss.png", "deepspeed_config.json"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(exp["run_id"], "model")}
+    assert {"model/model.safetensors", "model/config.json"} <= model_files
+    config_path = client.download_artifacts(exp["run_id"], "model/config.json", str(tmp_path / "dl"))
+    with open(config_path) as f:
+        config = json.load(f)
+    assert config["kind"] == "rope" and config["extra"]["mlflow_run_id"] == exp["run_id"]

@@ -1,0 +1,98 @@
+"""Losses against hand-computed values; what each task trains and freezes."""
+
+import math
+
+import pytest
+import torch
+
+from tulip_pipelines.models import build_student, create_teacher
+from tulip_pipelines.training.data import window_tokens, trim_padding
+from tulip_pipelines.training.losses import clip_loss, distill_loss
+from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask
+
+
+def test_distill_losses_by_hand():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    # cosines: 1/sqrt(2) and 1 -> 1 - mean
+    assert distill_loss(s, t, "cosine").item() == pytest.approx(1 - (1 / math.sqrt(2) + 1) / 2)
+    # squared differences: 0, 1, 0, 1 -> mean 0.5
+    assert distill_loss(s, t, "mse").item() == pytest.approx(0.5)
+    # norms of differences: 1 and 1 -> 1
+    assert distill_loss(s, t, "l2").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown distillation loss_type 'kl'"):
+        distill_loss(s, t, "kl")
+
+
+def test_clip_loss_by_hand():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    text = torch.tensor([[0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
+    # logits = 10 * image @ text.T = [[6, 0], [8, 10]]; mean of the row and column cross-entropies
+    rows = (math.log(math.exp(6) + 1) - 6) + (math.log(math.exp(8) + math.exp(10)) - 10)
+    cols = (math.log(math.exp(6) + math.exp(8)) - 6) + (math.log(1 + math.exp(10)) - 10)
+    expected = (rows / 2 + cols / 2) / 2
+    assert clip_loss(image, text, torch.tensor(10.0, dtype=torch.float64)).item() == pytest.approx(expected)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    return teacher, build_student(teacher, 248)
+
+
+def test_distill_task_trains_only_student_text_tower(tiny):
+    teacher, student = tiny
+    task = DistillTask(student.model, teacher.model, "cosine")
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("student.") for n in trainable)
+    assert not any("visual" in n or "token_embedding" in n or "logit_scale" in n for n in trainable)
+    assert "student.transformer.resblocks.0.attn.in_proj_weight" in trainable
+    assert {"student.ln_final.weight", "student.text_projection"} <= trainable
+    assert not any(n.startswith("teacher") for n, _ in task.named_parameters())  # not checkpointed
+    tokens = teacher.tokenizer(["a red circle. a blue square."])
+    out = task({"teacher_long": tokens, "long": student.tokenizer(["a red circle. a blue square."])})
+    assert 0 < out["loss"].item() <= 2  # no position information yet: not the teacher's output
+    assert -1 <= out["cosine"].item() <= 1
+
+
+def test_windows_overlap_and_target_is_their_mean(tiny):
+    teacher, student = tiny
+    text = " ".join(f"word{i}" for i in range(60))  # 170 BPE tokens: windows at 0, 55, 110
+    windows, mask = window_tokens([text, "short text"], teacher.tokenizer, overlap=20, max_windows=8)
+    assert windows.shape == (2, 8, 77)
+    ids = teacher.tokenizer.encode(text)
+    assert len(ids) == 170 and mask[0].tolist() == [True] * 3 + [False] * 5
+    assert windows[0, 1, 1:21].tolist() == ids[55:75]  # second window starts 55 tokens later
+    assert windows[0, 0, 56:76].tolist() == windows[0, 1, 1:21].tolist()  # 20 shared tokens
+    assert mask[1].sum().item() == 1
+    task = DistillTask(student.model, teacher.model, "cosine", teacher_input="windows")
+    batch = {"windows": windows, "window_mask": mask, "long": student.tokenizer([text, "short text"])}
+    target = task.target(batch)
+    with torch.no_grad():
+        expected = teacher.model.encode_text(windows[0][mask[0]]).mean(0)
+    assert torch.allclose(target[0], expected, atol=1e-5)
+
+
+def test_contrastive_task_freezes_what_it_is_told(tiny):
+    teacher, _ = tiny
+    task = ContrastiveTask(teacher.model, 0.8, 0.2, train_towers=["text"])
+    trainable = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert not any("visual" in n or "logit_scale" in n for n in trainable)
+    assert "model.token_embedding.weight" in trainable
+    batch = {"image": torch.randn(4, 3, 48, 48), "long": teacher.tokenizer(["a"] * 4), "short": teacher.tokenizer(["b"] * 4)}
+    out = task(batch)
+    assert out["loss"].item() == pytest.approx(0.8 * out["loss_long"].item() + 0.2 * out["loss_short"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="train_towers"):
+        ContrastiveTask(teacher.model, train_towers=["wheels"])
+    for p in teacher.model.parameters():
+        p.requires_grad_(True)
+
+
+def test_trim_padding_keeps_embeddings(tiny):
+    teacher, student = tiny
+    tokens = student.tokenizer(["a red circle", "a much longer caption about a blue square"])
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape[1] < 248 and (tokens[:, trimmed.shape[1]:] == 0).all()
+    with torch.no_grad():
+        assert torch.allclose(student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5)
