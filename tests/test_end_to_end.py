@@ -45,4 +45,3 @@ def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(project_ro
         assert gain >= 25, f"{direction}: expanded {r1['tulip_expanded', direction]:.1f} vs teacher {r1['teacher', direction]:.1f}"
     assert (project / "data/08_reporting/retrieval_report.png").stat().st_size > 0
     assert "urban1k_demo" in (project / "data/08_reporting/retrieval_report.md").read_text()
-    assert (project / "mlflow.db").is_file()
