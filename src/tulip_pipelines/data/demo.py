@@ -22,13 +22,14 @@ a long-caption one in Urban1k's layout and a short-caption one in Flickr30k's la
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from tulip_pipelines.params import known_params
 from tulip_pipelines.data.text import split_sentences
 
 logger = logging.getLogger(__name__)
@@ -102,12 +103,7 @@ class DemoDataConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> "DemoDataConfig":
-        params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown demo_data parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(**params)
+        return cls(**known_params(cls, params, "demo_data parameter"))
 
 
 @dataclass

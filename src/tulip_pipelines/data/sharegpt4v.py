@@ -29,7 +29,7 @@ import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +38,7 @@ import ijson
 import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
+from tulip_pipelines.params import known_params
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,7 @@ class IngestConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> "IngestConfig":
         """Build from the ``ingest`` parameters; unknown keys are an error naming the key."""
-        params = params or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown ingest parameter(s) {unknown}; known: {sorted(known)}")
+        params = known_params(cls, params, "ingest parameter")
         if "image_root" not in params:
             raise ValueError("ingest.image_root is required")
         return cls(**params)

@@ -7,12 +7,13 @@ out for validation and the rest is training data; file order is preserved.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from tulip_pipelines.data.sharegpt4v import is_positive_int
+from tulip_pipelines.params import known_params
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,7 @@ class SplitConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any] | None) -> "SplitConfig":
         """Build from the ``split`` parameters; unknown keys are an error naming the key."""
-        params = params or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown split parameter(s) {unknown}; known: {sorted(known)}")
-        return cls(**params)
+        return cls(**known_params(cls, params, "split parameter"))
 
 
 def split_captions(

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from tqdm.auto import tqdm
 
+from tulip_pipelines.params import known_params
 from tulip_pipelines.training.schedule import lr_lambda, warmup_cosine
 
 logger = logging.getLogger(__name__)
@@ -126,11 +127,7 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "TrainConfig":
         """Build from a parameters dict; unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**params)
+        return cls(**known_params(cls, params, "TrainConfig key"))
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not where/how often things are written)."""

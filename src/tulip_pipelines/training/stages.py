@@ -35,6 +35,7 @@ from tulip_pipelines.models import (
     save_model,
     stretch_position_embedding,
 )
+from tulip_pipelines.params import known_params
 from tulip_pipelines.tracking import StageTracker, stage_run
 from tulip_pipelines.training.data import CaptionImageDataset, Collate
 from tulip_pipelines.training.engine import TrainConfig, TrainResult, train
@@ -58,12 +59,7 @@ class StageParams:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None, stage: str):
-        params = dict(params or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown {stage} parameter(s) {unknown}; known: {sorted(known)}")
-        out = cls(**params)
+        out = cls(**known_params(cls, params, f"{stage} parameter"))
         out.train_config(stage)  # validates the training settings now, before any heavy work
         if not isinstance(out.num_processes, int) or out.num_processes < 1:
             raise ValueError(f"{stage}.num_processes must be an integer >= 1")
