@@ -72,10 +72,6 @@ class StageTracker:
             save_model(model_bundle, Path(tmp) / artifact_path)
             self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
 
-    def log_table(self, frame, name: str) -> None:
-        if self.run_id:
-            self.client.log_table(self.run_id, frame, name)
-
 
 def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
     """Tags and params that tie a stage's run to the checkpoint it starts from.

@@ -66,7 +66,7 @@ def log_to_mlflow(
     tracker.log(dict(zip(names, metrics["recall"])), step=0)
     client = tracker.client
     client.log_text(tracker.run_id, report, "retrieval_report.md")
-    client.log_figure(tracker.run_id, figure, "retrieval_report.png")
+    tracker.log_figure(figure, "retrieval_report.png")
     with tempfile.TemporaryDirectory() as tmp:
         for name, frame in (("retrieval_metrics", metrics), ("benchmark_issues", issues)):
             path = Path(tmp) / f"{name}.parquet"

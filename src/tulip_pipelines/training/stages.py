@@ -222,8 +222,8 @@ def run_stage(
     ds_config: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
-) -> tuple[ModelBundle, TrainResult]:
-    """Train one stage (tracked in MLflow) and return the trained model and its history."""
+) -> tuple[ModelBundle, TrainResult, Any]:
+    """Train one stage (tracked in MLflow); return the trained model, its result and loss curve."""
     extra = dict(extra or {})
     job, model = _job(stage, params, bundles, frames, image_root, ds_config, extra)
     logged = {**dataclasses.asdict(params), **extra}
@@ -242,7 +242,7 @@ def run_stage(
         figure = loss_figure(result.history, stage)
         tracker.log_figure(figure, f"{stage}_loss.png")
     logger.info("%s: %d steps in %.1f s, final %s", stage, result.final_step, result.wall_time_s, result.final_metrics)
-    return model, result
+    return model, result, figure
 
 
 def _run_launched(stage, params, bundles, frames, image_root, ds_config, extra, job: TrainJob,

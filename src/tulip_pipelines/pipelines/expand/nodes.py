@@ -8,7 +8,7 @@ import pandas as pd
 
 from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.tracking import lineage
-from tulip_pipelines.training.stages import ExpandParams, loss_figure, run_stage
+from tulip_pipelines.training.stages import ExpandParams, run_stage
 
 
 def expand(distilled_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
@@ -16,9 +16,9 @@ def expand(distilled_model: ModelBundle, train_captions: pd.DataFrame, val_capti
     """Fine-tune the distilled student contrastively on long and short captions."""
     stage_params = ExpandParams.from_params(params, "expand")  # before touching any input
     tags, source = lineage(distilled_model)
-    model, result = run_stage(
+    model, result, figure = run_stage(
         "expand", stage_params, bundles={"distilled": distilled_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
         extra=source, tags=tags,
     )
-    return model, result.history, loss_figure(result.history, "expand")
+    return model, result.history, figure

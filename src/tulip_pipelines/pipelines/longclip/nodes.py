@@ -8,7 +8,7 @@ import pandas as pd
 
 from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.tracking import lineage
-from tulip_pipelines.training.stages import ExpandParams, LongclipParams, loss_figure, run_stage
+from tulip_pipelines.training.stages import ExpandParams, LongclipParams, run_stage
 
 
 def finetune_longclip(teacher_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
@@ -19,10 +19,10 @@ def finetune_longclip(teacher_model: ModelBundle, train_captions: pd.DataFrame, 
     budget = ExpandParams.from_params(expand_params, "expand")
     budget.context_length = None  # the stretched model's own length
     tags, source = lineage(teacher_model)
-    model, result = run_stage(
+    model, result, figure = run_stage(
         "longclip", budget, bundles={"teacher": teacher_model},
         frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
         extra={"context_length": own.context_length, "keep": own.keep, **source},
         tags=tags,
     )
-    return model, result.history, loss_figure(result.history, "longclip")
+    return model, result.history, figure
