@@ -32,14 +32,13 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tulip_pipelines.data.demo import DemoDataConfig, generate_demo_data  # noqa: E402
 from tulip_pipelines.models import build_student, create_teacher  # noqa: E402
 from tulip_pipelines.training.data import CaptionImageDataset, Collate  # noqa: E402
-from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
-
 from tulip_pipelines.training.engine import (  # noqa: E402
     TrainConfig,
     compute_dtype,
     initialize_engine,
     to_device,
 )
+from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
 

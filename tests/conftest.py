@@ -1,6 +1,8 @@
 """Shared test setup: no telemetry, no network, DeepSpeed on the CPU."""
 
+import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,38 @@ def _isolated_mlflow():
     fluent._active_experiment_id = None
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+
+
+# DeepSpeed config of the tests: one CPU process, fp32, no ZeRO (what the embedded default uses)
+DS_FP32 = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False},
+           "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9}
+
+
+@pytest.fixture
+def ds_fp32() -> dict:
+    return copy.deepcopy(DS_FP32)
+
+
+def copy_project(project_root: Path, dest: Path) -> Path:
+    """A runnable copy of the project at ``dest``: its conf (without conf/local) and
+    pyproject.toml; the package itself is installed. Returns ``dest``."""
+    dest.mkdir(parents=True)
+    shutil.copytree(project_root / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
+    (dest / "conf" / "local").mkdir()
+    (dest / "src").mkdir()  # Kedro requires the source dir
+    shutil.copy(project_root / "pyproject.toml", dest)
+    return dest
+
+
+@pytest.fixture
+def project_copy(project_root, tmp_path, monkeypatch) -> Path:
+    """A bootstrapped copy of the project, the working directory of the test (relative paths in
+    conf resolve there), without a tracking URI from the environment."""
+    from kedro.framework.startup import bootstrap_project
+
+    project = copy_project(project_root, tmp_path / "project")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bootstrap_project(project)
+    return project

@@ -4,12 +4,9 @@ Asserts the method's effect on the held-out long-caption demo benchmark (Urban1k
 77-token teacher can only find an image's group, the expanded TULIP student finds the image.
 """
 
-import shutil
-
 import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 
 # Smaller than `make run` so that CI stays within its budget; the effect must hold anyway.
 RUNTIME_PARAMS = {
@@ -20,18 +17,8 @@ RUNTIME_PARAMS = {
 
 
 @pytest.mark.slow
-def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(project_root, tmp_path, monkeypatch):
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()
-    shutil.copy(project_root / "pyproject.toml", project)
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("KEDRO_DISABLE_TELEMETRY", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-    bootstrap_project(project)
+def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(project_copy):
+    project = project_copy
     with KedroSession.create(project_path=project, runtime_params=RUNTIME_PARAMS) as session:
         session.run()
 

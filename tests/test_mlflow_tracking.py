@@ -9,13 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import DS_FP32
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
 from tulip_pipelines.tracking import flatten, lineage, stage_run
 
-DS = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "gradient_accumulation_steps": 1,
-      "gradient_clipping": 1.0, "steps_per_print": 10**9}
 TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "val_every": 0, "checkpoint_every": 0}
 
 
@@ -47,7 +46,7 @@ def test_flatten_nests_keys_and_truncates_long_values():
 def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    with stage_run("distill", {"loss_type": "cosine"}, DS) as tracker:
+    with stage_run("distill", {"loss_type": "cosine"}, DS_FP32) as tracker:
         assert tracker.run_id is None
         tracker.log({"train/loss": 1.0}, step=1)
         tracker.log_final({"loss": 1.0})
@@ -57,20 +56,23 @@ def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
 def test_lineage_of_untracked_and_pretrained_models():
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
-    assert lineage(teacher) == ({}, {"init_checkpoint": "TULIP-Tiny:untracked"})
+    assert lineage(teacher) == ({}, {"init_model": "TULIP-Tiny:untracked"})
     teacher.spec.extra = {"pretrained": "openai"}
-    assert lineage(teacher) == ({}, {"init_checkpoint": "TULIP-Tiny:openai"})
+    assert lineage(teacher) == ({}, {"init_model": "TULIP-Tiny:openai"})
     teacher.spec.extra = {"mlflow_run_id": "abc"}
-    assert lineage(teacher) == ({"tulip.parent_run_id": "abc"}, {"init_checkpoint": "runs:/abc/model"})
+    assert lineage(teacher) == ({"tulip.parent_run_id": "abc"}, {"init_model": "runs:/abc/model"})
 
 
-def test_stage_runs_hold_params_metrics_checkpoint_and_lineage(tracking_uri, captions, tmp_path):
+def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions, tmp_path):
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
-    common = {"checkpoint_dir": str(tmp_path / "ckpt"), "train": TRAIN}
-    with mlflow.start_run(run_name="kedro-run") as parent:  # what kedro-mlflow opens around a kedro run
-        distilled, _, _ = distill(teacher, captions, captions.iloc[:0], {**common, "loss_type": "mse"}, DS, str(tmp_path))
-        expanded, history, _ = expand(distilled, captions, captions.iloc[:0], common, DS, str(tmp_path))
+    distill_params = {"run_dir": str(tmp_path / "distill"), "train": TRAIN, "loss_type": "mse"}
+    expand_params = {"run_dir": str(tmp_path / "expand"), "train": TRAIN}
+    no_val = captions.iloc[:0]
+    with mlflow.start_run(run_name="kedro-run") as parent:  # what kedro-mlflow opens around a run
+        distilled, _, _ = distill(teacher, captions, no_val, distill_params, DS_FP32, str(tmp_path))
+        expanded, history, _ = expand(distilled, captions, no_val, expand_params, DS_FP32,
+                                      str(tmp_path))
 
     runs = mlflow.search_runs(search_all_experiments=True)
     by_stage = {r["tags.tulip.stage"]: r for _, r in runs.dropna(subset=["tags.tulip.stage"]).iterrows()}
@@ -79,12 +81,12 @@ def test_stage_runs_hold_params_metrics_checkpoint_and_lineage(tracking_uri, cap
     assert dist["tags.mlflow.parentRunId"] == exp["tags.mlflow.parentRunId"] == parent.info.run_id
     assert exp["tags.mlflow.runName"] == "expand"
 
-    # lineage: the distilled checkpoint names its run, and the expand run names it back
+    # lineage: the distilled model names its run, and the expand run names it back
     assert distilled.spec.extra["mlflow_run_id"] == dist["run_id"]
     assert expanded.spec.extra["mlflow_run_id"] == exp["run_id"]
     assert exp["tags.tulip.parent_run_id"] == dist["run_id"]
-    assert exp["params.expand.init_checkpoint"] == f"runs:/{dist['run_id']}/model"
-    assert dist["params.distill.init_checkpoint"] == "TULIP-Tiny:untracked"
+    assert exp["params.expand.init_model"] == f"runs:/{dist['run_id']}/model"
+    assert dist["params.distill.init_model"] == "TULIP-Tiny:untracked"
     assert "tags.tulip.parent_run_id" not in runs or pd.isna(dist["tags.tulip.parent_run_id"])
 
     # flattened parameters and the DeepSpeed config
@@ -94,7 +96,7 @@ def test_stage_runs_hold_params_metrics_checkpoint_and_lineage(tracking_uri, cap
     client = mlflow.MlflowClient()
     ds_path = client.download_artifacts(exp["run_id"], "deepspeed_config.json", str(tmp_path / "dl"))
     with open(ds_path) as f:
-        assert json.load(f) == DS
+        assert json.load(f) == DS_FP32
 
     # per-step metrics, final metrics
     losses = client.get_metric_history(exp["run_id"], "train/loss")
@@ -104,7 +106,7 @@ def test_stage_runs_hold_params_metrics_checkpoint_and_lineage(tracking_uri, cap
     assert client.get_metric_history(exp["run_id"], "train/samples_per_s")[0].value > 0
     assert exp["metrics.final/train/loss"] == pytest.approx(history["loss"].iloc[-1])
 
-    # the final checkpoint and the loss curve as artifacts
+    # the exported model and the loss curve as artifacts
     artifacts = {a.path for a in client.list_artifacts(exp["run_id"])}
     assert {"model", "expand_loss.png", "deepspeed_config.json"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(exp["run_id"], "model")}

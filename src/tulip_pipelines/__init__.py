@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 def load_model(path, device="cpu", **original_kwargs):
     """Load a checkpoint written by this project (or a published TULIP ``epoch_N.pt``; name its
     teacher with ``teacher=``/``pretrained=``). Returns ``(model, preprocess, tokenizer)``.
-    See :mod:`tulip_pipelines.models.checkpoint`.
+    See :mod:`tulip_pipelines.models.files`.
     """
-    from tulip_pipelines.models.checkpoint import load_model as _load_model
+    from tulip_pipelines.models.files import load_model as _load_model
 
     return _load_model(path, device=device, **original_kwargs)
 

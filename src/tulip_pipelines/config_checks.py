@@ -1,57 +1,69 @@
 """Checks of the whole parameter set, run by the project hook before a pipeline starts.
 
-Each pipeline's parameters are validated by the dataclass its node builds from them; this module
-runs those validators up front, for the pipelines in the run, and adds the checks that span
-several pipelines (e.g. the student's context length against the teacher's).
+Each pipeline reads ``params:<pipeline>`` through one :class:`~tulip_pipelines.params.Params`
+class, which checks its own values and (``check_with``) the rules that span pipelines. This
+module maps pipeline names to those classes and runs them for the pipelines of a run, plus the
+shared parameters of ``parameters.yml``. The nodes build the same objects from their inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
-# pipeline name -> validator of params[<pipeline name>] (raises ValueError/TypeError on mistakes)
-Validator = Callable[[dict[str, Any], dict[str, Any]], None]
-VALIDATORS: dict[str, Validator] = {}
+from tulip_pipelines.params import Params, Problems
 
 
-def validator(pipeline: str) -> Callable[[Validator], Validator]:
-    def register(fn: Validator) -> Validator:
-        VALIDATORS[pipeline] = fn
-        return fn
+@dataclass
+class SharedParams(Params):
+    """The top-level keys of ``parameters.yml`` that several pipelines read."""
 
-    return register
+    section = "parameters"
+
+    image_root: str | None = None
+
+    def __post_init__(self) -> None:
+        p = Problems(self.section)
+        p.check(isinstance(self.image_root, str) and bool(self.image_root), "image_root",
+                f"must be a non-empty path, got {self.image_root!r}")
+        p.raise_if_any()
 
 
-def check_parameters(params: dict[str, Any], pipeline_names: set[str]) -> list[str]:
-    """Run the validators of the pipelines about to run; return every problem found."""
-    _register_builtin_validators()
+def params_classes() -> dict[str, type[Params]]:
+    """Pipeline name -> the parameter class of ``params:<name>`` (imported here, lazily, so that
+    the hook imports torch only when a run has training pipelines)."""
+    from tulip_pipelines.data.demo import DemoDataParams
+    from tulip_pipelines.data.ingest import IngestParams
+    from tulip_pipelines.data.split import SplitParams
+    from tulip_pipelines.evaluation.evaluate import EvaluateParams
+    from tulip_pipelines.training.stages import STAGES
+
+    classes: dict[str, type[Params]] = {
+        "demo_data": DemoDataParams,
+        "ingest": IngestParams,
+        "split": SplitParams,
+        "evaluate": EvaluateParams,
+    }
+    classes.update({name: stage.params_cls for name, stage in STAGES.items()})
+    return classes
+
+
+def check_parameters(params: Mapping[str, Any], pipeline_names: Iterable[str],
+                     shared: Iterable[str] = ()) -> list[str]:
+    """Every problem with the parameters of the pipelines about to run, and with the shared
+    parameters ``shared`` (top-level keys) that they read."""
     problems = []
-    for name in sorted(pipeline_names & set(VALIDATORS)):
+    classes = params_classes()
+    for name in sorted(set(pipeline_names) & set(classes)):
         try:
-            VALIDATORS[name](params.get(name) or {}, params)
+            classes[name].from_all(params).check_with(params)
         except (ValueError, TypeError, KeyError) as err:
             problems.append(f"parameters of `{name}` (conf/*/parameters_{name}.yml): {err}")
+    shared = sorted(set(shared) & {f.name for f in fields(SharedParams)})
+    if shared:
+        try:
+            SharedParams.from_params({k: params.get(k) for k in shared})
+        except (ValueError, TypeError) as err:
+            problems.append(f"shared parameters (conf/*/parameters.yml): {err}")
     return problems
-
-
-def _register_builtin_validators() -> None:
-    """The parameter dataclasses of each pipeline (imported lazily: torch-free ones first)."""
-    if VALIDATORS:
-        return
-    from tulip_pipelines.data.sharegpt4v import IngestConfig
-    from tulip_pipelines.data.split import SplitConfig
-
-    VALIDATORS["ingest"] = lambda p, _: IngestConfig.from_params(p)
-    VALIDATORS["split"] = lambda p, _: SplitConfig.from_params(p)
-
-    from tulip_pipelines.data.demo import DemoDataConfig
-
-    VALIDATORS["demo_data"] = lambda p, _: DemoDataConfig.from_params(p)
-
-    from tulip_pipelines.evaluation.evaluate import EvaluateConfig
-    from tulip_pipelines.training.stages import STAGES, check_stage_params
-
-    VALIDATORS["evaluate"] = lambda p, _: EvaluateConfig.from_params(p)
-    for stage in STAGES:
-        VALIDATORS[stage] = lambda p, all_params, stage=stage: check_stage_params(stage, p, all_params)

@@ -25,7 +25,8 @@ class ProjectHooks:
         reported here, before demo data is drawn or a model is trained, with every problem at once.
         """
         params = catalog.load("parameters") if "parameters" in catalog else {}
-        problems = check_parameters(params, pipeline_names=_node_tags(pipeline))
+        read = {name[len("params:"):] for name in pipeline.inputs() if name.startswith("params:")}
+        problems = check_parameters(params, pipeline_names=_node_tags(pipeline), shared=read)
         missing = [
             f"{name} ({_describe(catalog, name)})"
             for name in sorted(pipeline.inputs())

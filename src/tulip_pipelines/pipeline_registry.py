@@ -1,14 +1,19 @@
 """Project pipelines.
 
-Every package under ``pipelines/`` that exposes ``create_pipeline()`` is registered under its
-folder name. ``__default__`` is the whole method on the embedded default data; ``tulip`` is the
-same method without the demo generator and the from-scratch teacher, for real-scale environments
-(``kedro run --env sharegpt4v --pipeline tulip``) where the teacher is loaded from weights.
+Each package under ``pipelines/`` is registered under its folder name. Two composites:
+``__default__`` is the whole method on the embedded default data; ``tulip`` is the same method
+without the demo generator and the from-scratch teacher, for real-scale environments
+(``kedro run --env sharegpt4v --pipelines tulip``) where the teacher is loaded from weights.
+
+The registry is explicit rather than ``find_pipelines``: Kedro 1.7 loads only the pipelines a
+command names, and a composite name has no module of its own, so ``find_pipelines`` cannot
+resolve it (``kedro run --pipelines tulip`` would fail). Every name is built here.
 """
 
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
+import importlib
+
 from kedro.pipeline import Pipeline
 
 # The order the method runs in; Kedro sorts nodes by their data dependencies anyway.
@@ -24,14 +29,17 @@ DEFAULT_ORDER = (
 )
 # Pipelines that exist only to build the embedded default.
 DEMO_ONLY = ("demo_data", "teacher")
+COMPOSITES = {
+    "__default__": DEFAULT_ORDER,
+    "tulip": tuple(name for name in DEFAULT_ORDER if name not in DEMO_ONLY),
+}
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    pipelines = find_pipelines(raise_errors=True)
-    in_default = [pipelines[name] for name in DEFAULT_ORDER if name in pipelines]
-    pipelines["__default__"] = sum(in_default, Pipeline([]))
-    pipelines["tulip"] = sum(
-        (pipelines[n] for n in DEFAULT_ORDER if n in pipelines and n not in DEMO_ONLY),
-        Pipeline([]),
-    )
+    pipelines = {
+        name: importlib.import_module(f"tulip_pipelines.pipelines.{name}").create_pipeline()
+        for name in DEFAULT_ORDER
+    }
+    for name, parts in COMPOSITES.items():
+        pipelines[name] = sum((pipelines[part] for part in parts), Pipeline([]))
     return pipelines

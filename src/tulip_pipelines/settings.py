@@ -17,8 +17,8 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    "config_patterns": {
-        "mlflow": ["mlflow*", "mlflow*/**"],
-        "deepspeed": ["deepspeed*", "deepspeed*/**"],
-    },
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    # An environment's parameters are deltas: they deep-merge into base's, so an overlay holds
+    # only the keys it changes (and a key added to base reaches every environment).
+    "merge_strategy": {"parameters": "soft"},
 }

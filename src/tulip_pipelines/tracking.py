@@ -1,7 +1,8 @@
-"""MLflow tracking of training and evaluation stages.
+"""MLflow tracking of training and evaluation stages, and the tracked training of a stage that the
+Kedro nodes call (:func:`train_stage`).
 
 ``kedro run`` opens one MLflow run (kedro-mlflow); each stage opens a *nested* run named after it
-with its parameters, the DeepSpeed config, per-step metrics, final metrics and its checkpoint.
+with its parameters, the DeepSpeed config, per-step metrics, final metrics and its exported model.
 Outside Kedro a stage logs only when a tracking URI is configured (``MLFLOW_TRACKING_URI``);
 otherwise nothing is logged. Only rank 0 ever calls this module.
 """
@@ -63,7 +64,7 @@ class StageTracker:
             self.client.log_figure(self.run_id, figure, name)
 
     def log_model(self, model_bundle, artifact_path: str = "model") -> None:
-        """The final checkpoint (safetensors + config) as an artifact of this run."""
+        """The exported model (safetensors + config) as an artifact of this run."""
         if not self.run_id:
             return
         from tulip_pipelines.models import save_model
@@ -74,10 +75,10 @@ class StageTracker:
 
 
 def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
-    """Tags and params that tie a stage's run to the checkpoint it starts from.
+    """Tags and params that tie a stage's run to the model it starts from.
 
     Tag ``tulip.parent_run_id``: the MLflow run that produced ``bundle`` (from its
-    ``spec.extra["mlflow_run_id"]``), when it was tracked. Param ``init_checkpoint``: that run's
+    ``spec.extra["mlflow_run_id"]``), when it was tracked. Param ``init_model``: that run's
     model artifact (``runs:/<id>/model``), else the file or pretrained tag the model came from.
     """
     extra = bundle.spec.extra
@@ -88,7 +89,7 @@ def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
         source = f"{bundle.spec.model_name}:{extra.get('file') or extra.get('pretrained')}"
     else:
         source = f"{bundle.spec.model_name}:{extra.get('stage', 'untracked')}"
-    return ({"tulip.parent_run_id": run_id} if run_id else {}), {"init_checkpoint": source}
+    return ({"tulip.parent_run_id": run_id} if run_id else {}), {"init_model": source}
 
 
 def tracking_enabled() -> bool:
@@ -114,3 +115,28 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
             mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
         logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
         yield StageTracker(run.info.run_id)
+
+
+def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent=None):
+    """Train ``stage`` (a name in :data:`tulip_pipelines.training.stages.STAGES`) in its own
+    MLflow run: parameters, lineage to ``parent`` (the model it starts from), per-step metrics,
+    final metrics, the exported model and the loss curve. Returns ``(model, history, figure)``;
+    the model's spec records the stage and its MLflow run."""
+    import dataclasses
+
+    from tulip_pipelines.training.plots import loss_figure
+    from tulip_pipelines.training.stages import STAGES, run_job
+
+    tags, source = lineage(parent) if parent is not None else ({}, {})
+    with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags) as tracker:
+        model, result = run_job(STAGES[stage], params, inputs, ds_config, log_fn=tracker.log)
+        # a new spec: the input model (e.g. expand's distilled one) keeps its own provenance
+        provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id}
+        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance))
+        tracker.log_final(result.final_metrics)
+        tracker.log_model(model)
+        figure = loss_figure(result.history, stage)
+        tracker.log_figure(figure, f"{stage}_loss.png")
+    logger.info("%s: %d steps in %.1f s, final %s", stage, result.final_step, result.wall_time_s,
+                result.final_metrics)
+    return model, result.history, figure

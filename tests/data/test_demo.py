@@ -8,14 +8,14 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from tulip_pipelines.data.demo import (
     HUMAN_PROMPT,
-    DemoDataConfig,
+    DemoDataParams,
+    DemoImage,
     check_group_prefixes,
     generate_demo_data,
-    DemoImage,
 )
 from tulip_pipelines.data.text import first_sentence, split_sentences
 
-SMALL = DemoDataConfig(n_groups=12, n_benchmark_groups=3, n_short_benchmark_images=5)
+SMALL = DemoDataParams(n_groups=12, n_benchmark_groups=3, n_short_benchmark_images=5)
 
 
 @pytest.fixture(scope="module")
@@ -126,4 +126,4 @@ def test_first_sentence():
 )
 def test_config_mistakes_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
-        DemoDataConfig.from_params(bad)
+        DemoDataParams.from_params(bad)

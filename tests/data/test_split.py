@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tulip_pipelines.data.split import SplitConfig, split_captions
+from tulip_pipelines.data.split import SplitParams, split_captions
 
 
 def captions(n: int) -> pd.DataFrame:
@@ -22,7 +22,7 @@ def captions(n: int) -> pd.DataFrame:
 
 
 def test_first_records_are_validation_in_order():
-    train, val = split_captions(captions(10), SplitConfig(val_size=3))
+    train, val = split_captions(captions(10), SplitParams(val_size=3))
     assert list(val["id"]) == ["r0", "r1", "r2"]
     assert list(train["id"]) == [f"r{i}" for i in range(3, 10)]
     assert list(train.index) == list(range(7)) and list(val.index) == [0, 1, 2]
@@ -30,22 +30,22 @@ def test_first_records_are_validation_in_order():
 
 
 def test_max_train_caps_training_records_only():
-    train, val = split_captions(captions(10), SplitConfig(val_size=2, max_train=4))
+    train, val = split_captions(captions(10), SplitParams(val_size=2, max_train=4))
     assert list(train["id"]) == ["r2", "r3", "r4", "r5"]
     assert len(val) == 2
-    train, _ = split_captions(captions(10), SplitConfig(val_size=2, max_train=100))
+    train, _ = split_captions(captions(10), SplitParams(val_size=2, max_train=100))
     assert len(train) == 8
 
 
 def test_default_is_the_papers_1000():
-    assert SplitConfig().val_size == 1000
-    train, val = split_captions(captions(1500), SplitConfig())
+    assert SplitParams().val_size == 1000
+    train, val = split_captions(captions(1500), SplitParams())
     assert (len(train), len(val)) == (500, 1000)
 
 
 def test_val_size_must_leave_training_data():
     with pytest.raises(ValueError, match=r"val_size=5 .* only 5 records"):
-        split_captions(captions(5), SplitConfig(val_size=5))
+        split_captions(captions(5), SplitParams(val_size=5))
 
 
 @pytest.mark.parametrize(
@@ -60,4 +60,4 @@ def test_val_size_must_leave_training_data():
 )
 def test_config_errors_name_the_field(params, match):
     with pytest.raises(ValueError, match=match):
-        SplitConfig.from_params(params)
+        SplitParams.from_params(params)

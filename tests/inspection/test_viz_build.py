@@ -2,12 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import copy_project
 
 PIPELINES = ["demo_data", "ingest", "split", "teacher", "distill", "expand", "longclip", "evaluate"]
 DATASETS = [
@@ -27,12 +28,7 @@ DATASETS = [
 @pytest.fixture(scope="module")
 def viz_site(tmp_path_factory, project_root) -> Path:
     """Build the site in a copy of the project so that the checkout stays clean."""
-    project = tmp_path_factory.mktemp("viz") / "project"
-    project.mkdir()
-    shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()  # Kedro requires the source dir; the package is installed
-    shutil.copy(project_root / "pyproject.toml", project / "pyproject.toml")
+    project = copy_project(project_root, tmp_path_factory.mktemp("viz") / "project")
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true"}
     kedro = Path(sys.executable).with_name("kedro")
     done = subprocess.run(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from kedro.io import DatasetError
 
-from tulip_pipelines.data.sharegpt4v import AnnotationFile
+from tulip_pipelines.data.annotations import AnnotationFile
 from tulip_pipelines.io.annotations import ShareGPT4VAnnotationsDataset
 
 RECORDS = [

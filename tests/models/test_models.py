@@ -119,8 +119,8 @@ def test_save_load_round_trip_is_identical(student, tmp_path):
     assert load_bundle(tmp_path / "ckpt").spec == student.spec
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
         load_bundle(tmp_path / "nothing")
 
 

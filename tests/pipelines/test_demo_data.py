@@ -14,7 +14,7 @@ from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 from PIL import Image
 
-from tulip_pipelines.data.demo import HUMAN_PROMPT, DemoDataConfig, generate_demo_data
+from tulip_pipelines.data.demo import HUMAN_PROMPT, DemoDataParams, generate_demo_data
 from tulip_pipelines.pipelines import demo_data
 
 PARAMS = {"n_groups": 5, "group_size": 3, "shuffled_variants": 2, "n_benchmark_groups": 2,
@@ -82,7 +82,7 @@ def test_short_benchmark_in_flickr30k_layout(run_dir):
 
 
 def test_saved_jpegs_are_the_generated_images_at_quality_95(run_dir):
-    data = generate_demo_data(DemoDataConfig.from_params(PARAMS))
+    data = generate_demo_data(DemoDataParams.from_params(PARAMS))
     root = run_dir / "data/01_raw/benchmarks_demo/urban1k_demo/image"
     for name, image in data.long_benchmark_images.items():
         expected = io.BytesIO()

@@ -10,8 +10,14 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
-from tulip_pipelines.evaluation.evaluate import EvaluateConfig, image_tower_fingerprint
-from tulip_pipelines.models import build_student, create_teacher, load_bundle, save_model, stretch_position_embedding
+from tulip_pipelines.evaluation.evaluate import EvaluateParams, image_tower_fingerprint
+from tulip_pipelines.models import (
+    build_student,
+    create_teacher,
+    load_bundle,
+    save_model,
+    stretch_position_embedding,
+)
 from tulip_pipelines.pipelines.evaluate import create_pipeline
 
 COLORS = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250), (250, 0, 250)]
@@ -68,7 +74,7 @@ def _catalog(setup) -> DataCatalog:
         catalog[name] = MemoryDataset(bundle, copy_mode="assign")
     catalog["val_captions"] = setup["val"]
     catalog["params:evaluate"] = setup["params"]
-    catalog["params:ingest.image_root"] = setup["image_root"]
+    catalog["params:image_root"] = setup["image_root"]
     for name in ("retrieval_metrics", "benchmark_issues", "retrieval_report", "retrieval_report_plot"):
         catalog[name] = MemoryDataset(copy_mode="assign")
     return catalog
@@ -127,14 +133,14 @@ def test_models_sharing_an_image_tower_share_the_fingerprint(setup):
 
 def test_parameter_mistakes_name_the_field():
     with pytest.raises(ValueError, match=r"unknown evaluate parameter\(s\) \['batchsize'\]"):
-        EvaluateConfig.from_params({"batchsize": 4})
+        EvaluateParams.from_params({"batchsize": 4})
     with pytest.raises(ValueError, match=r"evaluate.benchmarks.x.format: unknown format 'urban'"):
-        EvaluateConfig.from_params({"benchmarks": {"x": {"format": "urban", "root": "r"}}})
+        EvaluateParams.from_params({"benchmarks": {"x": {"format": "urban", "root": "r"}}})
     with pytest.raises(ValueError, match=r"evaluate.benchmarks.x.root is required"):
-        EvaluateConfig.from_params({"benchmarks": {"x": {"format": "coco"}}})
+        EvaluateParams.from_params({"benchmarks": {"x": {"format": "coco"}}})
     with pytest.raises(ValueError, match=r"evaluate.benchmarks.x: unknown option\(s\) \['karpathy'\]"):
-        EvaluateConfig.from_params({"benchmarks": {"x": {"format": "flickr30k", "root": "r", "karpathy": "y"}}})
+        EvaluateParams.from_params({"benchmarks": {"x": {"format": "flickr30k", "root": "r", "karpathy": "y"}}})
     with pytest.raises(ValueError, match=r"evaluate.ks must be a list of positive integers"):
-        EvaluateConfig.from_params({"ks": [0, 5]})
-    cfg = EvaluateConfig.from_params({"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}})
+        EvaluateParams.from_params({"ks": [0, 5]})
+    cfg = EvaluateParams.from_params({"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}})
     assert cfg.benchmarks["d"].options == {"annotations": "a"}

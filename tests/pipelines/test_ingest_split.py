@@ -4,13 +4,10 @@ run of demo_data -> ingest -> split in a temporary copy of the project."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
@@ -54,7 +51,8 @@ def test_ingest_then_split_streams_parts_and_reconciles(tmp_path):
             "val_captions": MemoryDataset(),
         }
     )
-    catalog["params:ingest"] = {"image_root": str(images), "check_images": True, "batch_size": 8}
+    catalog["params:ingest"] = {"check_images": True, "batch_size": 8}
+    catalog["params:image_root"] = str(images)
     catalog["params:split"] = {"val_size": 5, "max_train": None}
     SequentialRunner().run(ingest.create_pipeline() + split.create_pipeline(), catalog)
 
@@ -78,18 +76,8 @@ def test_ingest_then_split_streams_parts_and_reconciles(tmp_path):
 
 
 @pytest.mark.slow
-def test_kedro_session_runs_demo_data_ingest_split(project_root, tmp_path, monkeypatch):
-    if not (project_root / "src" / "tulip_pipelines" / "pipelines" / "demo_data").is_dir():
-        pytest.skip("the demo_data pipeline is not in the tree yet")
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()  # Kedro requires the source dir; the package is installed
-    shutil.copy(project_root / "pyproject.toml", project)
-    monkeypatch.chdir(project)  # ingest.image_root is relative to the working directory
-
-    bootstrap_project(project)
+def test_kedro_session_runs_demo_data_ingest_split(project_copy):
+    project = project_copy  # the working directory: image_root is relative to it
     for pipeline in ("demo_data", "ingest", "split"):
         with KedroSession.create(
             project_path=project,

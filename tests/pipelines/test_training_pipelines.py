@@ -4,15 +4,13 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tulip_pipelines.data.demo import DemoDataConfig, generate_demo_data
+from tests.conftest import DS_FP32
+from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 from tulip_pipelines.models import load_bundle, save_model
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
 from tulip_pipelines.pipelines.longclip.nodes import finetune_longclip
 from tulip_pipelines.pipelines.teacher.nodes import train_teacher
-
-DS = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}, "gradient_accumulation_steps": 1,
-      "gradient_clipping": 1.0, "steps_per_print": 10**9}
 
 
 def _train(steps, lr):
@@ -23,7 +21,7 @@ def _train(steps, lr):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    demo = generate_demo_data(DemoDataConfig(n_groups=12, n_benchmark_groups=0, n_short_benchmark_images=0))
+    demo = generate_demo_data(DemoDataParams(n_groups=12, n_benchmark_groups=0, n_short_benchmark_images=0))
     for key, image in demo.images.items():
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         image.save(root / f"{key}.png")
@@ -54,21 +52,24 @@ def _falls(history: pd.DataFrame) -> bool:
 
 @pytest.mark.slow
 def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
-    common = {"checkpoint_dir": str(tmp_path / "ckpt")}
+    def params(stage, train):
+        return {"run_dir": str(tmp_path / "runs" / stage), "train": train}
+
     teacher, hist, fig = train_teacher(data["train"], data["val"], data["shuffled"],
-                                       {**common, "train": _train(24, 5e-4)}, DS, data["root"])
+                                       params("teacher", _train(24, 5e-4)), DS_FP32, data["root"])
     assert _falls(hist) and fig is not None
     save_model(teacher, tmp_path / "teacher_model")
     teacher = load_bundle(tmp_path / "teacher_model")
 
     student, hist, _ = distill(teacher, data["train"], data["val"],
-                               {**common, "train": _train(16, 2e-3)}, DS, data["root"])
+                               params("distill", _train(16, 2e-3)), DS_FP32, data["root"])
     assert _falls(hist) and student.spec.kind == "rope" and student.spec.context_length == 248
-    expand_params = {**common, "train": _train(12, 5e-4)}
-    expanded, hist, _ = expand(student, data["train"], data["val"], expand_params, DS, data["root"])
+    expand_params = params("expand", _train(12, 5e-4))
+    expanded, hist, _ = expand(student, data["train"], data["val"], expand_params, DS_FP32, data["root"])
     assert _falls(hist)
-    longclip, hist_l, _ = finetune_longclip(teacher, data["train"], data["val"], {}, expand_params, DS,
-                                            data["root"])
+    longclip, hist_l, _ = finetune_longclip(teacher, data["train"], data["val"],
+                                            {"run_dir": str(tmp_path / "runs" / "longclip")},
+                                            expand_params, DS_FP32, data["root"])
     assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
     assert hist_l["step"].max() == hist["step"].max()  # the same budget as expand
     save_model(expanded, tmp_path / "expanded_model")
@@ -92,8 +93,8 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
 
 def test_bad_stage_parameters_fail_before_training(data):
     with pytest.raises(ValueError, match="unknown distill parameter"):
-        distill(None, data["train"], data["val"], {"lossType": "cosine"}, DS, data["root"])
+        distill(None, data["train"], data["val"], {"lossType": "cosine"}, DS_FP32, data["root"])
     with pytest.raises(ValueError, match="loss_type"):
-        distill(None, data["train"], data["val"], {"loss_type": "kl"}, DS, data["root"])
-    with pytest.raises(ValueError, match="unknown TrainConfig key"):
-        expand(None, data["train"], data["val"], {"train": {"steps": 3}}, DS, data["root"])
+        distill(None, data["train"], data["val"], {"loss_type": "kl"}, DS_FP32, data["root"])
+    with pytest.raises(ValueError, match="unknown train parameter"):
+        expand(None, data["train"], data["val"], {"train": {"steps": 3}}, DS_FP32, data["root"])

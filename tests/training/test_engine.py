@@ -7,36 +7,32 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import DS_FP32
 from tests.training.toy_tasks import RegressionData, RegressionTask
-from tulip_pipelines.training.engine import (
-    COMPLETE_MARKER,
-    TrainConfig,
-    complete_checkpoints,
-    prepare_ds_config,
-    train,
-)
+from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from tulip_pipelines.training.config import TrainParams
+from tulip_pipelines.training.deepspeed_setup import prepare_ds_config
+from tulip_pipelines.training.engine import train
 from tulip_pipelines.training.schedule import lr_lambda
 
-FP32 = {"zero_optimization": {"stage": 0}, "gradient_clipping": 1.0}
 
-
-def _cfg(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(run_name="toy", output_dir=str(tmp_path / "run"), max_steps=8, batch_size=16,
+def _cfg(tmp_path: Path, **overrides) -> TrainParams:
+    values = dict(run_name="toy", run_dir=str(tmp_path / "run"), max_steps=8, batch_size=16,
                   lr=0.05, warmup_steps=2, log_every=2, min_lr_ratio=0.1)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainParams(**values)
 
 
 # --- configuration checks ---------------------------------------------------------------------
 
 def test_from_params_rejects_unknown_keys_by_name():
-    params = dict(run_name="x", output_dir="o", max_steps=1, batch_size=1, lr=1e-3, lr_decay=2)
+    params = dict(run_name="x", run_dir="o", max_steps=1, batch_size=1, lr=1e-3, lr_decay=2)
     with pytest.raises(ValueError, match="lr_decay"):
-        TrainConfig.from_params(params)
+        TrainParams.from_params(params)
 
 
 def test_from_params_turns_yaml_lists_into_tuples():
-    cfg = TrainConfig.from_params(dict(run_name="x", output_dir="o", max_steps=3, batch_size=2,
+    cfg = TrainParams.from_params(dict(run_name="x", run_dir="o", max_steps=3, batch_size=2,
                                        lr=1e-3, betas=[0.9, 0.95]))
     assert cfg.betas == (0.9, 0.95)
 
@@ -46,10 +42,10 @@ def test_from_params_turns_yaml_lists_into_tuples():
                                          ("betas", (0.9, 1.0)), ("betas", 0.9),
                                          ("resume", "yes")])
 def test_bad_values_name_the_field(field, value):
-    values = dict(run_name="x", output_dir="o", max_steps=10, batch_size=2, lr=1e-3)
+    values = dict(run_name="x", run_dir="o", max_steps=10, batch_size=2, lr=1e-3)
     values[field] = value
     with pytest.raises(ValueError, match=field):
-        TrainConfig(**values)
+        TrainParams(**values)
 
 
 def test_ds_config_is_filled_and_checked(tmp_path):
@@ -74,7 +70,7 @@ def test_train_learns_logs_and_checkpoints(tmp_path):
     head_before = task.head.weight.detach().clone()
     logged = []
     cfg = _cfg(tmp_path, max_steps=10, checkpoint_every=2, keep_checkpoints=2, val_every=5)
-    result = train(task, RegressionData(256), cfg, FP32, val_dataset=RegressionData(64, seed=1),
+    result = train(task, RegressionData(256), cfg, DS_FP32, val_dataset=RegressionData(64, seed=1),
                    log_fn=lambda metrics, step: logged.append((step, metrics)))
 
     history = result.history
@@ -104,19 +100,19 @@ def test_train_learns_logs_and_checkpoints(tmp_path):
     assert history["val_loss"].iloc[-1] == pytest.approx(full_mse, rel=1e-5)
 
     # only the newest two complete checkpoints stay; each marker names its step
-    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    ckpt_root = Path(cfg.run_dir) / "checkpoints"
     assert [step for step, _, _ in complete_checkpoints(ckpt_root)] == [8, 10]
     marker = json.loads((ckpt_root / "step_00000010" / COMPLETE_MARKER).read_text())
     assert marker["step"] == 10
-    assert result.checkpoint_dir == str(ckpt_root / "step_00000010")
+    assert result.last_checkpoint == str(ckpt_root / "step_00000010")
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     cfg = _cfg(tmp_path, max_steps=3, log_every=1)
-    ds_config = dict(FP32, gradient_accumulation_steps=2)
+    ds_config = dict(DS_FP32, gradient_accumulation_steps=2)
     result = train(RegressionTask(), RegressionData(256), cfg, ds_config)
     assert result.final_step == 3
-    state = torch.load(Path(result.checkpoint_dir) / "mp_rank_00_model_states.pt",
+    state = torch.load(Path(result.last_checkpoint) / "mp_rank_00_model_states.pt",
                        weights_only=True)
     assert state["global_steps"] == 3
     assert (state["epoch"], state["batch_offset"]) == (0, 6)  # 3 steps x 2 micro batches
@@ -126,18 +122,18 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 def test_finished_run_rerun_returns_at_once_with_its_weights(tmp_path):
     cfg = _cfg(tmp_path)
     first_task = RegressionTask()
-    first = train(first_task, RegressionData(256), cfg, FP32)
+    first = train(first_task, RegressionData(256), cfg, DS_FP32)
     again_task = RegressionTask()
-    again = train(again_task, RegressionData(256), cfg, FP32)
+    again = train(again_task, RegressionData(256), cfg, DS_FP32)
     assert again.resumed_from == 8 and again.final_step == 8
     assert again.history.equals(first.history)
     assert torch.equal(again_task.head.weight, first_task.head.weight)
 
 
 def test_changed_fingerprint_starts_fresh_and_keeps_the_old_run(tmp_path, caplog):
-    train(RegressionTask(), RegressionData(256), _cfg(tmp_path), FP32)
+    train(RegressionTask(), RegressionData(256), _cfg(tmp_path), DS_FP32)
     with caplog.at_level(logging.WARNING, logger="tulip_pipelines.training.engine"):
-        result = train(RegressionTask(), RegressionData(256), _cfg(tmp_path, lr=0.01), FP32)
+        result = train(RegressionTask(), RegressionData(256), _cfg(tmp_path, lr=0.01), DS_FP32)
     assert result.resumed_from is None
     assert "fingerprint" in caplog.text
     moved = list((tmp_path / "run").glob("checkpoints.old-*"))
@@ -146,10 +142,10 @@ def test_changed_fingerprint_starts_fresh_and_keeps_the_old_run(tmp_path, caplog
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     cfg = _cfg(tmp_path, max_steps=6, checkpoint_every=3, log_every=1, num_workers=2)
-    full = train(RegressionTask(), RegressionData(256), cfg, FP32)
-    ckpt_root = Path(cfg.output_dir) / "checkpoints"
+    full = train(RegressionTask(), RegressionData(256), cfg, DS_FP32)
+    ckpt_root = Path(cfg.run_dir) / "checkpoints"
     (ckpt_root / "step_00000006" / COMPLETE_MARKER).unlink()  # as if killed while writing it
-    rerun = train(RegressionTask(), RegressionData(256), cfg, FP32)
+    rerun = train(RegressionTask(), RegressionData(256), cfg, DS_FP32)
     assert rerun.resumed_from == 3 and rerun.final_step == 6
     assert rerun.history["step"].tolist() == list(range(1, 7))
     assert rerun.history["loss"].tolist() == pytest.approx(full.history["loss"].tolist(), rel=1e-5)
@@ -171,4 +167,4 @@ def test_bf16_zero1_returns_fp32_master_weights(tmp_path):
 
 def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        train(RegressionTask(), RegressionData(8), _cfg(tmp_path), FP32)
+        train(RegressionTask(), RegressionData(8), _cfg(tmp_path), DS_FP32)

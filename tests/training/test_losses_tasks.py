@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tulip_pipelines.models import build_student, create_teacher
-from tulip_pipelines.training.data import window_tokens, trim_padding
+from tulip_pipelines.training.data import trim_padding, window_tokens
 from tulip_pipelines.training.losses import clip_loss, distill_loss
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask
 

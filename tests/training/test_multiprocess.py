@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from tests.training.toy_tasks import RegressionTask
-from tulip_pipelines.training.engine import COMPLETE_MARKER, complete_checkpoints
+from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
 from tulip_pipelines.training.launch import build_job, launcher_command, run_distributed
 
 
-def _spec(output_dir: Path) -> dict:
+def _spec(run_dir: Path) -> dict:
     return {
         "builder": "tests.training.toy_tasks:build_job",
         "n": 256,
-        "train": dict(run_name="zero2", output_dir=str(output_dir), max_steps=6, batch_size=8,
+        "train": dict(run_name="zero2", run_dir=str(run_dir), max_steps=6, batch_size=8,
                       lr=0.05, log_every=2, checkpoint_every=3),
         "deepspeed": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
     }
@@ -34,7 +34,7 @@ def test_two_process_zero2_run_writes_a_loadable_checkpoint(tmp_path, project_ro
     assert result.final_step == 6
     assert result.history["step"].tolist() == [2, 4, 6] == logged
     assert not torch.equal(task.head.weight, initial)
-    ckpt = Path(result.checkpoint_dir)
+    ckpt = Path(result.last_checkpoint)
     assert (ckpt / COMPLETE_MARKER).is_file()
     assert [s for s, _, _ in complete_checkpoints(ckpt.parent)] == [3, 6]
     # ZeRO-2 sharded the optimizer state over both ranks

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from tulip_pipelines.training.engine import TrainConfig
+from tulip_pipelines.training.config import TrainParams
 from tulip_pipelines.training.launch import TrainJob
 
 N_FEATURES = 8
@@ -54,13 +54,13 @@ class RegressionTask(torch.nn.Module):
 
 
 def build_job(spec: dict[str, Any]) -> TrainJob:
-    """Builder for ``launch.py``: a spec with ``n``, ``delay_s``, ``train`` (TrainConfig) and
+    """Builder for ``launch.py``: a spec with ``n``, ``delay_s``, ``train`` (TrainParams) and
     ``deepspeed`` (config dict)."""
     return TrainJob(
         task=RegressionTask(delay_s=spec.get("delay_s", 0.0)),
         train_dataset=RegressionData(spec.get("n", 256)),
         val_dataset=RegressionData(64, seed=1),
         collate_fn=None,
-        cfg=TrainConfig.from_params(spec["train"]),
+        params=TrainParams.from_params(spec["train"]),
         ds_config=spec["deepspeed"],
     )

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from tulip_pipelines.params import known_params
 from tulip_pipelines.data.text import split_sentences
+from tulip_pipelines.params import Params, Problems
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ Cell = tuple[int, int, int, int]  # indices into SHAPES, COLOURS, SIZES, TEXTURE
 
 
 @dataclass(frozen=True)
-class DemoDataConfig:
+class DemoDataParams(Params):
     """Sizes of the demo (``params:demo_data``)."""
+
+    section = "demo_data"
 
     seed: int = 0
     image_size: int = 48
@@ -85,10 +87,10 @@ class DemoDataConfig:
         minimum = {"seed": 0, "image_size": GRID, "n_groups": 1, "group_size": 2,
                    "shared_cells": 1, "min_differing_cells": 1, "shuffled_variants": 1,
                    "n_benchmark_groups": 0, "n_short_benchmark_images": 0}  # fmt: skip
+        p = Problems(self.section)
         for name, low in minimum.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"demo_data.{name} must be an integer >= {low}, got {value!r}")
+            p.int_at_least(name, getattr(self, name), low)
+        p.raise_if_any()
         if self.image_size % GRID:
             raise ValueError(
                 f"demo_data.image_size must be a multiple of {GRID}, got {self.image_size}"
@@ -100,10 +102,6 @@ class DemoDataConfig:
                 f"demo_data.min_differing_cells must be at most {cells - self.shared_cells} (the "
                 f"cells after the {self.shared_cells} shared ones), got {self.min_differing_cells}"
             )
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any] | None) -> "DemoDataConfig":
-        return cls(**known_params(cls, params, "demo_data parameter"))
 
 
 @dataclass
@@ -213,7 +211,7 @@ def _random_cell(rng: np.random.Generator) -> Cell:
 
 
 def _draw_group(
-    rng: np.random.Generator, cfg: DemoDataConfig, size: int, taken: set
+    rng: np.random.Generator, cfg: DemoDataParams, size: int, taken: set
 ) -> list[tuple[int, tuple[Cell, ...]]]:
     """Cells of ``size`` images that share the background and the first cells.
 
@@ -243,7 +241,7 @@ def _draw_group(
     raise RuntimeError("could not draw a group of distinct images; lower demo_data.group_size")
 
 
-def check_group_prefixes(images: list[DemoImage], cfg: DemoDataConfig) -> dict[str, float]:
+def check_group_prefixes(images: list[DemoImage], cfg: DemoDataParams) -> dict[str, float]:
     """Verify the demo's defining property with open_clip's tokenizer; return token statistics.
 
     Raises ``ValueError`` if a sentence that describes a varying cell starts within the first
@@ -289,7 +287,7 @@ def check_group_prefixes(images: list[DemoImage], cfg: DemoDataConfig) -> dict[s
 
 def _make_images(
     rng: np.random.Generator,
-    cfg: DemoDataConfig,
+    cfg: DemoDataParams,
     n_groups: int,
     group_size: int,
     prefix: str,
@@ -305,7 +303,7 @@ def _make_images(
     return out
 
 
-def generate_demo_data(cfg: DemoDataConfig) -> DemoData:
+def generate_demo_data(cfg: DemoDataParams) -> DemoData:
     """Draw the training set and the two held-out benchmarks, deterministically from the seed."""
     train_rng, long_rng, short_rng, shuffle_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 
-from tulip_pipelines.data.sharegpt4v import is_positive_int
-from tulip_pipelines.params import known_params
+from tulip_pipelines.params import Params, Problems
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SplitConfig:
+class SplitParams(Params):
     """``params:split``.
 
     Attributes:
@@ -28,25 +26,20 @@ class SplitConfig:
             block); ``None`` keeps them all.
     """
 
+    section = "split"
+
     val_size: int = 1000
     max_train: int | None = None
 
     def __post_init__(self) -> None:
-        if not is_positive_int(self.val_size):
-            raise ValueError(f"split.val_size must be a positive integer, got {self.val_size!r}")
-        if self.max_train is not None and not is_positive_int(self.max_train):
-            raise ValueError(
-                f"split.max_train must be a positive integer or null, got {self.max_train!r}"
-            )
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any] | None) -> "SplitConfig":
-        """Build from the ``split`` parameters; unknown keys are an error naming the key."""
-        return cls(**known_params(cls, params, "split parameter"))
+        p = Problems(self.section)
+        p.int_at_least("val_size", self.val_size, 1)
+        p.int_at_least("max_train", self.max_train, 1, optional=True)
+        p.raise_if_any()
 
 
 def split_captions(
-    captions: pd.DataFrame, config: SplitConfig
+    captions: pd.DataFrame, config: SplitParams
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(train, val)``: the first ``val_size`` rows are validation, in file order."""
     n = len(captions)

@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from tulip_pipelines.evaluation.metrics import retrieval_recall
 from tulip_pipelines.evaluation.readers import (
@@ -31,6 +30,8 @@ from tulip_pipelines.evaluation.readers import (
     read_sharegpt4v,
 )
 from tulip_pipelines.models.spec import ModelBundle
+from tulip_pipelines.params import Params, Problems, is_int
+from tulip_pipelines.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,8 @@ def _reader_options(fmt: str) -> set[str]:
     return set(inspect.signature(FORMATS[fmt]).parameters) - _SET_BY_CONFIG | extra
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 @dataclass
-class BenchmarkConfig:
+class BenchmarkParams:
     """One entry of ``evaluate.benchmarks``: ``format``, ``root`` (a folder; not for sharegpt4v),
     ``kind`` (long/short) and the reader's own options (e.g. ``karpathy_json`` for flickr30k)."""
 
@@ -76,7 +73,7 @@ class BenchmarkConfig:
                              f"known: {sorted(_reader_options(self.format))}")
 
     @classmethod
-    def from_params(cls, name: str, params: Mapping[str, Any]) -> "BenchmarkConfig":
+    def from_params(cls, name: str, params: Mapping[str, Any]) -> "BenchmarkParams":
         if not isinstance(params, Mapping) or "format" not in params:
             raise ValueError(f"evaluate.benchmarks.{name} must be a mapping with a `format`")
         own = {k: params[k] for k in ("format", "kind", "root") if k in params}
@@ -84,45 +81,40 @@ class BenchmarkConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateParams(Params):
     """``params:evaluate``.
 
     Attributes:
-        benchmarks: name -> benchmark entry (see :class:`BenchmarkConfig`).
+        benchmarks: name -> benchmark entry (see :class:`BenchmarkParams`); an entry set to null
+            (e.g. in an environment overlay) removes a benchmark that base configures.
         ks: the k of recall@k.
         batch_size: images / texts per encoding batch.
         chunk_size: queries per similarity chunk in the recall computation.
         num_workers: image-loading worker processes.
     """
 
-    benchmarks: dict[str, BenchmarkConfig] = field(default_factory=dict)
+    section = "evaluate"
+
+    benchmarks: dict[str, BenchmarkParams] = field(default_factory=dict)
     ks: tuple[int, ...] = (1, 5, 10)
     batch_size: int = 64
     chunk_size: int = 1024
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if not self.ks or not all(_positive_int(k) for k in self.ks):
-            raise ValueError(f"evaluate.ks must be a list of positive integers, got {self.ks!r}")
-        for name in ("batch_size", "chunk_size"):
-            if not _positive_int(getattr(self, name)):
-                raise ValueError(f"evaluate.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"evaluate.num_workers must be an integer >= 0, got {self.num_workers!r}")
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None) -> "EvaluateConfig":
-        """Build from ``params:evaluate``; unknown keys are an error naming the key."""
-        params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown evaluate parameter(s) {unknown}; known: {sorted(known)}")
-        entries = params.pop("benchmarks", None) or {}
-        benchmarks = {n: BenchmarkConfig.from_params(n, p) for n, p in entries.items()}
-        if "ks" in params:
-            params["ks"] = tuple(params["ks"])
-        return cls(benchmarks=benchmarks, **params)
+        self.benchmarks = {
+            name: entry if isinstance(entry, BenchmarkParams)
+            else BenchmarkParams.from_params(name, entry)
+            for name, entry in (self.benchmarks or {}).items() if entry is not None
+        }
+        self.ks = tuple(self.ks) if isinstance(self.ks, (list, tuple)) else self.ks
+        p = Problems(self.section)
+        p.check(bool(self.ks) and isinstance(self.ks, tuple) and all(is_int(k, 1) for k in self.ks),
+                "ks", f"must be a list of positive integers, got {self.ks!r}")
+        p.int_at_least("batch_size", self.batch_size, 1)
+        p.int_at_least("chunk_size", self.chunk_size, 1)
+        p.int_at_least("num_workers", self.num_workers, 0)
+        p.raise_if_any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +122,7 @@ class EvaluateConfig:
 
 
 def load_benchmarks(
-    cfg: EvaluateConfig, val_captions: pd.DataFrame | None, image_root: str | Path
+    cfg: EvaluateParams, val_captions: pd.DataFrame | None, image_root: str | Path
 ) -> dict[str, RetrievalBenchmark]:
     """Read every configured benchmark. One whose files are absent (or that has no usable pair)
     is skipped with a log line naming the path, and gets no rows in the results."""
@@ -161,7 +153,7 @@ def issues_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ISSUE_COLUMNS)
 
 
-def prepare_dci_long(cfg: EvaluateConfig) -> pd.DataFrame:
+def prepare_dci_long(cfg: EvaluateParams) -> pd.DataFrame:
     """Write ``<root>/dci_long.csv`` for each dci_long entry with ``annotations`` (the folder of
     DCI's per-image JSON files, relative to root) whose CSV does not exist yet; returns a summary."""
     rows = []
@@ -215,7 +207,7 @@ def encode_images(bundle: ModelBundle, paths: Sequence[str], batch_size: int, nu
     model = bundle.model.eval()
     loader = DataLoader(_Images(paths, bundle.preprocess), batch_size=batch_size, num_workers=num_workers)
     out = [model.encode_image(batch.to(_device(model)), normalize=True).float().cpu()
-           for batch in tqdm(loader, desc=desc, unit="batch", leave=False)]
+           for batch in track(loader, desc, "batch")]
     return torch.cat(out)
 
 
@@ -226,7 +218,7 @@ def encode_texts(
     """L2-normalised text features [n, d] with the bundle's own tokenizer (its context length)."""
     model = bundle.model.eval()
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+    for start in track(range(0, len(texts), batch_size), desc, "batch"):
         tokens = bundle.tokenizer(list(texts[start : start + batch_size]))
         length = max(int((tokens != 0).sum(dim=1).max()), 1)  # padding after EOT changes nothing
         out.append(model.encode_text(tokens[:, :length].to(_device(model)), normalize=True).float().cpu())
@@ -243,7 +235,7 @@ def image_tower_fingerprint(bundle: ModelBundle) -> str:
 
 
 def score(
-    models: Mapping[str, ModelBundle], benchmarks: Mapping[str, RetrievalBenchmark], cfg: EvaluateConfig
+    models: Mapping[str, ModelBundle], benchmarks: Mapping[str, RetrievalBenchmark], cfg: EvaluateParams
 ) -> pd.DataFrame:
     """The ``retrieval_metrics`` table: recall (percent, 0-100) per benchmark, model, direction, k."""
     fingerprints = {name: image_tower_fingerprint(b) for name, b in models.items()}

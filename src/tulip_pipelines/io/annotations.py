@@ -8,7 +8,7 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from tulip_pipelines.data.sharegpt4v import AnnotationFile
+from tulip_pipelines.data.annotations import AnnotationFile
 
 
 class ShareGPT4VAnnotationsDataset(AbstractDataset[list[dict[str, Any]], AnnotationFile]):

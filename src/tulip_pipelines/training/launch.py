@@ -6,7 +6,7 @@ whole spec and returns a ``TrainJob`` (every rank builds the same job; relative 
 against the working directory, which the ranks inherit from the caller). Run it by hand with::
 
     deepspeed --num_gpus 4 --module tulip_pipelines.training.launch --spec s.json --result-dir out
-    # several nodes: add --hostfile hosts (passwordless ssh; output_dir on a shared filesystem,
+    # several nodes: add --hostfile hosts (passwordless ssh; run_dir on a shared filesystem,
     # since rank 0 marks a checkpoint complete only after every rank wrote its shards there)
     torchrun --nproc_per_node 2 -m tulip_pipelines.training.launch --spec spec.json --result-dir out
 
@@ -38,14 +38,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from tulip_pipelines.training.engine import (
-    LogFn,
-    TrainConfig,
-    TrainResult,
-    free_port,
-    row_to_metrics,
-    train,
-)
+from tulip_pipelines.training.config import TrainParams, TrainResult
+from tulip_pipelines.training.distributed import free_port
+from tulip_pipelines.training.engine import LogFn, row_to_metrics, train
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +57,7 @@ class TrainJob(NamedTuple):
     train_dataset: Dataset
     val_dataset: Dataset | None
     collate_fn: Callable | None
-    cfg: TrainConfig
+    params: TrainParams
     ds_config: dict[str, Any]
     fingerprint: dict[str, Any] | None = None
 
@@ -86,7 +81,7 @@ def write_result(result: TrainResult, task: torch.nn.Module, result_dir: Path) -
     result_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_parquet(result_dir / "history.parquet", index=False)
     summary = {k: getattr(result, k) for k in
-               ("final_step", "resumed_from", "checkpoint_dir", "wall_time_s", "final_metrics")}
+               ("final_step", "resumed_from", "last_checkpoint", "wall_time_s", "final_metrics")}
     (result_dir / "result.json").write_text(json.dumps(summary, indent=2))
     save_model(task, str(result_dir / "model.safetensors"))
 
@@ -169,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     job = build_job(json.loads(args.spec.read_text()))
-    result = train(job.task, job.train_dataset, job.cfg, job.ds_config,
+    result = train(job.task, job.train_dataset, job.params, job.ds_config,
                    collate_fn=job.collate_fn, val_dataset=job.val_dataset,
                    fingerprint=job.fingerprint)
     if dist.get_rank() == 0:

@@ -15,6 +15,7 @@ from torch import nn
 from tulip_pipelines.training.losses import DISTILL_LOSSES, clip_loss, distill_loss
 
 TOWERS = ("image", "text", "logit_scale")
+TEACHER_INPUTS = ("tokens", "windows")
 
 
 def _tower(name: str) -> str:
@@ -78,7 +79,7 @@ class DistillTask(nn.Module):
         super().__init__()
         if loss_type not in DISTILL_LOSSES:
             raise ValueError(f"unknown loss_type {loss_type!r}; one of {DISTILL_LOSSES}")
-        if teacher_input not in ("tokens", "windows"):
+        if teacher_input not in TEACHER_INPUTS:
             raise ValueError(f"teacher_input must be 'tokens' or 'windows', got {teacher_input!r}")
         self.student = student
         self.loss_type, self.teacher_input = loss_type, teacher_input

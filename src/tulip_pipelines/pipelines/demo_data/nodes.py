@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from tulip_pipelines.data.demo import DemoDataConfig, generate_demo_data
+from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 
 
 def generate_demo(
@@ -17,7 +17,7 @@ def generate_demo(
     dict[str, Image.Image], dict[str, str], dict[str, Image.Image], str,
 ]:  # fmt: skip
     """Draw the demo dataset and its held-out benchmarks (one node: all on disk before ingest)."""
-    data = generate_demo_data(DemoDataConfig.from_params(params))
+    data = generate_demo_data(DemoDataParams.from_params(params))
     return (
         data.records,
         data.images,

@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.evaluation.evaluate import (
-    EvaluateConfig,
+    EvaluateParams,
     issues_table,
     load_benchmarks,
     prepare_dci_long,
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def build_dci_long_csv(params: dict[str, Any]) -> pd.DataFrame:
     """Write dci_long.csv from the DCI annotation JSONs where configured (a no-op otherwise)."""
-    return prepare_dci_long(EvaluateConfig.from_params(params))
+    return prepare_dci_long(EvaluateParams.from_params(params))
 
 
 def evaluate_retrieval(
@@ -41,7 +41,7 @@ def evaluate_retrieval(
     Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown) and
     ``retrieval_report_plot``; logs them to MLflow when tracking is on.
     """
-    cfg = EvaluateConfig.from_params(params)
+    cfg = EvaluateParams.from_params(params)
     benchmarks = load_benchmarks(cfg, val_captions, image_root)
     stretch = longclip_model.spec
     models = {

@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             evaluate_retrieval,
             inputs=["teacher_model", "longclip_model", "distilled_model", "expanded_model", "val_captions",
-                    "dci_long_prepared", "params:evaluate", "params:ingest.image_root"],
+                    "dci_long_prepared", "params:evaluate", "params:image_root"],
             outputs=["retrieval_metrics", "benchmark_issues", "retrieval_report", "retrieval_report_plot"],
             name="evaluate_retrieval",
             tags=["evaluate"],

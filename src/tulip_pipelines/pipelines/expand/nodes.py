@@ -7,18 +7,14 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.models import ModelBundle
-from tulip_pipelines.tracking import lineage
-from tulip_pipelines.training.stages import ExpandParams, run_stage
+from tulip_pipelines.tracking import train_stage
+from tulip_pipelines.training.stages import ExpandParams, StageInputs
 
 
 def expand(distilled_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
            params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
     """Fine-tune the distilled student contrastively on long and short captions."""
-    stage_params = ExpandParams.from_params(params, "expand")  # before touching any input
-    tags, source = lineage(distilled_model)
-    model, result, figure = run_stage(
-        "expand", stage_params, bundles={"distilled": distilled_model},
-        frames={"train": train_captions, "val": val_captions}, image_root=image_root, ds_config=ds_config,
-        extra=source, tags=tags,
-    )
-    return model, result.history, figure
+    stage_params = ExpandParams.from_params(params)  # before touching any input
+    inputs = StageInputs({"distilled": distilled_model},
+                         {"train": train_captions, "val": val_captions}, image_root)
+    return train_stage("expand", stage_params, inputs, ds_config, parent=distilled_model)

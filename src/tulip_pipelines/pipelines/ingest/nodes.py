@@ -7,17 +7,18 @@ from typing import Any
 
 import pandas as pd
 
-from tulip_pipelines.data.sharegpt4v import AnnotationFile, IngestConfig, iter_ingest_batches
+from tulip_pipelines.data.annotations import AnnotationFile
+from tulip_pipelines.data.ingest import IngestParams, iter_ingest_batches
 
 
 def ingest_annotations(
-    raw_annotations: AnnotationFile, params: dict[str, Any]
+    raw_annotations: AnnotationFile, params: dict[str, Any], image_root: str
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
     """Yield ``(captions, rejected_captions)`` batches; counts are reconciled at the end."""
-    config = IngestConfig.from_params(params)
+    config = IngestParams.from_params(params)
     yield from iter_ingest_batches(
         raw_annotations.path,
-        image_root=config.image_root,
+        image_root=image_root,
         check_images=config.check_images,
         batch_size=config.batch_size,
     )

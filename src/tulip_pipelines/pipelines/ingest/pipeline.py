@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=ingest_annotations,
-                inputs=["raw_annotations", "params:ingest"],
+                inputs=["raw_annotations", "params:ingest", "params:image_root"],
                 outputs=["captions", "rejected_captions"],
                 name="ingest_annotations",
                 tags=["ingest"],

@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             finetune_longclip,
             inputs=["teacher_model", "train_captions", "val_captions", "params:longclip", "params:expand",
-                    "params:deepspeed", "params:ingest.image_root"],
+                    "params:deepspeed", "params:image_root"],
             outputs=["longclip_model", "longclip_history", "longclip_loss_plot"],
             name="finetune_longclip",
             tags=["longclip"],

@@ -6,15 +6,14 @@ from typing import Any
 
 import pandas as pd
 
-from tulip_pipelines.training.stages import TeacherParams, run_stage
+from tulip_pipelines.tracking import train_stage
+from tulip_pipelines.training.stages import StageInputs, TeacherParams
 
 
-def train_teacher(train_captions: pd.DataFrame, val_captions: pd.DataFrame, shuffled_captions: pd.DataFrame,
-                  params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
+def train_teacher(train_captions: pd.DataFrame, val_captions: pd.DataFrame,
+                  shuffled_captions: pd.DataFrame, params: dict[str, Any],
+                  ds_config: dict[str, Any], image_root: str):
     """Train a CLIP from scratch (77-token absolute positions) on sentence-shuffled captions."""
-    model, result, figure = run_stage(
-        "teacher", TeacherParams.from_params(params, "teacher"), bundles={},
-        frames={"train": train_captions, "val": val_captions, "shuffled": shuffled_captions},
-        image_root=image_root, ds_config=ds_config,
-    )
-    return model, result.history, figure
+    inputs = StageInputs({}, {"train": train_captions, "val": val_captions,
+                              "shuffled": shuffled_captions}, image_root)
+    return train_stage("teacher", TeacherParams.from_params(params), inputs, ds_config)

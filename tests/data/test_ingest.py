@@ -9,15 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tulip_pipelines.data.sharegpt4v import (
-    AnnotationFile,
-    AnnotationFormatError,
-    IngestConfig,
+from tulip_pipelines.data.annotations import AnnotationFile, AnnotationFormatError, iter_records
+from tulip_pipelines.data.ingest import (
+    IngestParams,
     IngestStats,
     Reason,
     check_image_path,
     iter_ingest_batches,
-    iter_records,
     validate_record,
 )
 
@@ -254,16 +252,14 @@ def test_top_level_value_must_be_an_array(tmp_path, content, found):
     assert str(path) in str(err.value) and found in str(err.value)
 
 
-def test_ingest_config_validation():
-    assert IngestConfig.from_params({"image_root": "x"}).batch_size == 50_000
+def test_ingest_params_validation():
+    assert IngestParams.from_params({}).batch_size == 50_000
     with pytest.raises(ValueError, match="check_image"):
-        IngestConfig.from_params({"image_root": "x", "check_image": False})
-    with pytest.raises(ValueError, match="image_root"):
-        IngestConfig.from_params({})
+        IngestParams.from_params({"check_image": False})
     with pytest.raises(ValueError, match="batch_size"):
-        IngestConfig.from_params({"image_root": "x", "batch_size": 0})
+        IngestParams.from_params({"batch_size": 0})
     with pytest.raises(ValueError, match="check_images"):
-        IngestConfig.from_params({"image_root": "x", "check_images": "no"})
+        IngestParams.from_params({"check_images": "no"})
 
 
 def test_missing_image_root_is_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Kedro datasets for model checkpoints."""
+"""Kedro datasets for models: exported model directories and pretrained teachers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from kedro.io import AbstractDataset
 from tulip_pipelines.models.spec import ModelBundle
 
 
-class ModelCheckpointDataset(AbstractDataset[ModelBundle, ModelBundle]):
-    """A model checkpoint directory (``model.safetensors`` + ``config.json``).
+class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
+    """An exported model directory (``model.safetensors`` + ``config.json``).
 
     ``load`` returns a :class:`~tulip_pipelines.models.spec.ModelBundle`; ``save`` writes one.
     """

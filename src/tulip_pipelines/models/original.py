@@ -1,82 +1,20 @@
-"""Checkpoints: a directory with ``model.safetensors`` and ``config.json`` (a :class:`ModelSpec`),
-plus the published TULIP ``epoch_N.pt`` files."""
+"""The TULIP authors' own checkpoints (``epoch_N.pt``), loaded ``weights_only``."""
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from tulip_pipelines.models.clip import (
-    build_architecture,
-    build_student,
-    bundle,
-    create_teacher,
-    load_weights_file,
-    teacher_architecture,
-)
+from tulip_pipelines.models.clip import bundle, create_teacher
+from tulip_pipelines.models.files import build_architecture
+from tulip_pipelines.models.pretrained import load_weights_file, teacher_architecture
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
+from tulip_pipelines.models.student import build_student
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 # Keys that only the text tower of an original stage-1 (distillation) checkpoint holds.
 TEXT_PREFIXES = ("token_embedding.", "transformer.", "ln_final.", "text_projection")
-
-
-def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
-    """Write ``path/`` atomically: a temporary sibling directory renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        weights = model_bundle.model.state_dict()
-        state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        save_file(state, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(model_bundle.spec.to_dict(), indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> ModelBundle:
-    """Load a checkpoint directory written by :func:`save_model`, or an original TULIP file
-    (``original_kwargs`` such as ``teacher="ViT-L-14"``, ``pretrained=...`` go to
-    :func:`load_original_checkpoint`)."""
-    path = Path(path)
-    if path.is_file():
-        return _to(load_original_checkpoint(path, **original_kwargs), device)
-    if original_kwargs:
-        raise TypeError(f"{sorted(original_kwargs)} only apply to original TULIP files, not to {path}")
-    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: expected {path / CONFIG} and {path / WEIGHTS} "
-            "(written by tulip_pipelines.models.save_model) or a TULIP epoch_N.pt file"
-        )
-    spec = ModelSpec.from_dict(json.loads((path / CONFIG).read_text()))
-    model = build_architecture(spec)
-    model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
-    return _to(bundle(model, spec), device)
-
-
-def load_model(path: str | Path, device: str = "cpu", **original_kwargs):
-    """One call: ``(model, preprocess, tokenizer)`` from a checkpoint directory or epoch_N.pt
-    (for a stage-1 file name its teacher: ``load_model(p, teacher="ViT-L-14",
-    pretrained="openai")``)."""
-    return load_bundle(path, device, **original_kwargs).as_tuple()
-
-
-def _to(model_bundle: ModelBundle, device: str) -> ModelBundle:
-    model_bundle.model.to(device)
-    return model_bundle
 
 
 def load_original_checkpoint(

@@ -1,16 +1,5 @@
-"""ShareGPT4V annotations: a streaming reader and record validation (no Kedro).
-
-The annotation file (``share-captioner_coco_lcs_sam_1246k_1107.json``, 1.25M records, ~1.5 GB) is
-one JSON array of records shaped like::
-
-    {"id": "000000000009", "image": "coco/train2017/000000000009.jpg",
-     "conversations": [{"from": "human", "value": "<image>\\n..."},
-                       {"from": "gpt", "value": "CAPTION"}]}
-
-It is parsed as a stream (ijson, C backend when available, through a reader that counts bytes so
-that a syntax error is reported with its byte offset), validated record by record and emitted in
-fixed-schema batches, so memory stays bounded whatever the file size; the
-only state that grows with the input is the id -> index map used to reject duplicate ids.
+"""Ingest: ShareGPT4V records validated one by one into the ``captions`` table, unusable ones
+into the ``rejected_captions`` quarantine table with a reason (no Kedro).
 
 Decisions:
     * caption = the first ``gpt`` turn's value, stripped of surrounding whitespace;
@@ -20,6 +9,9 @@ Decisions:
       is kept as its decimal string; any other id type is rejected;
     * only kept records claim an id: a later record with the same id is rejected as a duplicate
       (the detail names the kept record's index), a rejected record never shadows a good one.
+
+Records are emitted in fixed-schema batches, so memory stays bounded whatever the file size; the
+only state that grows with the input is the id -> index map used to reject duplicate ids.
 """
 
 from __future__ import annotations
@@ -32,28 +24,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import ijson
 import pandas as pd
 import pyarrow as pa
-from tqdm.auto import tqdm
-from tulip_pipelines.params import known_params
+
+from tulip_pipelines.data.annotations import iter_records
+from tulip_pipelines.params import Params, Problems
 
 logger = logging.getLogger(__name__)
-
-
-def _fastest_backend() -> Any:
-    """ijson's C backend when it is built, else ijson's default."""
-    try:
-        return ijson.get_backend("yajl2_c")
-    except ImportError:
-        return ijson
-
-
-_BACKEND = _fastest_backend()
-_READ_SIZE = 1 << 20  # bytes fed to the parser at a time
-_JSON_WHITESPACE = b" \t\r\n"
 
 _STR = pa.string()
 CAPTIONS_SCHEMA = pa.schema(
@@ -76,54 +55,30 @@ class Reason(str, Enum):
     DUPLICATE_ID = "duplicate_id"
 
 
-def is_positive_int(value: Any) -> bool:
-    """True for an ``int`` (not a ``bool``) >= 1."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-class AnnotationFormatError(ValueError):
-    """The annotation file is not a JSON array (names the file and byte offset)."""
-
-
 class CountMismatchError(RuntimeError):
     """Records read differ from records kept plus records rejected."""
 
 
 @dataclass(frozen=True)
-class IngestConfig:
+class IngestParams(Params):
     """``params:ingest``.
 
     Attributes:
-        image_root: folder the records' ``image`` paths are relative to (relative to the working
-            directory, i.e. the project root under ``kedro run``).
         check_images: reject records whose image file is missing (one ``stat`` per record: turn
             it off for 1.2M-record runs on slow disks).
         batch_size: records per Parquet part written.
     """
 
-    image_root: str
+    section = "ingest"
+
     check_images: bool = True
     batch_size: int = 50_000
 
     def __post_init__(self) -> None:
-        if not isinstance(self.image_root, str) or not self.image_root:
-            raise ValueError(f"ingest.image_root must be a non-empty path, got {self.image_root!r}")
-        if not isinstance(self.check_images, bool):
-            raise ValueError(
-                f"ingest.check_images must be true or false, got {self.check_images!r}"
-            )
-        if not is_positive_int(self.batch_size):
-            raise ValueError(
-                f"ingest.batch_size must be a positive integer, got {self.batch_size!r}"
-            )
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any] | None) -> "IngestConfig":
-        """Build from the ``ingest`` parameters; unknown keys are an error naming the key."""
-        params = known_params(cls, params, "ingest parameter")
-        if "image_root" not in params:
-            raise ValueError("ingest.image_root is required")
-        return cls(**params)
+        p = Problems(self.section)
+        p.boolean("check_images", self.check_images)
+        p.int_at_least("batch_size", self.batch_size, 1)
+        p.raise_if_any()
 
 
 @dataclass(frozen=True)
@@ -142,121 +97,6 @@ class CaptionRow:
     image: str
     caption: str
     source: str
-
-
-@dataclass(frozen=True)
-class AnnotationFile:
-    """Handle on a ShareGPT4V annotation file; iterating streams ``(index, record)`` pairs."""
-
-    path: Path
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        return iter_records(self.path)
-
-
-def iter_records(path: str | os.PathLike, progress: bool = False) -> Iterator[tuple[int, Any]]:
-    """Stream the records of the top-level JSON array in ``path`` as ``(index, record)``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        AnnotationFormatError: the file is empty, its top-level value is not an array, or it is
-            not valid JSON; the message names the file, the byte offset and the last good record.
-    """
-    path = Path(path)
-    index = 0
-    with path.open("rb") as f, tqdm(
-        total=path.stat().st_size,
-        unit="B",
-        unit_scale=True,
-        desc=f"read {path.name}",
-        disable=None if progress else True,
-    ) as bar:
-        _check_array_start(path, f)
-        reader = _CountingReader(f, bar)
-        try:
-            for record in _BACKEND.items(reader, "item", buf_size=_READ_SIZE):
-                yield index, record
-                index += 1
-        except (ijson.JSONError, ValueError) as err:  # ValueError: pure-Python backend
-            raise _located_error(path, reader.n_read - reader.last_read, index, err) from None
-
-
-class _CountingReader:
-    """File wrapper that counts the bytes handed to the parser (to locate parse errors)."""
-
-    def __init__(self, f: BinaryIO, bar: tqdm) -> None:
-        self._f = f
-        self._bar = bar
-        self.n_read = 0
-        self.last_read = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
-        self.n_read += len(data)
-        self.last_read = len(data)
-        self._bar.update(len(data))
-        return data
-
-
-class _NullSink:
-    """Discards parser events (used only to locate an error)."""
-
-    def send(self, _event: Any) -> None:
-        return None
-
-
-def _check_array_start(path: Path, f: BinaryIO) -> None:
-    """Fail unless the first non-whitespace byte of ``f`` opens an array; rewinds ``f``."""
-    offset = 0
-    while chunk := f.read(1 << 16):
-        stripped = chunk.lstrip(_JSON_WHITESPACE)
-        if stripped:
-            if stripped[:1] != b"[":
-                found = stripped[:20].decode("utf-8", "replace")
-                raise AnnotationFormatError(
-                    f"{path}: expected a JSON array of records ('[') at byte offset "
-                    f"{offset + len(chunk) - len(stripped)}, found {found!r}"
-                )
-            f.seek(0)
-            return
-        offset += len(chunk)
-    raise AnnotationFormatError(
-        f"{path}: empty file (no JSON value up to byte offset {offset}), "
-        "expected an array of records"
-    )
-
-
-def _located_error(
-    path: Path, chunk_start: int, n_good: int, err: Exception
-) -> AnnotationFormatError:
-    """Wrap a parser error with the exact byte offset, found by re-parsing up to the bad chunk."""
-    at = _error_offset(path, chunk_start)
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return AnnotationFormatError(
-        f"{path}: invalid JSON at byte offset {at} (after {n_good} complete records): {reason}"
-    )
-
-
-def _error_offset(path: Path, chunk_start: int) -> int:
-    """Byte offset of the first byte the parser rejects (the file size for a truncated file).
-
-    Bytes before ``chunk_start`` parsed without error in the main pass; they are fed again in
-    large chunks, then the failing chunk one byte at a time. Only runs on the error path.
-    """
-    parser = _BACKEND.basic_parse_coro(_NullSink())
-    with path.open("rb") as f:
-        remaining = chunk_start
-        while remaining > 0:
-            chunk = f.read(min(_READ_SIZE, remaining))
-            parser.send(chunk)
-            remaining -= len(chunk)
-        chunk = f.read(_READ_SIZE)
-    for i in range(len(chunk)):
-        try:
-            parser.send(chunk[i : i + 1])
-        except (ijson.JSONError, ValueError):
-            return chunk_start + i
-    return chunk_start + len(chunk)
 
 
 def check_image_path(image: str) -> str | None:
@@ -402,13 +242,13 @@ def iter_ingest_batches(
     """
     root = Path(image_root).resolve() if check_images else Path(image_root)
     if check_images and not root.is_dir():
-        raise FileNotFoundError(f"image root {root} is not a directory (ingest.image_root)")
+        raise FileNotFoundError(f"image root {root} is not a directory (image_root, parameters.yml)")
     stats = stats if stats is not None else IngestStats()
     seen_ids: dict[str, int] = {}
     kept: list[CaptionRow] = []
     rejected: list[tuple[int, str | None, Rejection]] = []
     n_yielded = 0
-    for index, record in iter_records(path, progress=True):
+    for index, record in iter_records(path, show_progress=True):
         stats.n_in += 1
         row, rejection = validate_record(index, record, root, check_images, seen_ids)
         if row is not None:

@@ -1,0 +1,32 @@
+"""open_clip model configs: this package's own (``TULIP-Tiny``) and looking names up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def register_tiny_configs() -> list[str]:
+    """Register this package's open_clip configs (``TULIP-Tiny``); idempotent."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    if any(n not in open_clip.list_models() for n in names):
+        open_clip.add_model_config(CONFIG_DIR)
+    return names
+
+
+def check_model_name(model_name: str) -> None:
+    register_tiny_configs()
+    if model_name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}; known include "
+            f"{[m for m in open_clip.list_models() if m.startswith(('ViT-B', 'ViT-L', 'TULIP'))][:12]}"
+        )
+
+
+def teacher_context_length(model_name: str) -> int:
+    """The text context of open_clip's ``model_name`` config (77 for CLIP)."""
+    register_tiny_configs()
+    return open_clip.get_model_config(model_name)["text_cfg"].get("context_length", 77)

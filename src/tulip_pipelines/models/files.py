@@ -1,0 +1,91 @@
+"""Model files: an exported model is a directory with ``model.safetensors`` and ``config.json``
+(a :class:`ModelSpec`). :func:`load_bundle` also reads the TULIP authors' ``epoch_N.pt``
+checkpoints (:mod:`.original`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tulip_pipelines.models.clip import bundle, new_clip, set_text_activation
+from tulip_pipelines.models.configs import check_model_name
+from tulip_pipelines.models.longclip import stretch_position_embedding
+from tulip_pipelines.models.spec import ModelBundle, ModelSpec
+from tulip_pipelines.models.student import to_rope
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
+    """Write ``path/`` atomically: a temporary sibling directory renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weights = model_bundle.model.state_dict()
+        state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(model_bundle.spec.to_dict(), indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> ModelBundle:
+    """Load a checkpoint directory written by :func:`save_model`, or an original TULIP file
+    (``original_kwargs`` such as ``teacher="ViT-L-14"``, ``pretrained=...`` go to
+    :func:`load_original_checkpoint`)."""
+    path = Path(path)
+    if path.is_file():
+        from tulip_pipelines.models.original import load_original_checkpoint
+
+        return _to(load_original_checkpoint(path, **original_kwargs), device)
+    if original_kwargs:
+        raise TypeError(f"{sorted(original_kwargs)} only apply to original TULIP files, not to {path}")
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"no model at {path}: expected {path / CONFIG} and {path / WEIGHTS} "
+            "(written by tulip_pipelines.models.save_model) or a TULIP epoch_N.pt file"
+        )
+    spec = ModelSpec.from_dict(json.loads((path / CONFIG).read_text()))
+    model = build_architecture(spec)
+    model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+    return _to(bundle(model, spec), device)
+
+
+def load_model(path: str | Path, device: str = "cpu", **original_kwargs):
+    """One call: ``(model, preprocess, tokenizer)`` from a checkpoint directory or epoch_N.pt
+    (for a stage-1 file name its teacher: ``load_model(p, teacher="ViT-L-14",
+    pretrained="openai")``)."""
+    return load_bundle(path, device, **original_kwargs).as_tuple()
+
+
+def _to(model_bundle: ModelBundle, device: str) -> ModelBundle:
+    model_bundle.model.to(device)
+    return model_bundle
+
+
+def build_architecture(spec: ModelSpec) -> nn.Module:
+    """A randomly initialised model of the architecture ``spec`` describes (for loading weights)."""
+    check_model_name(spec.model_name)
+    model = new_clip(spec.model_name)
+    set_text_activation(model, spec.activation)
+    if spec.kind == "rope":
+        return to_rope(model, spec.context_length, spec.rope_theta)
+    if spec.context_length != model.context_length:
+        base_spec = ModelSpec(spec.model_name, context_length=model.context_length)
+        base = ModelBundle(model, base_spec, None, None)
+        return stretch_position_embedding(base, spec.context_length).model
+    return model

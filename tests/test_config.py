@@ -1,0 +1,63 @@
+"""Every environment's parameters, loaded through the project's real config loader, pass the same
+checks the fail-fast hook runs; overlays are deltas that merge into base."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kedro.config import OmegaConfigLoader
+
+from tulip_pipelines import settings
+from tulip_pipelines.config_checks import check_parameters, params_classes
+from tulip_pipelines.pipeline_registry import DEFAULT_ORDER
+
+ENVIRONMENTS = ["base", "sharegpt4v"]
+
+
+def _parameters(project_root: Path, env: str) -> dict:
+    loader = OmegaConfigLoader(conf_source=str(project_root / "conf"), env=env,
+                               **{k: v for k, v in settings.CONFIG_LOADER_ARGS.items()
+                                  if k != "default_run_env"})
+    return loader["parameters"]
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_every_environment_passes_the_parameter_checks(project_root, env):
+    params = _parameters(project_root, env)
+    assert set(DEFAULT_ORDER) - {"demo_data"} <= set(params_classes())
+    assert check_parameters(params, DEFAULT_ORDER, shared={"image_root"}) == []
+
+
+def test_overlays_merge_into_base_and_restate_nothing(project_root):
+    base = _parameters(project_root, "base")
+    real = _parameters(project_root, "sharegpt4v")
+    # a key that only base sets reaches the real-scale environment
+    assert real["distill"]["loss_type"] == base["distill"]["loss_type"]
+    assert real["distill"]["train"]["lr"] == base["distill"]["train"]["lr"]
+    assert real["distill"]["train"]["batch_size"] == 20  # and the overlay's own value wins
+    # null removes base's demo benchmarks
+    assert not {"urban1k_demo", "flickr30k_demo", "sharegpt4v_val"} & set(
+        name for name, entry in real["evaluate"]["benchmarks"].items() if entry is not None)
+
+    def leaves(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    base_leaves = dict(leaves(base))
+    for path in sorted((project_root / "conf" / "sharegpt4v").glob("parameters*.yml")):
+        overlay = yaml.safe_load(path.read_text()) or {}
+        restated = [k for k, v in leaves(overlay) if k in base_leaves and base_leaves[k] == v]
+        assert not restated, f"{path.name} restates base values: {restated}"
+
+
+def test_a_mistake_is_named_with_its_file(project_root):
+    params = _parameters(project_root, "base")
+    params["distill"]["loss_type"] = "kl"
+    params["expand"]["train"]["lr"] = -1
+    problems = check_parameters(params, ["distill", "expand"], shared={"image_root"})
+    assert len(problems) == 2
+    assert "parameters_distill.yml" in problems[0] and "loss_type" in problems[0]
+    assert "parameters_expand.yml" in problems[1] and "lr" in problems[1]
