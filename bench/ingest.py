@@ -71,7 +71,7 @@ def write_annotations(path: Path, n: int, seed: int = 0) -> None:
 
 def run_streaming(annotations: Path, out: Path) -> tuple[int, int]:
     """The ingest node's path: streamed batches appended as Parquet parts."""
-    from tulip_pipelines.data.sharegpt4v import iter_ingest_batches
+    from tulip_pipelines.data.ingest import iter_ingest_batches
     from tulip_pipelines.io.parquet import ParquetPartsDataset
 
     kept_ds = ParquetPartsDataset(str(out / "captions"))
@@ -87,7 +87,7 @@ def run_streaming(annotations: Path, out: Path) -> tuple[int, int]:
 
 def run_naive(annotations: Path, out: Path) -> tuple[int, int]:
     """Load everything with ``json.load``, validate, build DataFrames, write one Parquet each."""
-    from tulip_pipelines.data.sharegpt4v import captions_frame, rejected_frame, validate_record
+    from tulip_pipelines.data.ingest import captions_frame, rejected_frame, validate_record
 
     with annotations.open("rb") as f:
         records = json.load(f)

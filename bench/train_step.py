@@ -29,15 +29,17 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from tulip_pipelines.data.demo import DemoDataConfig, generate_demo_data  # noqa: E402
+from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data  # noqa: E402
 from tulip_pipelines.models import build_student, create_teacher  # noqa: E402
 from tulip_pipelines.training.data import CaptionImageDataset, Collate  # noqa: E402
-from tulip_pipelines.training.engine import (  # noqa: E402
-    TrainConfig,
+from tulip_pipelines.training.batches import to_device  # noqa: E402
+from tulip_pipelines.training.config import TrainParams  # noqa: E402
+from tulip_pipelines.training.deepspeed_setup import (  # noqa: E402
     compute_dtype,
     initialize_engine,
-    to_device,
+    prepare_ds_config,
 )
+from tulip_pipelines.training.distributed import init_distributed  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -45,7 +47,7 @@ PHASES = ("data", "forward", "backward", "optimizer")
 
 def demo_dataset(root: Path, n: int, preprocess) -> CaptionImageDataset:
     """``n`` demo images on disk with their long captions, read the way training reads them."""
-    demo = generate_demo_data(DemoDataConfig(n_groups=max(2, n // 4), n_benchmark_groups=0,
+    demo = generate_demo_data(DemoDataParams(n_groups=max(2, n // 4), n_benchmark_groups=0,
                                              n_short_benchmark_images=0))
     for key, image in demo.images.items():
         (root / key).parent.mkdir(parents=True, exist_ok=True)
@@ -59,11 +61,12 @@ def demo_dataset(root: Path, n: int, preprocess) -> CaptionImageDataset:
 def time_steps(task: torch.nn.Module, dataset: Dataset, collate: Collate,
                args: argparse.Namespace, out_dir: str) -> dict[str, float]:
     """Median seconds per phase over ``args.steps`` optimizer steps after ``args.warmup``."""
-    cfg = TrainConfig(run_name="bench", output_dir=out_dir, max_steps=args.steps + args.warmup,
-                      batch_size=args.batch_size, lr=1e-4, num_workers=args.num_workers)
+    params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
+                         batch_size=args.batch_size, lr=1e-4, num_workers=args.num_workers)
     ds_config = {"zero_optimization": {"stage": args.zero_stage},
                  "bf16": {"enabled": args.bf16}, "gradient_clipping": 1.0}
-    engine = initialize_engine(task, cfg, ds_config)
+    _, world_size = init_distributed()
+    engine, _ = initialize_engine(task, params, prepare_ds_config(ds_config, params, world_size))
     dtype = compute_dtype(engine)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         collate_fn=collate, num_workers=args.num_workers,
