@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # DeepSpeed picks its accelerator by probing; on a machine without a GPU tell it plainly.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: install run test test-fast viz bench clean-data
+.PHONY: install run test test-fast lint viz bench clean-data
 
 install: $(STAMP)
 
@@ -25,11 +25,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/kedro run $(ARGS)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 viz: $(STAMP)
 	$(BIN)/kedro viz build

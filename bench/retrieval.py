@@ -42,7 +42,12 @@ def child(method: str, data: Path, chunk_size: int) -> None:
     else:
         out = retrieval_recall_full_sort(images, texts, t2i)
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_mb": _peak_mb() - base, "i2t": out["i2t"], "t2i": out["t2i"]}
+    result = {
+        "seconds": seconds,
+        "peak_mb": _peak_mb() - base,
+        "i2t": out["i2t"],
+        "t2i": out["t2i"],
+    }
     print(json.dumps(result))
 
 
@@ -69,16 +74,29 @@ def main() -> None:
         results = {}
         for method in ("chunked", "full_argsort"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--chunk-size", str(args.chunk_size), "--child", method, tmp],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--chunk-size",
+                    str(args.chunk_size),
+                    "--child",
+                    method,
+                    tmp,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             )
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             r = results[method]
             print(f"{method:>13}: {r['seconds']:8.2f} s   peak memory +{r['peak_mb']:8.1f} MB")
     chunked, full = results["chunked"], results["full_argsort"]
     same = chunked["i2t"] == full["i2t"] and chunked["t2i"] == full["t2i"]
-    print(f"speed-up {full['seconds'] / chunked['seconds']:.1f}x; "
-          f"memory {full['peak_mb'] / max(chunked['peak_mb'], 1e-9):.1f}x less; identical recalls: {same}")
+    print(
+        f"speed-up {full['seconds'] / chunked['seconds']:.1f}x; "
+        f"memory {full['peak_mb'] / max(chunked['peak_mb'], 1e-9):.1f}x less; "
+        f"identical recalls: {same}"
+    )
     print("recall (%):", json.dumps({"i2t": chunked["i2t"], "t2i": chunked["t2i"]}))
 
 

@@ -50,7 +50,10 @@ def text_step(model: torch.nn.Module, tokens: torch.Tensor) -> float:
 def clip_step(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> float:
     """Seconds for one forward+backward pass of the whole CLIP with the symmetric CLIP loss."""
     start = time.perf_counter()
-    image, text = model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+    image, text = (
+        model.encode_image(images, normalize=True),
+        model.encode_text(tokens, normalize=True),
+    )
     logits = model.logit_scale.exp() * image @ text.T
     labels = torch.arange(len(tokens))
     ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).backward()
@@ -85,7 +88,9 @@ def bench_text_tower(model_name: str, batch: int, steps: int) -> None:
     for kind in ("absolute", "rope"):
         print(f"{model_name:<11} {f'{width}x{layers}':>6} {kind:<9} {batch:>5} "
               f"{median[kind]:>8.3f} {batch * CONTEXT / median[kind]:>10.0f}")
-    print(f"{model_name:<11} RoPE overhead: {100 * (median['rope'] / median['absolute'] - 1):+.1f}%")
+    print(
+        f"{model_name:<11} RoPE overhead: {100 * (median['rope'] / median['absolute'] - 1):+.1f}%"
+    )
 
 
 def bench_tiny_clip(batch: int, steps: int) -> None:
@@ -108,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["ViT-B-16", "TULIP-Tiny"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: per model size")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per tower (after 1 warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=3, help="timed steps per tower (after 1 warm-up)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clip-batch-size", type=int, default=128)
     parser.add_argument("--no-clip-step", action="store_true", help="skip the whole-CLIP table")

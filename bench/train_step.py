@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data  # noqa: E402
 from tulip_pipelines.models import build_student, create_teacher  # noqa: E402
-from tulip_pipelines.training.data import CaptionImageDataset, Collate  # noqa: E402
 from tulip_pipelines.training.batches import to_device  # noqa: E402
 from tulip_pipelines.training.config import TrainParams  # noqa: E402
+from tulip_pipelines.training.data import CaptionImageDataset, Collate  # noqa: E402
 from tulip_pipelines.training.deepspeed_setup import (  # noqa: E402
     compute_dtype,
     initialize_engine,

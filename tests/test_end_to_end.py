@@ -26,9 +26,14 @@ def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(project_co
     assert list(metrics.columns) == ["benchmark", "model", "direction", "k", "recall", "n_queries"]
     assert set(metrics["model"]) == {"teacher", "longclip_stretched", "longclip_finetuned",
                                      "tulip_distilled", "tulip_expanded"}
-    r1 = metrics[(metrics["benchmark"] == "urban1k_demo") & (metrics["k"] == 1)].set_index(["model", "direction"])["recall"]
+    r1 = metrics[(metrics["benchmark"] == "urban1k_demo") & (metrics["k"] == 1)].set_index(
+        ["model", "direction"]
+    )["recall"]
     for direction in ("i2t", "t2i"):
         gain = r1["tulip_expanded", direction] - r1["teacher", direction]
-        assert gain >= 25, f"{direction}: expanded {r1['tulip_expanded', direction]:.1f} vs teacher {r1['teacher', direction]:.1f}"
+        assert gain >= 25, (
+            f"{direction}: expanded {r1['tulip_expanded', direction]:.1f} "
+            f"vs teacher {r1['teacher', direction]:.1f}"
+        )
     assert (project / "data/08_reporting/retrieval_report.png").stat().st_size > 0
     assert "urban1k_demo" in (project / "data/08_reporting/retrieval_report.md").read_text()

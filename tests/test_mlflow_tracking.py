@@ -15,7 +15,14 @@ from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
 from tulip_pipelines.tracking import flatten, lineage, stage_run
 
-TRAIN = {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "log_every": 1, "val_every": 0, "checkpoint_every": 0}
+TRAIN = {
+    "max_steps": 3,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "log_every": 1,
+    "val_every": 0,
+    "checkpoint_every": 0,
+}
 
 
 @pytest.fixture
@@ -39,8 +46,14 @@ def captions(tmp_path):
 
 
 def test_flatten_nests_keys_and_truncates_long_values():
-    flat = flatten({"expand": {"train": {"lr": 1e-5}, "towers": ["image", "text"]}, "note": "x" * 300})
-    assert flat == {"expand.train.lr": "1e-05", "expand.towers": "['image', 'text']", "note": "x" * 250}
+    flat = flatten(
+        {"expand": {"train": {"lr": 1e-5}, "towers": ["image", "text"]}, "note": "x" * 300}
+    )
+    assert flat == {
+        "expand.train.lr": "1e-05",
+        "expand.towers": "['image', 'text']",
+        "note": "x" * 250,
+    }
 
 
 def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
@@ -75,7 +88,9 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
                                       str(tmp_path))
 
     runs = mlflow.search_runs(search_all_experiments=True)
-    by_stage = {r["tags.tulip.stage"]: r for _, r in runs.dropna(subset=["tags.tulip.stage"]).iterrows()}
+    by_stage = {
+        r["tags.tulip.stage"]: r for _, r in runs.dropna(subset=["tags.tulip.stage"]).iterrows()
+    }
     assert set(by_stage) == {"distill", "expand"}
     dist, exp = by_stage["distill"], by_stage["expand"]
     assert dist["tags.mlflow.parentRunId"] == exp["tags.mlflow.parentRunId"] == parent.info.run_id
@@ -91,10 +106,14 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
 
     # flattened parameters and the DeepSpeed config
     assert dist["params.distill.loss_type"] == "mse"
-    assert exp["params.expand.long_weight"] == "0.8" and exp["params.expand.train.batch_size"] == "4"
+    assert (
+        exp["params.expand.long_weight"] == "0.8" and exp["params.expand.train.batch_size"] == "4"
+    )
     assert exp["params.deepspeed.zero_optimization.stage"] == "0"
     client = mlflow.MlflowClient()
-    ds_path = client.download_artifacts(exp["run_id"], "deepspeed_config.json", str(tmp_path / "dl"))
+    ds_path = client.download_artifacts(
+        exp["run_id"], "deepspeed_config.json", str(tmp_path / "dl")
+    )
     with open(ds_path) as f:
         assert json.load(f) == DS_FP32
 
@@ -111,7 +130,9 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     assert {"model", "expand_loss.png", "deepspeed_config.json"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(exp["run_id"], "model")}
     assert {"model/model.safetensors", "model/config.json"} <= model_files
-    config_path = client.download_artifacts(exp["run_id"], "model/config.json", str(tmp_path / "dl"))
+    config_path = client.download_artifacts(
+        exp["run_id"], "model/config.json", str(tmp_path / "dl")
+    )
     with open(config_path) as f:
         config = json.load(f)
     assert config["kind"] == "rope" and config["extra"]["mlflow_run_id"] == exp["run_id"]

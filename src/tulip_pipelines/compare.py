@@ -1,4 +1,4 @@
-"""Compare MLflow runs of this project: ``tulip-compare`` (or ``python -m tulip_pipelines.compare``).
+"""Compare MLflow runs of this project: ``tulip-compare`` (``python -m tulip_pipelines.compare``).
 
 Reads runs from the tracking store with :func:`mlflow.search_runs` and writes, for the selected
 runs, one table with the parameters that differ between them, their final losses and every recall
@@ -31,7 +31,8 @@ class Comparison:
 
 
 def search_runs(tracking_uri: str, experiment: str, max_runs: int, run_name: str | None = None):
-    """Runs of ``experiment`` newest first (optionally only those whose name contains ``run_name``)."""
+    """Runs of ``experiment``, newest first (only those whose name contains ``run_name``, if
+    given)."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)

@@ -9,7 +9,9 @@ from tulip_pipelines.evaluation.metrics import retrieval_recall, retrieval_recal
 
 def test_hand_made_single_caption():
     images = torch.eye(3)
-    texts = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # text 1 is image 2's, text 2 image 1's
+    texts = torch.tensor(
+        [[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]]
+    )  # text 1 is image 2's, text 2 image 1's
     out = retrieval_recall(images, texts, [0, 2, 1], ks=(1,))
     assert out["i2t"][1] == 100.0 and out["t2i"][1] == 100.0
     wrong = retrieval_recall(images, texts, [0, 1, 2], ks=(1, 2))

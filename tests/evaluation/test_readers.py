@@ -51,7 +51,9 @@ def test_urban1k_pairs_by_stem_in_sorted_order(tmp_path):
         "caption/z.txt": IssueReason.CAPTION_WITHOUT_IMAGE,
     }
     frame = bench.issues_frame()
-    assert list(frame.columns) == ["benchmark", "item", "reason", "detail"] and set(frame["benchmark"]) == {"u"}
+    assert list(frame.columns) == ["benchmark", "item", "reason", "detail"] and set(
+        frame["benchmark"]
+    ) == {"u"}
 
 
 def test_missing_benchmark_names_the_path(tmp_path):
@@ -85,7 +87,11 @@ def test_flickr30k_several_captions_per_image_and_issues(tmp_path):
     _write_flickr(tmp_path)
     bench = read_flickr30k(tmp_path, kind="short")
     assert [Path(p).name for p in bench.image_paths] == ["1.jpg", "2.jpg"]
-    assert bench.texts == ["A dog runs .", "A brown dog | with a pipe in the text .", "Two people ."]
+    assert bench.texts == [
+        "A dog runs .",
+        "A brown dog | with a pipe in the text .",
+        "Two people .",
+    ]
     assert bench.text_to_image.tolist() == [0, 0, 1]
     assert _reasons(bench) == {
         "results.csv line 5": IssueReason.EMPTY_CAPTION,
@@ -100,18 +106,28 @@ def test_flickr30k_karpathy_test_split(tmp_path):
                         {"filename": "2.jpg", "split": "test", "sentences": []}]}
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(split))
     bench = read_flickr30k(tmp_path, karpathy_json="dataset_flickr30k.json")
-    assert [Path(p).name for p in bench.image_paths] == ["2.jpg"] and bench.texts == ["Two people ."]
+    assert [Path(p).name for p in bench.image_paths] == ["2.jpg"] and bench.texts == [
+        "Two people ."
+    ]
 
 
 def test_coco_first_five_captions_in_annotation_order(tmp_path):
     _image(tmp_path / "val2017" / "000000000001.jpg")
     _image(tmp_path / "val2017" / "000000000002.jpg")
     data = {
-        "images": [{"id": 2, "file_name": "000000000002.jpg"}, {"id": 1, "file_name": "000000000001.jpg"},
-                   {"id": 3, "file_name": "000000000003.jpg"}, {"id": 4, "file_name": "000000000004.jpg"}],
+        "images": [
+            {"id": 2, "file_name": "000000000002.jpg"},
+            {"id": 1, "file_name": "000000000001.jpg"},
+            {"id": 3, "file_name": "000000000003.jpg"},
+            {"id": 4, "file_name": "000000000004.jpg"},
+        ],
         "annotations": [{"id": 10 + i, "image_id": 1, "caption": f"one {i}"} for i in range(7)]
-        + [{"id": 30, "image_id": 2, "caption": "two a"}, {"id": 31, "image_id": 2, "caption": "  "},
-           {"id": 32, "image_id": 2, "caption": "two b"}, {"id": 40, "image_id": 3, "caption": "three"}],
+        + [
+            {"id": 30, "image_id": 2, "caption": "two a"},
+            {"id": 31, "image_id": 2, "caption": "  "},
+            {"id": 32, "image_id": 2, "caption": "two b"},
+            {"id": 40, "image_id": 3, "caption": "three"},
+        ],
     }
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(data))
@@ -130,18 +146,34 @@ def test_dci_long_csv_and_its_builder(tmp_path):
     _image(root / "photos" / "sa_1.jpg")
     _image(root / "photos" / "sa_3.jpg")
     records = {
-        "1.json": {"image": "sa_1.jpg", "short_caption": "s", "extra_caption": "A long\ncaption of one.", "summaries": {}},
+        "1.json": {
+            "image": "sa_1.jpg",
+            "short_caption": "s",
+            "extra_caption": "A long\ncaption of one.",
+            "summaries": {},
+        },
         "2.json": {"image": "sa_2.jpg", "short_caption": "s", "extra_caption": "", "summaries": {}},
-        "3.json": {"image": "sa_3.jpg", "short_caption": "s", "extra_caption": "Long three.", "summaries": {}},
-        "4.json": {"image": "sa_4.jpg", "short_caption": "s", "extra_caption": "Its photo is missing."},
+        "3.json": {
+            "image": "sa_3.jpg",
+            "short_caption": "s",
+            "extra_caption": "Long three.",
+            "summaries": {},
+        },
+        "4.json": {
+            "image": "sa_4.jpg",
+            "short_caption": "s",
+            "extra_caption": "Its photo is missing.",
+        },
     }
     (root / "annotations").mkdir()
     for name, record in records.items():
         (root / "annotations" / name).write_text(json.dumps(record))
     frame, without_long = build_dci_long(root / "annotations")
     assert without_long == 1
-    assert frame.to_dict("list") == {"filepath": ["photos/sa_1.jpg", "photos/sa_3.jpg", "photos/sa_4.jpg"],
-                                     "title": ["A long caption of one.", "Long three.", "Its photo is missing."]}
+    assert frame.to_dict("list") == {
+        "filepath": ["photos/sa_1.jpg", "photos/sa_3.jpg", "photos/sa_4.jpg"],
+        "title": ["A long caption of one.", "Long three.", "Its photo is missing."],
+    }
     frame.loc[len(frame)] = ["photos/sa_1.jpg", ""]  # an empty title
     frame.to_csv(root / "dci_long.csv", sep="\t", index=False)
     bench = read_dci_long(root)
@@ -160,9 +192,13 @@ def test_dci_long_rejects_a_table_without_its_columns(tmp_path):
 def test_sharegpt4v_takes_the_first_n_records(tmp_path):
     for i in range(4):
         _image(tmp_path / "coco" / f"{i}.jpg")
-    val = pd.DataFrame({"id": ["r0", "r1", "r2", "r3", "r4"],
-                        "image": ["coco/0.jpg", "coco/1.jpg", "coco/9.jpg", "coco/3.jpg", "coco/2.jpg"],
-                        "caption": ["zero", "", "nine", "three", "two"]})
+    val = pd.DataFrame(
+        {
+            "id": ["r0", "r1", "r2", "r3", "r4"],
+            "image": ["coco/0.jpg", "coco/1.jpg", "coco/9.jpg", "coco/3.jpg", "coco/2.jpg"],
+            "caption": ["zero", "", "nine", "three", "two"],
+        }
+    )
     bench = read_sharegpt4v(val, tmp_path, n=4)
     assert bench.texts == ["zero", "three"]
     assert np.array_equal(bench.text_to_image, [0, 1])

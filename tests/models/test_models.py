@@ -41,8 +41,12 @@ def test_rotation_matches_direct_formula():
         for i in range(4):
             angle = pos * 10000.0 ** (-2 * i / 8)
             a, b = x[pos, 2 * i], x[pos, 2 * i + 1]
-            assert out[pos, 2 * i] == pytest.approx(float(a * math.cos(angle) - b * math.sin(angle)), abs=1e-5)
-            assert out[pos, 2 * i + 1] == pytest.approx(float(a * math.sin(angle) + b * math.cos(angle)), abs=1e-5)
+            assert out[pos, 2 * i] == pytest.approx(
+                float(a * math.cos(angle) - b * math.sin(angle)), abs=1e-5
+            )
+            assert out[pos, 2 * i + 1] == pytest.approx(
+                float(a * math.sin(angle) + b * math.cos(angle)), abs=1e-5
+            )
 
 
 def test_attention_scores_depend_only_on_offset():
@@ -78,9 +82,15 @@ def test_rope_attention_matches_explicit_computation():
 def test_student_copies_teacher_weights(teacher, student):
     t, s = teacher.model.state_dict(), student.model.state_dict()
     assert "positional_embedding" not in s
-    for key in ("token_embedding.weight", "ln_final.weight", "text_projection", "logit_scale",
-                "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.2.mlp.c_fc.weight",
-                "visual.conv1.weight"):
+    for key in (
+        "token_embedding.weight",
+        "ln_final.weight",
+        "text_projection",
+        "logit_scale",
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "transformer.resblocks.2.mlp.c_fc.weight",
+        "visual.conv1.weight",
+    ):
         assert torch.equal(t[key], s[key]), key
     assert set(s) == set(t) - {"positional_embedding"}
     assert student.model.visual is not teacher.model.visual
@@ -92,9 +102,13 @@ def test_eot_pooling_ignores_tokens_after_eot(student):
     changed = tok.clone()
     changed[0, eot + 1 : eot + 5] = 123  # padding after EOT; causal attention cannot see it
     with torch.no_grad():
-        assert torch.allclose(student.model.encode_text(tok), student.model.encode_text(changed), atol=1e-6)
+        assert torch.allclose(
+            student.model.encode_text(tok), student.model.encode_text(changed), atol=1e-6
+        )
         # and the pooled token is the EOT: truncating right after it changes nothing
-        assert torch.allclose(student.model.encode_text(tok), student.model.encode_text(tok[:, : eot + 1]), atol=1e-5)
+        assert torch.allclose(
+            student.model.encode_text(tok), student.model.encode_text(tok[:, : eot + 1]), atol=1e-5
+        )
 
 
 def test_truncation_at_248_keeps_eot(student):
@@ -141,7 +155,9 @@ def test_ntk_scaling_raises_theta(student):
     expected = 10000.0 * (512 / 248) ** (16 / 14)
     assert longer.spec.rope_theta == pytest.approx(expected)
     assert longer.model.rotary.theta == pytest.approx(expected)
-    assert all(block.attn.rotary is longer.model.rotary for block in longer.model.transformer.resblocks)
+    assert all(
+        block.attn.rotary is longer.model.rotary for block in longer.model.transformer.resblocks
+    )
     assert student.model.rotary.theta == 10000.0  # the original is untouched
     tok = student.tokenizer([LONG])
     with torch.no_grad():
@@ -160,8 +176,12 @@ def test_missing_pretrained_weights_say_where_they_were_looked_for(tmp_path, mon
 def _tiny_gelu_configs(monkeypatch):
     """A GELU variant of TULIP-Tiny and its -quickgelu twin, registered for one test."""
     base = open_clip.get_model_config("TULIP-Tiny")
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-gelu", {**base, "quick_gelu": False})
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "Tiny-gelu-quickgelu", {**base, "quick_gelu": True})
+    monkeypatch.setitem(
+        open_clip.factory._MODEL_CONFIGS, "Tiny-gelu", {**base, "quick_gelu": False}
+    )
+    monkeypatch.setitem(
+        open_clip.factory._MODEL_CONFIGS, "Tiny-gelu-quickgelu", {**base, "quick_gelu": True}
+    )
 
 
 def test_pretrained_tag_resolves_from_hub_cache_offline(teacher, tmp_path, monkeypatch):
@@ -173,7 +193,9 @@ def test_pretrained_tag_resolves_from_hub_cache_offline(teacher, tmp_path, monke
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
-    safetensors.torch.save_file(teacher.model.state_dict(), repo / "snapshots" / commit / "open_clip_model.safetensors")
+    safetensors.torch.save_file(
+        teacher.model.state_dict(), repo / "snapshots" / commit / "open_clip_model.safetensors"
+    )
     loaded = create_teacher("Tiny-gelu", "demo", cache_dir=str(tmp_path / "hub"))
     assert loaded.spec.model_name == "Tiny-gelu-quickgelu"  # the tag was trained with QuickGELU
     tok = teacher.tokenizer(["a blue square"])
@@ -183,7 +205,11 @@ def test_pretrained_tag_resolves_from_hub_cache_offline(teacher, tmp_path, monke
 
 def test_openai_state_dict_format_loads(teacher, tmp_path):
     state = dict(teacher.model.state_dict())
-    state.update(input_resolution=torch.tensor(48), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    state.update(
+        input_resolution=torch.tensor(48),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
     torch.save(state, tmp_path / "openai_format.pt")
     loaded = create_teacher("TULIP-Tiny", str(tmp_path / "openai_format.pt"))
     tok = teacher.tokenizer(["a blue square"])
@@ -205,7 +231,9 @@ def test_original_stage2_checkpoint_loads(student, tmp_path):
     state = {f"module.{k}": v for k, v in student.model.state_dict().items()}
     state["module.positional_embedding"] = torch.randn(77, 64)  # the unused leftover
     torch.save({"epoch": 1, "state_dict": state}, tmp_path / "epoch_1.pt")
-    loaded = load_bundle(tmp_path / "epoch_1.pt", teacher="TULIP-Tiny", pretrained=None, activation=None)
+    loaded = load_bundle(
+        tmp_path / "epoch_1.pt", teacher="TULIP-Tiny", pretrained=None, activation=None
+    )
     tok = student.tokenizer([LONG])
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))

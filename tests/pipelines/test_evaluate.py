@@ -35,7 +35,9 @@ def setup(tmp_path_factory):
     for i, color in enumerate(COLORS):
         _image(urban / "image" / f"u{i}.jpg", color)
         (urban / "caption").mkdir(exist_ok=True)
-        (urban / "caption" / f"u{i}.txt").write_text(f"A square of colour number {i}. " + "More words. " * 60)
+        (urban / "caption" / f"u{i}.txt").write_text(
+            f"A square of colour number {i}. " + "More words. " * 60
+        )
     (urban / "caption" / "orphan.txt").write_text("A caption without its image.")
     flickr = root / "flickr"
     lines = ["image_name| comment_number| comment"]
@@ -45,15 +47,21 @@ def setup(tmp_path_factory):
     (flickr / "results.csv").write_text("\n".join(lines) + "\n")
     _image(root / "images" / "v0.jpg", COLORS[0])
     _image(root / "images" / "v1.jpg", COLORS[1])
-    val = pd.DataFrame({"id": ["a", "b"], "image": ["v0.jpg", "v1.jpg"], "caption": ["zero", "one"]})
+    val = pd.DataFrame(
+        {"id": ["a", "b"], "image": ["v0.jpg", "v1.jpg"], "caption": ["zero", "one"]}
+    )
 
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
     save_model(teacher, root / "teacher")
     teacher = load_bundle(root / "teacher")  # as the catalog would give it
     student = build_student(teacher, 248)
-    models = {"teacher_model": teacher, "longclip_model": stretch_position_embedding(teacher, 248, 20),
-              "distilled_model": student, "expanded_model": build_student(teacher, 248)}
+    models = {
+        "teacher_model": teacher,
+        "longclip_model": stretch_position_embedding(teacher, 248, 20),
+        "distilled_model": student,
+        "expanded_model": build_student(teacher, 248),
+    }
     with torch.no_grad():
         models["expanded_model"].model.visual.proj.mul_(-1.0)  # its own image tower
     params = {
@@ -75,12 +83,19 @@ def _catalog(setup) -> DataCatalog:
     catalog["val_captions"] = setup["val"]
     catalog["params:evaluate"] = setup["params"]
     catalog["params:image_root"] = setup["image_root"]
-    for name in ("retrieval_metrics", "benchmark_issues", "retrieval_report", "retrieval_report_plot"):
+    for name in (
+        "retrieval_metrics",
+        "benchmark_issues",
+        "retrieval_report",
+        "retrieval_report_plot",
+    ):
         catalog[name] = MemoryDataset(copy_mode="assign")
     return catalog
 
 
-def test_pipeline_scores_every_model_side_by_side_and_skips_absent(setup, caplog, tmp_path, monkeypatch):
+def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
+    setup, caplog, tmp_path, monkeypatch
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
@@ -93,23 +108,42 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(setup, caplog
     metrics = catalog.load("retrieval_metrics")
     assert list(metrics.columns) == ["benchmark", "model", "direction", "k", "recall", "n_queries"]
     assert set(metrics["benchmark"]) == {"urban_tiny", "flickr_tiny", "val"}  # coco_absent: no rows
-    assert f"skipping coco_absent: {setup['params']['benchmarks']['coco_absent']['root']}" in caplog.text
-    models = ["teacher", "longclip_stretched", "longclip_finetuned", "tulip_distilled", "tulip_expanded"]
+    assert (
+        f"skipping coco_absent: {setup['params']['benchmarks']['coco_absent']['root']}"
+        in caplog.text
+    )
+    models = [
+        "teacher",
+        "longclip_stretched",
+        "longclip_finetuned",
+        "tulip_distilled",
+        "tulip_expanded",
+    ]
     assert list(dict.fromkeys(metrics["model"])) == models
     assert len(metrics) == 3 * 5 * 2 * 2
     assert metrics["recall"].between(0, 100).all()
     n = metrics.groupby(["benchmark", "direction"])["n_queries"].unique()
     assert n[("flickr_tiny", "i2t")].tolist() == [4] and n[("flickr_tiny", "t2i")].tolist() == [8]
     assert n[("urban_tiny", "t2i")].tolist() == [6]
-    wide = metrics.pivot_table(index=["benchmark", "model", "direction"], columns="k", values="recall")
+    wide = metrics.pivot_table(
+        index=["benchmark", "model", "direction"], columns="k", values="recall"
+    )
     assert (wide[5] >= wide[1]).all()
     # k at least the number of candidates: every query hits, whatever the model
-    assert (wide.loc["val", 5] == 100).all() and (wide.loc["flickr_tiny", 5].xs("t2i", level="direction") == 100).all()
+    assert (wide.loc["val", 5] == 100).all() and (
+        wide.loc["flickr_tiny", 5].xs("t2i", level="direction") == 100
+    ).all()
 
     issues = catalog.load("benchmark_issues")
-    assert issues[["benchmark", "item", "reason"]].values.tolist() == [["urban_tiny", "caption/orphan.txt", "caption_without_image"]]
+    assert issues[["benchmark", "item", "reason"]].values.tolist() == [
+        ["urban_tiny", "caption/orphan.txt", "caption_without_image"]
+    ]
     report = catalog.load("retrieval_report")
-    assert "| urban_tiny" in report and "tulip_expanded" in report and "1 caption_without_image" in report
+    assert (
+        "| urban_tiny" in report
+        and "tulip_expanded" in report
+        and "1 caption_without_image" in report
+    )
     assert "retrieval results:" in caplog.text
     assert len(catalog.load("retrieval_report_plot").axes) == 6  # 3 benchmarks x 2 directions
 
@@ -138,9 +172,15 @@ def test_parameter_mistakes_name_the_field():
         EvaluateParams.from_params({"benchmarks": {"x": {"format": "urban", "root": "r"}}})
     with pytest.raises(ValueError, match=r"evaluate.benchmarks.x.root is required"):
         EvaluateParams.from_params({"benchmarks": {"x": {"format": "coco"}}})
-    with pytest.raises(ValueError, match=r"evaluate.benchmarks.x: unknown option\(s\) \['karpathy'\]"):
-        EvaluateParams.from_params({"benchmarks": {"x": {"format": "flickr30k", "root": "r", "karpathy": "y"}}})
+    with pytest.raises(
+        ValueError, match=r"evaluate.benchmarks.x: unknown option\(s\) \['karpathy'\]"
+    ):
+        EvaluateParams.from_params(
+            {"benchmarks": {"x": {"format": "flickr30k", "root": "r", "karpathy": "y"}}}
+        )
     with pytest.raises(ValueError, match=r"evaluate.ks must be a list of positive integers"):
         EvaluateParams.from_params({"ks": [0, 5]})
-    cfg = EvaluateParams.from_params({"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}})
+    cfg = EvaluateParams.from_params(
+        {"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}}
+    )
     assert cfg.benchmarks["d"].options == {"annotations": "a"}

@@ -14,14 +14,24 @@ from tulip_pipelines.pipelines.teacher.nodes import train_teacher
 
 
 def _train(steps, lr):
-    return {"max_steps": steps, "batch_size": 16, "lr": lr, "warmup_steps": 2, "log_every": 2, "val_every": 0,
-            "checkpoint_every": 0, "seed": 0}
+    return {
+        "max_steps": steps,
+        "batch_size": 16,
+        "lr": lr,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "val_every": 0,
+        "checkpoint_every": 0,
+        "seed": 0,
+    }
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    demo = generate_demo_data(DemoDataParams(n_groups=12, n_benchmark_groups=0, n_short_benchmark_images=0))
+    demo = generate_demo_data(
+        DemoDataParams(n_groups=12, n_benchmark_groups=0, n_short_benchmark_images=0)
+    )
     for key, image in demo.images.items():
         (root / key).parent.mkdir(parents=True, exist_ok=True)
         image.save(root / f"{key}.png")
@@ -65,7 +75,9 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
                                params("distill", _train(16, 2e-3)), DS_FP32, data["root"])
     assert _falls(hist) and student.spec.kind == "rope" and student.spec.context_length == 248
     expand_params = params("expand", _train(12, 5e-4))
-    expanded, hist, _ = expand(student, data["train"], data["val"], expand_params, DS_FP32, data["root"])
+    expanded, hist, _ = expand(
+        student, data["train"], data["val"], expand_params, DS_FP32, data["root"]
+    )
     assert _falls(hist)
     longclip, hist_l, _ = finetune_longclip(teacher, data["train"], data["val"],
                                             {"run_dir": str(tmp_path / "runs" / "longclip")},
@@ -81,7 +93,10 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     exp = by_stage["expand"]
     assert exp["tags.tulip.parent_run_id"] == by_stage["distill"]["run_id"]  # lineage
     assert by_stage["distill"]["tags.tulip.parent_run_id"] == by_stage["teacher"]["run_id"]
-    assert exp["params.expand.long_weight"] == "0.8" and exp["params.deepspeed.zero_optimization.stage"] == "0"
+    assert (
+        exp["params.expand.long_weight"] == "0.8"
+        and exp["params.deepspeed.zero_optimization.stage"] == "0"
+    )
     assert exp["metrics.final/train/loss"] > 0
     client = mlflow.MlflowClient()
     history = client.get_metric_history(exp["run_id"], "train/loss")

@@ -37,8 +37,13 @@ def test_sample_has_image_long_and_first_sentence(table, tmp_path):
 
 
 def test_variants_are_drawn_per_read_and_short_comes_from_the_caption(table, tmp_path):
-    variants = {"a": ["A red circle on top. A blue square below it.", "A red circle on top. Below: a blue square."],
-                "b": ["Two cats. One plays, one sleeps."]}
+    variants = {
+        "a": [
+            "A red circle on top. A blue square below it.",
+            "A red circle on top. Below: a blue square.",
+        ],
+        "b": ["Two cats. One plays, one sleeps."],
+    }
     ds = CaptionImageDataset(table, tmp_path, None, variants)
     torch.manual_seed(0)
     seen = {ds[0]["long"] for _ in range(40)}
@@ -71,12 +76,19 @@ def test_collate_tokenises_for_each_task(table, tmp_path):
     width = batch["long"].shape[1]
     assert width < 248 and torch.equal(batch["long"], full[:, :width])  # padding trimmed
     assert (full[:, width:] == 0).all()
-    assert torch.equal(batch["short"][0], student_tok(["A red circle on top."])[0, : batch["short"].shape[1]])
+    assert torch.equal(
+        batch["short"][0], student_tok(["A red circle on top."])[0, : batch["short"].shape[1]]
+    )
 
     distill = Collate(student_tok, teacher_tokenizer=teacher_tok)(samples)
     assert distill["teacher_long"].shape == (2, 77) and "short" not in distill
     windows = Collate(student_tok, teacher_tokenizer=teacher_tok, windows=3)(samples)
-    assert windows["windows"].shape == (2, 3, 77) and windows["window_mask"].tolist() == [[True, False, False]] * 2
+    assert (
+        windows["windows"].shape == (2, 3, 77)
+        and windows["window_mask"].tolist() == [[True, False, False]] * 2
+    )
 
-    restored = pickle.loads(pickle.dumps(Collate(student_tok, teacher_tokenizer=teacher_tok)))  # DataLoader workers
+    restored = pickle.loads(
+        pickle.dumps(Collate(student_tok, teacher_tokenizer=teacher_tok))
+    )  # DataLoader workers
     assert torch.equal(restored(samples)["long"], distill["long"])

@@ -31,7 +31,9 @@ def test_clip_loss_by_hand():
     rows = (math.log(math.exp(6) + 1) - 6) + (math.log(math.exp(8) + math.exp(10)) - 10)
     cols = (math.log(math.exp(6) + math.exp(8)) - 6) + (math.log(1 + math.exp(10)) - 10)
     expected = (rows / 2 + cols / 2) / 2
-    assert clip_loss(image, text, torch.tensor(10.0, dtype=torch.float64)).item() == pytest.approx(expected)
+    assert clip_loss(image, text, torch.tensor(10.0, dtype=torch.float64)).item() == pytest.approx(
+        expected
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,9 @@ def test_distill_task_trains_only_student_text_tower(tiny):
     assert {"student.ln_final.weight", "student.text_projection"} <= trainable
     assert not any(n.startswith("teacher") for n, _ in task.named_parameters())  # not checkpointed
     tokens = teacher.tokenizer(["a red circle. a blue square."])
-    out = task({"teacher_long": tokens, "long": student.tokenizer(["a red circle. a blue square."])})
+    out = task(
+        {"teacher_long": tokens, "long": student.tokenizer(["a red circle. a blue square."])}
+    )
     assert 0 < out["loss"].item() <= 2  # no position information yet: not the teacher's output
     assert -1 <= out["cosine"].item() <= 1
 
@@ -59,7 +63,9 @@ def test_distill_task_trains_only_student_text_tower(tiny):
 def test_windows_overlap_and_target_is_their_mean(tiny):
     teacher, student = tiny
     text = " ".join(f"word{i}" for i in range(60))  # 170 BPE tokens: windows at 0, 55, 110
-    windows, mask = window_tokens([text, "short text"], teacher.tokenizer, overlap=20, max_windows=8)
+    windows, mask = window_tokens(
+        [text, "short text"], teacher.tokenizer, overlap=20, max_windows=8
+    )
     assert windows.shape == (2, 8, 77)
     ids = teacher.tokenizer.encode(text)
     assert len(ids) == 170 and mask[0].tolist() == [True] * 3 + [False] * 5
@@ -67,7 +73,11 @@ def test_windows_overlap_and_target_is_their_mean(tiny):
     assert windows[0, 0, 56:76].tolist() == windows[0, 1, 1:21].tolist()  # 20 shared tokens
     assert mask[1].sum().item() == 1
     task = DistillTask(student.model, teacher.model, "cosine", teacher_input="windows")
-    batch = {"windows": windows, "window_mask": mask, "long": student.tokenizer([text, "short text"])}
+    batch = {
+        "windows": windows,
+        "window_mask": mask,
+        "long": student.tokenizer([text, "short text"]),
+    }
     target = task.target(batch)
     with torch.no_grad():
         expected = teacher.model.encode_text(windows[0][mask[0]]).mean(0)
@@ -80,9 +90,15 @@ def test_contrastive_task_freezes_what_it_is_told(tiny):
     trainable = {n for n, p in task.named_parameters() if p.requires_grad}
     assert not any("visual" in n or "logit_scale" in n for n in trainable)
     assert "model.token_embedding.weight" in trainable
-    batch = {"image": torch.randn(4, 3, 48, 48), "long": teacher.tokenizer(["a"] * 4), "short": teacher.tokenizer(["b"] * 4)}
+    batch = {
+        "image": torch.randn(4, 3, 48, 48),
+        "long": teacher.tokenizer(["a"] * 4),
+        "short": teacher.tokenizer(["b"] * 4),
+    }
     out = task(batch)
-    assert out["loss"].item() == pytest.approx(0.8 * out["loss_long"].item() + 0.2 * out["loss_short"].item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(
+        0.8 * out["loss_long"].item() + 0.2 * out["loss_short"].item(), rel=1e-5
+    )
     with pytest.raises(ValueError, match="train_towers"):
         ContrastiveTask(teacher.model, train_towers=["wheels"])
     for p in teacher.model.parameters():
@@ -95,4 +111,6 @@ def test_trim_padding_keeps_embeddings(tiny):
     trimmed = trim_padding(tokens)
     assert trimmed.shape[1] < 248 and (tokens[:, trimmed.shape[1]:] == 0).all()
     with torch.no_grad():
-        assert torch.allclose(student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5)
+        assert torch.allclose(
+            student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5
+        )

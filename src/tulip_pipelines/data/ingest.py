@@ -242,7 +242,9 @@ def iter_ingest_batches(
     """
     root = Path(image_root).resolve() if check_images else Path(image_root)
     if check_images and not root.is_dir():
-        raise FileNotFoundError(f"image root {root} is not a directory (image_root, parameters.yml)")
+        raise FileNotFoundError(
+            f"image root {root} is not a directory (image_root, parameters.yml)"
+        )
     stats = stats if stats is not None else IngestStats()
     seen_ids: dict[str, int] = {}
     kept: list[CaptionRow] = []

@@ -62,7 +62,9 @@ class BenchmarkParams:
     def __post_init__(self) -> None:
         where = f"evaluate.benchmarks.{self.name}"
         if self.format not in FORMATS:
-            raise ValueError(f"{where}.format: unknown format {self.format!r}; one of {sorted(FORMATS)}")
+            raise ValueError(
+                f"{where}.format: unknown format {self.format!r}; one of {sorted(FORMATS)}"
+            )
         if self.kind not in ("long", "short"):
             raise ValueError(f"{where}.kind must be 'long' or 'short', got {self.kind!r}")
         if self.format != "sharegpt4v" and not self.root:
@@ -131,7 +133,9 @@ def load_benchmarks(
         options = {k: v for k, v in bc.options.items() if k not in DCI_BUILD_OPTIONS}
         try:
             if bc.format == "sharegpt4v":
-                bench = read_sharegpt4v(val_captions, image_root, name=name, kind=bc.kind, **options)
+                bench = read_sharegpt4v(
+                    val_captions, image_root, name=name, kind=bc.kind, **options
+                )
             else:
                 bench = READERS[bc.format](bc.root, name=name, kind=bc.kind, **options)
         except BenchmarkMissing as err:
@@ -139,9 +143,13 @@ def load_benchmarks(
             continue
         bench.log_summary()
         for issue in bench.issues[:5]:
-            logger.warning("%s: left out %s (%s: %s)", name, issue.item, issue.reason.value, issue.detail)
+            logger.warning(
+                "%s: left out %s (%s: %s)", name, issue.item, issue.reason.value, issue.detail
+            )
         if not bench.texts:
-            logger.warning("skipping %s: no usable image-text pair under %s", name, bc.root or image_root)
+            logger.warning(
+                "skipping %s: no usable image-text pair under %s", name, bc.root or image_root
+            )
             continue
         out[name] = bench
     return out
@@ -155,7 +163,8 @@ def issues_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:
 
 def prepare_dci_long(cfg: EvaluateParams) -> pd.DataFrame:
     """Write ``<root>/dci_long.csv`` for each dci_long entry with ``annotations`` (the folder of
-    DCI's per-image JSON files, relative to root) whose CSV does not exist yet; returns a summary."""
+    DCI's per-image JSON files, relative to root) whose CSV does not exist yet; returns a
+    summary."""
     rows = []
     for name, bc in cfg.benchmarks.items():
         if bc.format != "dci_long" or "annotations" not in bc.options:
@@ -177,7 +186,9 @@ def prepare_dci_long(cfg: EvaluateParams) -> pd.DataFrame:
         logger.info("%s: wrote %s (%d records; %d without a long caption left out)",
                     name, csv_path, len(frame), without_long)
         rows.append((name, str(csv_path), "written", len(frame), without_long))
-    return pd.DataFrame(rows, columns=["benchmark", "path", "action", "records", "without_long_caption"])
+    return pd.DataFrame(
+        rows, columns=["benchmark", "path", "action", "records", "without_long_caption"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +216,9 @@ def encode_images(bundle: ModelBundle, paths: Sequence[str], batch_size: int, nu
                   desc: str = "images") -> torch.Tensor:
     """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower."""
     model = bundle.model.eval()
-    loader = DataLoader(_Images(paths, bundle.preprocess), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        _Images(paths, bundle.preprocess), batch_size=batch_size, num_workers=num_workers
+    )
     out = [model.encode_image(batch.to(_device(model)), normalize=True).float().cpu()
            for batch in track(loader, desc, "batch")]
     return torch.cat(out)
@@ -221,7 +234,9 @@ def encode_texts(
     for start in track(range(0, len(texts), batch_size), desc, "batch"):
         tokens = bundle.tokenizer(list(texts[start : start + batch_size]))
         length = max(int((tokens != 0).sum(dim=1).max()), 1)  # padding after EOT changes nothing
-        out.append(model.encode_text(tokens[:, :length].to(_device(model)), normalize=True).float().cpu())
+        out.append(
+            model.encode_text(tokens[:, :length].to(_device(model)), normalize=True).float().cpu()
+        )
     return torch.cat(out)
 
 
@@ -235,9 +250,12 @@ def image_tower_fingerprint(bundle: ModelBundle) -> str:
 
 
 def score(
-    models: Mapping[str, ModelBundle], benchmarks: Mapping[str, RetrievalBenchmark], cfg: EvaluateParams
+    models: Mapping[str, ModelBundle],
+    benchmarks: Mapping[str, RetrievalBenchmark],
+    cfg: EvaluateParams,
 ) -> pd.DataFrame:
-    """The ``retrieval_metrics`` table: recall (percent, 0-100) per benchmark, model, direction, k."""
+    """The ``retrieval_metrics`` table: recall (percent, 0-100) per benchmark, model, direction
+    and k."""
     fingerprints = {name: image_tower_fingerprint(b) for name, b in models.items()}
     rows = []
     for bench_name, bench in benchmarks.items():
@@ -246,10 +264,19 @@ def score(
             logger.info("scoring %s on %s", model_name, bench_name)
             key = fingerprints[model_name]
             if key not in image_cache:
-                image_cache[key] = encode_images(bundle, bench.image_paths, cfg.batch_size, cfg.num_workers,
-                                                 desc=f"{bench_name}/{model_name} images")
-            texts = encode_texts(bundle, bench.texts, cfg.batch_size, desc=f"{bench_name}/{model_name} texts")
-            result = retrieval_recall(image_cache[key], texts, bench.text_to_image, cfg.ks, cfg.chunk_size)
+                image_cache[key] = encode_images(
+                    bundle,
+                    bench.image_paths,
+                    cfg.batch_size,
+                    cfg.num_workers,
+                    desc=f"{bench_name}/{model_name} images",
+                )
+            texts = encode_texts(
+                bundle, bench.texts, cfg.batch_size, desc=f"{bench_name}/{model_name} texts"
+            )
+            result = retrieval_recall(
+                image_cache[key], texts, bench.text_to_image, cfg.ks, cfg.chunk_size
+            )
             rows += [(bench_name, model_name, d, int(k), result[d][k], result["n_queries"][d])
                      for d in ("i2t", "t2i") for k in cfg.ks]
     frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)

@@ -33,7 +33,9 @@ def _texts_per_image(t2i: torch.Tensor, n_images: int) -> tuple[torch.Tensor, to
     return images, order[slots]
 
 
-def _rank_from_top(top: torch.Tensor, best: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rank_from_top(
+    top: torch.Tensor, best: torch.Tensor, cap: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks (capped at ``cap``) from each query's ``cap + 1`` highest scores ``top`` [n, kk]
     (descending; all of them when there are fewer) and its best correct score; and the mask of
     queries whose correct score ties with another kept score (the tie rule needs the full row).
@@ -99,7 +101,9 @@ def retrieval_recall(
             best = right_scores.max(dim=1).values
             ranks, tied = _rank_from_top(sims.topk(min(cap + 1, n_texts), dim=1).values, best, cap)
             if tied.any():
-                best_index = right.masked_fill(right_scores != best[:, None], n_texts).min(dim=1).values
+                best_index = (
+                    right.masked_fill(right_scores != best[:, None], n_texts).min(dim=1).values
+                )
                 ranks[tied] = _exact_rank(sims[tied], best[tied], best_index[tied]).clamp(max=cap)
             i2t_ranks[is_query[start + rows]] = ranks
 
@@ -107,7 +111,9 @@ def retrieval_recall(
     if tied.any():  # recompute the same chunks for the few tied columns only
         cols = torch.nonzero(tied).squeeze(1)
         exact = sum(
-            _exact_rank((images[s : s + chunk_size] @ texts.T)[:, cols].T, t2i_best[cols], t2i[cols] - s)
+            _exact_rank(
+                (images[s : s + chunk_size] @ texts.T)[:, cols].T, t2i_best[cols], t2i[cols] - s
+            )
             for s in range(0, n_images, chunk_size)
         )
         t2i_ranks[cols] = exact.clamp(max=cap)

@@ -69,10 +69,14 @@ class RetrievalBenchmark:
     def __post_init__(self) -> None:
         self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
         if len(self.texts) != len(self.text_to_image):
-            raise ValueError(f"{self.name}: {len(self.texts)} texts but {len(self.text_to_image)} links")
+            raise ValueError(
+                f"{self.name}: {len(self.texts)} texts but {len(self.text_to_image)} links"
+            )
         links = self.text_to_image
         if len(links) and not (0 <= links.min() and links.max() < len(self.image_paths)):
-            raise ValueError(f"{self.name}: text_to_image points outside the {len(self.image_paths)} images")
+            raise ValueError(
+                f"{self.name}: text_to_image points outside the {len(self.image_paths)} images"
+            )
 
     def issues_frame(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -86,10 +90,13 @@ class RetrievalBenchmark:
         )
 
     def log_summary(self) -> None:
-        counts = pd.Series([i.reason.value for i in self.issues], dtype=object).value_counts().to_dict()
+        counts = (
+            pd.Series([i.reason.value for i in self.issues], dtype=object).value_counts().to_dict()
+        )
         logger.info(
             "benchmark %s (%s): %d images, %d texts; %d entries left out %s",
-            self.name, self.kind, len(self.image_paths), len(self.texts), len(self.issues), counts or "",
+            self.name, self.kind, len(self.image_paths), len(self.texts), len(self.issues),
+            counts or "",
         )  # fmt: skip
 
 
@@ -113,7 +120,9 @@ def _pairs(
     """Build a benchmark from ``(image path, its texts)`` in order."""
     texts = [t for _, ts in items for t in ts]
     t2i = [i for i, (_, ts) in enumerate(items) for _ in ts]
-    return RetrievalBenchmark(name, kind, [p for p, _ in items], texts, np.array(t2i, dtype=np.int64), issues)
+    return RetrievalBenchmark(
+        name, kind, [p for p, _ in items], texts, np.array(t2i, dtype=np.int64), issues
+    )
 
 
 def _clean(text: object) -> str:
@@ -131,7 +140,9 @@ def read_urban1k(root: str | Path, name: str = "urban1k", kind: str = "long") ->
     images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() == ".jpg"}
     captions = {p.stem: p for p in caption_dir.iterdir() if p.suffix == ".txt"}
     issues = [
-        BenchmarkIssue(f"image/{images[s].name}", IssueReason.IMAGE_WITHOUT_CAPTION, f"no caption/{s}.txt")
+        BenchmarkIssue(
+            f"image/{images[s].name}", IssueReason.IMAGE_WITHOUT_CAPTION, f"no caption/{s}.txt"
+        )
         for s in sorted(set(images) - set(captions))
     ]
     items = []
@@ -163,20 +174,28 @@ def read_dci_long(
     frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
     missing_columns = {"filepath", "title"} - set(frame.columns)
     if missing_columns:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing_columns)}; found {list(frame.columns)}")
+        raise ValueError(
+            f"{path}: missing column(s) {sorted(missing_columns)}; found {list(frame.columns)}"
+        )
     items, issues = [], []
     for row, (rel, title) in enumerate(zip(frame["filepath"], frame["title"])):
         item = f"{csv_name} row {row + 1}"
         if not _clean(title):
-            issues.append(BenchmarkIssue(item, IssueReason.EMPTY_CAPTION, f"empty title for {rel!r}"))
+            issues.append(
+                BenchmarkIssue(item, IssueReason.EMPTY_CAPTION, f"empty title for {rel!r}")
+            )
         elif not (root / rel).is_file():
-            issues.append(BenchmarkIssue(item, IssueReason.MISSING_IMAGE, f"{root / rel} not found"))
+            issues.append(
+                BenchmarkIssue(item, IssueReason.MISSING_IMAGE, f"{root / rel} not found")
+            )
         else:
             items.append((str((root / rel).resolve()), [_clean(title)]))
     return _pairs(name, kind, items, issues)
 
 
-def build_dci_long(annotations_dir: str | Path, photos_prefix: str = "photos") -> tuple[pd.DataFrame, int]:
+def build_dci_long(
+    annotations_dir: str | Path, photos_prefix: str = "photos"
+) -> tuple[pd.DataFrame, int]:
     """``dci_long.csv``'s rows from the DCI annotation JSON files (sorted by file name).
 
     Returns ``(frame with filepath/title, number of records without a long caption)``;
@@ -190,13 +209,21 @@ def build_dci_long(annotations_dir: str | Path, photos_prefix: str = "photos") -
         record = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(record, dict) or "image" not in record:
             raise ValueError(
-                f"{path}: not a DCI annotation (expected an object with 'image' and 'extra_caption')")
+                f"{path}: not a DCI annotation "
+                "(expected an object with 'image' and 'extra_caption')"
+            )
         long_caption = _clean(record.get("extra_caption"))
         if not long_caption:
             without_long += 1
             continue
-        rows.append({"filepath": f"{photos_prefix}/{record['image']}" if photos_prefix else record["image"],
-                     "title": " ".join(long_caption.split())})  # one line per record in the TSV
+        rows.append(
+            {
+                "filepath": f"{photos_prefix}/{record['image']}"
+                if photos_prefix
+                else record["image"],
+                "title": " ".join(long_caption.split()),
+            }
+        )  # one line per record in the TSV
     return pd.DataFrame(rows, columns=["filepath", "title"]), without_long
 
 
@@ -221,8 +248,13 @@ def read_coco(
     for ann in data["annotations"]:
         text = _clean(ann.get("caption"))
         if not text:
-            issues.append(BenchmarkIssue(
-                f"annotation {ann.get('id')}", IssueReason.EMPTY_CAPTION, f"image_id {ann['image_id']}"))
+            issues.append(
+                BenchmarkIssue(
+                    f"annotation {ann.get('id')}",
+                    IssueReason.EMPTY_CAPTION,
+                    f"image_id {ann['image_id']}",
+                )
+            )
         elif len(by_image[ann["image_id"]]) < captions_per_image:
             by_image[ann["image_id"]].append(text)
     items = []
@@ -232,7 +264,9 @@ def read_coco(
             issues.append(BenchmarkIssue(
                 image["file_name"], IssueReason.IMAGE_WITHOUT_CAPTION, f"image id {image['id']}"))
         elif not path.is_file():
-            issues.append(BenchmarkIssue(image["file_name"], IssueReason.MISSING_IMAGE, f"{path} not found"))
+            issues.append(
+                BenchmarkIssue(image["file_name"], IssueReason.MISSING_IMAGE, f"{path} not found")
+            )
         else:
             items.append((str(path.resolve()), by_image[image["id"]]))
     return _pairs(name, kind, items, issues)
@@ -266,7 +300,9 @@ def read_flickr30k(
     with open(csv_path, encoding="utf-8") as f:
         header = [h.strip() for h in f.readline().split("|")]
         if header != ["image_name", "comment_number", "comment"]:
-            raise ValueError(f"{csv_path}: header {header}, expected image_name| comment_number| comment")
+            raise ValueError(
+                f"{csv_path}: header {header}, expected image_name| comment_number| comment"
+            )
         for line_no, line in enumerate(f, start=2):
             if not line.strip():
                 continue
@@ -319,16 +355,25 @@ def read_sharegpt4v(
     if len(val_captions) < n:
         logger.warning("%s: val_captions has %d records, fewer than %d", name, len(val_captions), n)
     items, issues = [], []
-    for rec_id, image, caption in val_captions[["id", "image", "caption"]].head(n).itertuples(index=False):
+    for rec_id, image, caption in (
+        val_captions[["id", "image", "caption"]].head(n).itertuples(index=False)
+    ):
         path = image_root / image
         if not _clean(caption):
             issues.append(BenchmarkIssue(str(rec_id), IssueReason.EMPTY_CAPTION, f"image {image}"))
         elif not path.is_file():
-            issues.append(BenchmarkIssue(str(rec_id), IssueReason.MISSING_IMAGE, f"{path} not found"))
+            issues.append(
+                BenchmarkIssue(str(rec_id), IssueReason.MISSING_IMAGE, f"{path} not found")
+            )
         else:
             items.append((str(path.resolve()), [_clean(caption)]))
     return _pairs(name, kind, items, issues)
 
 
 # Benchmarks read from files under a root folder, by ``format`` (ShareGPT4V reads val_captions).
-READERS = {"urban1k": read_urban1k, "dci_long": read_dci_long, "coco": read_coco, "flickr30k": read_flickr30k}
+READERS = {
+    "urban1k": read_urban1k,
+    "dci_long": read_dci_long,
+    "coco": read_coco,
+    "flickr30k": read_flickr30k,
+}

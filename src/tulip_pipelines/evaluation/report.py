@@ -19,12 +19,21 @@ def report_markdown(metrics: pd.DataFrame, issues: pd.DataFrame | None = None) -
     """One row per benchmark and model, columns ``I2T R@k`` / ``T2I R@k`` (recall in percent);
     below it, the number of queries per benchmark and the entries left out, by reason."""
     if metrics.empty:
-        return "# Retrieval\n\nNo benchmark was found, so nothing was scored (the log names the paths).\n"
+        return ("# Retrieval\n\nNo benchmark was found, so nothing was scored "
+                "(the log names the paths).\n")
     wide = metrics.pivot_table(
         index=["benchmark", "model"], columns=["direction", "k"], values="recall", sort=False)
     wide.columns = [f"{d.upper()} R@{k}" for d, k in wide.columns]
-    lines = ["# Retrieval", "", "Recall@k in percent; image features from each model's own image tower.", "",
-             wide.reset_index().to_markdown(index=False, floatfmt=".1f"), "", "## Benchmarks", ""]
+    lines = [
+        "# Retrieval",
+        "",
+        "Recall@k in percent; image features from each model's own image tower.",
+        "",
+        wide.reset_index().to_markdown(index=False, floatfmt=".1f"),
+        "",
+        "## Benchmarks",
+        "",
+    ]
     for bench, group in metrics.groupby("benchmark", sort=False):
         n = group.groupby("direction")["n_queries"].first()
         left_out = ""
@@ -40,7 +49,9 @@ def report_figure(metrics: pd.DataFrame, k: int = 1) -> plt.Figure:
     """Grouped bars of recall@k per model, one panel per benchmark and direction."""
     data = metrics[metrics["k"] == k]
     panels = list(dict.fromkeys(zip(data["benchmark"], data["direction"])))
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 3.6), squeeze=False
+    )
     for ax, (bench, direction) in zip(axes[0], panels):
         part = data[(data["benchmark"] == bench) & (data["direction"] == direction)]
         bars = ax.bar(range(len(part)), part["recall"], color=plt.cm.tab10.colors[: len(part)])

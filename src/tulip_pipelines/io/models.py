@@ -57,7 +57,10 @@ class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):
         from tulip_pipelines.models import create_teacher
 
         return create_teacher(
-            self._model_name, self._pretrained, cache_dir=self._cache_dir, activation=self._activation
+            self._model_name,
+            self._pretrained,
+            cache_dir=self._cache_dir,
+            activation=self._activation,
         )
 
     def save(self, data: ModelBundle) -> None:
@@ -68,4 +71,8 @@ class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):
         return pretrained.is_file() if pretrained.suffix else True
 
     def _describe(self) -> dict[str, Any]:
-        return {"model_name": self._model_name, "pretrained": self._pretrained, "cache_dir": self._cache_dir}
+        return {
+            "model_name": self._model_name,
+            "pretrained": self._pretrained,
+            "cache_dir": self._cache_dir,
+        }

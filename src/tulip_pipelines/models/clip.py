@@ -62,7 +62,9 @@ class AbsoluteCLIP(open_clip.CLIP):
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         if text.shape[1] > self.context_length:
-            raise ValueError(f"{text.shape[1]} tokens exceed the context length {self.context_length}")
+            raise ValueError(
+                f"{text.shape[1]} tokens exceed the context length {self.context_length}"
+            )
         x = self.text_transformer(self.token_embedding(text).to(self.transformer.get_cast_dtype()))
         eos_id = getattr(self, "text_eos_id", None)
         x = text_global_pool(self.ln_final(x), text, self.text_pool_type, eos_token_id=eos_id)

@@ -7,6 +7,7 @@ from pathlib import Path
 import open_clip
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+KNOWN_PREFIXES = ("ViT-B", "ViT-L", "TULIP")  # what an unknown-name error lists
 
 
 def register_tiny_configs() -> list[str]:
@@ -22,7 +23,7 @@ def check_model_name(model_name: str) -> None:
     if model_name not in open_clip.list_models():
         raise ValueError(
             f"unknown open_clip model {model_name!r}; known include "
-            f"{[m for m in open_clip.list_models() if m.startswith(('ViT-B', 'ViT-L', 'TULIP'))][:12]}"
+            f"{[m for m in open_clip.list_models() if m.startswith(KNOWN_PREFIXES)][:12]}"
         )
 
 

@@ -53,7 +53,9 @@ def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> Mod
 
         return _to(load_original_checkpoint(path, **original_kwargs), device)
     if original_kwargs:
-        raise TypeError(f"{sorted(original_kwargs)} only apply to original TULIP files, not to {path}")
+        raise TypeError(
+            f"{sorted(original_kwargs)} only apply to original TULIP files, not to {path}"
+        )
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise FileNotFoundError(
             f"no model at {path}: expected {path / CONFIG} and {path / WEIGHTS} "

@@ -38,7 +38,8 @@ def stretch_positions(pos: torch.Tensor, new_length: int = 248, keep: int = 20) 
 def stretch_position_embedding(
     teacher: ModelBundle, new_length: int = 248, keep: int = 20
 ) -> ModelBundle:
-    """The Long-CLIP baseline: the teacher with its position embedding stretched to ``new_length``."""
+    """The Long-CLIP baseline: the teacher with its position embedding stretched to
+    ``new_length``."""
     if teacher.spec.kind != "absolute":
         raise ValueError("Long-CLIP stretching needs a model with absolute position embeddings")
     model = copy.deepcopy(teacher.model)

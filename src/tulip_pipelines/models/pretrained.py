@@ -74,7 +74,8 @@ def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None)
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a weights file: safetensors, a ``torch.save`` dict (``weights_only``),
-    or OpenAI's TorchScript archive. ``state_dict``/``model`` wrappers and ``module.`` prefixes go."""
+    or OpenAI's TorchScript archive. ``state_dict``/``model`` wrappers and ``module.`` prefixes
+    are removed."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

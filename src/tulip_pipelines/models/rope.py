@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ntk_scaled_theta(theta: float, head_dim: int, old_len: int, new_len: int, scale: float) -> float:
-    """NTK-style RoPE base for a longer context: theta * (s * new/old - (s - 1)) ** (d / (d - 2))."""
+def ntk_scaled_theta(
+    theta: float, head_dim: int, old_len: int, new_len: int, scale: float
+) -> float:
+    """NTK-style RoPE base for a longer context:
+    ``theta * (s * new/old - (s - 1)) ** (d / (d - 2))``."""
     if new_len <= old_len:
         return theta
     return theta * (scale * new_len / old_len - (scale - 1)) ** (head_dim / (head_dim - 2))
@@ -38,7 +41,8 @@ class RotaryEmbedding(nn.Module):
         self._cache.clear()
 
     def table(self, length: int, device: torch.device) -> torch.Tensor:
-        """``exp(i * pos * theta ** (-2j / head_dim))`` as complex64 of shape [length, head_dim / 2]."""
+        """``exp(i * pos * theta ** (-2j / head_dim))`` as complex64, shape
+        [length, head_dim / 2]."""
         key = (length, device, self.theta)
         if key not in self._cache:
             channels = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float64)
@@ -79,7 +83,9 @@ class RopeSelfAttention(nn.Module):
         object.__setattr__(self, "rotary", rotary)
 
     @classmethod
-    def from_multihead(cls, mha: nn.MultiheadAttention, rotary: RotaryEmbedding) -> "RopeSelfAttention":
+    def from_multihead(
+        cls, mha: nn.MultiheadAttention, rotary: RotaryEmbedding
+    ) -> "RopeSelfAttention":
         attn = cls(mha.embed_dim, mha.num_heads, rotary, batch_first=mha.batch_first)
         with torch.no_grad():
             attn.in_proj_weight.copy_(mha.in_proj_weight)

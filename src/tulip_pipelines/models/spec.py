@@ -41,7 +41,9 @@ class ModelSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown ModelSpec field(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"unknown ModelSpec field(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
         return cls(**data)
 
 

@@ -41,7 +41,9 @@ class CaptionImageDataset(Dataset):
         if self.variants is not None:
             absent = [i for i in self.ids if i not in self.variants]
             if absent:
-                raise ValueError(f"no caption variants for {len(absent)} record(s), e.g. id {absent[0]!r}")
+                raise ValueError(
+                    f"no caption variants for {len(absent)} record(s), e.g. id {absent[0]!r}"
+                )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,7 +61,9 @@ class CaptionImageDataset(Dataset):
                 with Image.open(path) as image:
                     sample["image"] = self.preprocess(image.convert("RGB"))
             except (OSError, ValueError) as err:
-                raise OSError(f"cannot read image of record {self.ids[index]!r}: {path}: {err}") from err
+                raise OSError(
+                    f"cannot read image of record {self.ids[index]!r}: {path}: {err}"
+                ) from err
         return sample
 
 
@@ -67,7 +71,14 @@ class Collate:
     """Stack images and tokenise texts: ``{"image", "long", "short"}`` plus, for distillation,
     ``"teacher_long"`` (the teacher's tokenisation) or ``"windows"``/``"window_mask"``."""
 
-    def __init__(self, tokenizer, short_tokenizer=None, teacher_tokenizer=None, windows: int = 0, overlap: int = 20):
+    def __init__(
+        self,
+        tokenizer,
+        short_tokenizer=None,
+        teacher_tokenizer=None,
+        windows: int = 0,
+        overlap: int = 20,
+    ):
         self.tokenizer = tokenizer
         self.short_tokenizer = short_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
@@ -97,7 +108,9 @@ def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : max(length, 1)]
 
 
-def window_tokens(texts: list[str], tokenizer, overlap: int, max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window_tokens(
+    texts: list[str], tokenizer, overlap: int, max_windows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Overlapping windows of each text for a short-context teacher.
 
     Each window holds ``context - 2`` BPE tokens wrapped in start/end tokens; consecutive windows

@@ -37,8 +37,10 @@ def prepare_ds_config(ds_config: Mapping[str, Any], params: TrainParams,
                          f"(ZeRO-3 would shard the task's weights; not supported)")
     micro = out.setdefault("train_micro_batch_size_per_gpu", params.batch_size)
     if micro != params.batch_size:
-        raise ValueError(f"{WHERE}: train_micro_batch_size_per_gpu={micro} disagrees with the "
-                         f"run's batch_size={params.batch_size}; leave it out (the engine fills it)")
+        raise ValueError(
+            f"{WHERE}: train_micro_batch_size_per_gpu={micro} disagrees with the "
+            f"run's batch_size={params.batch_size}; leave it out (the engine fills it)"
+        )
     gas = out.setdefault("gradient_accumulation_steps", 1)
     if not isinstance(gas, int) or gas < 1:
         raise ValueError(f"{WHERE}: gradient_accumulation_steps must be an integer >= 1, "

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 DISTILL_LOSSES = ("cosine", "mse", "l2")
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: str = "cosine") -> torch.Tensor:
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, loss_type: str = "cosine"
+) -> torch.Tensor:
     """Loss between student and teacher text embeddings [batch, dim].
 
     ``cosine``: 1 - mean cosine similarity; ``mse``: mean squared error over all entries;
@@ -23,7 +25,9 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: str = 
     raise ValueError(f"unknown distillation loss_type {loss_type!r}; one of {DISTILL_LOSSES}")
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """CLIP's symmetric contrastive loss on L2-normalised features of matching pairs."""
     logits = logit_scale * image_features @ text_features.T
     labels = torch.arange(logits.shape[0], device=logits.device)

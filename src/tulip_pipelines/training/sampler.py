@@ -1,5 +1,6 @@
-"""The data order of a training run: a shuffled, rank-sharded order per epoch, and the position in
-it that a checkpoint records so that a resumed run reads exactly what the uninterrupted run would."""
+"""The data order of a training run: a shuffled, rank-sharded order per epoch, and the position
+in it that a checkpoint records, so that a resumed run reads exactly what the uninterrupted run
+would."""
 
 from __future__ import annotations
 

@@ -31,7 +31,9 @@ def freeze_towers(model: nn.Module, train_towers: Iterable[str]) -> None:
     train_towers = set(train_towers)
     unknown = train_towers - set(TOWERS)
     if unknown or not train_towers:
-        raise ValueError(f"train_towers must be a non-empty subset of {TOWERS}, got {sorted(train_towers)}")
+        raise ValueError(
+            f"train_towers must be a non-empty subset of {TOWERS}, got {sorted(train_towers)}"
+        )
     for name, param in model.named_parameters():
         param.requires_grad_(_tower(name) in train_towers)
 
@@ -47,7 +49,9 @@ class ContrastiveTask(nn.Module):
                  train_towers: Iterable[str] = TOWERS):
         super().__init__()
         if long_weight < 0 or short_weight < 0 or long_weight + short_weight == 0:
-            raise ValueError(f"loss weights must be >= 0 and not both 0, got {long_weight}, {short_weight}")
+            raise ValueError(
+                f"loss weights must be >= 0 and not both 0, got {long_weight}, {short_weight}"
+            )
         self.model = model
         self.long_weight, self.short_weight = float(long_weight), float(short_weight)
         freeze_towers(model, train_towers)
@@ -55,10 +59,16 @@ class ContrastiveTask(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image = self.model.encode_image(batch["image"], normalize=True)
         scale = self.model.logit_scale.exp().clamp(max=100)
-        out = {"loss_long": clip_loss(image, self.model.encode_text(batch["long"], normalize=True), scale)}
+        out = {
+            "loss_long": clip_loss(
+                image, self.model.encode_text(batch["long"], normalize=True), scale
+            )
+        }
         loss = self.long_weight * out["loss_long"]
         if self.short_weight:
-            out["loss_short"] = clip_loss(image, self.model.encode_text(batch["short"], normalize=True), scale)
+            out["loss_short"] = clip_loss(
+                image, self.model.encode_text(batch["short"], normalize=True), scale
+            )
             loss = loss + self.short_weight * out["loss_short"]
         out["loss"] = loss
         out["logit_scale"] = scale.detach()

@@ -6,20 +6,35 @@ from .nodes import build_dci_long_csv, evaluate_retrieval
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([
-        Node(
-            build_dci_long_csv,
-            inputs="params:evaluate",
-            outputs="dci_long_prepared",
-            name="build_dci_long_csv",
-            tags=["evaluate"],
-        ),
-        Node(
-            evaluate_retrieval,
-            inputs=["teacher_model", "longclip_model", "distilled_model", "expanded_model", "val_captions",
-                    "dci_long_prepared", "params:evaluate", "params:image_root"],
-            outputs=["retrieval_metrics", "benchmark_issues", "retrieval_report", "retrieval_report_plot"],
-            name="evaluate_retrieval",
-            tags=["evaluate"],
-        ),
-    ])
+    return Pipeline(
+        [
+            Node(
+                build_dci_long_csv,
+                inputs="params:evaluate",
+                outputs="dci_long_prepared",
+                name="build_dci_long_csv",
+                tags=["evaluate"],
+            ),
+            Node(
+                evaluate_retrieval,
+                inputs=[
+                    "teacher_model",
+                    "longclip_model",
+                    "distilled_model",
+                    "expanded_model",
+                    "val_captions",
+                    "dci_long_prepared",
+                    "params:evaluate",
+                    "params:image_root",
+                ],
+                outputs=[
+                    "retrieval_metrics",
+                    "benchmark_issues",
+                    "retrieval_report",
+                    "retrieval_report_plot",
+                ],
+                name="evaluate_retrieval",
+                tags=["evaluate"],
+            ),
+        ]
+    )

@@ -6,13 +6,22 @@ from .nodes import finetune_longclip
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([
-        Node(
-            finetune_longclip,
-            inputs=["teacher_model", "train_captions", "val_captions", "params:longclip", "params:expand",
-                    "params:deepspeed", "params:image_root"],
-            outputs=["longclip_model", "longclip_history", "longclip_loss_plot"],
-            name="finetune_longclip",
-            tags=["longclip"],
-        )
-    ])
+    return Pipeline(
+        [
+            Node(
+                finetune_longclip,
+                inputs=[
+                    "teacher_model",
+                    "train_captions",
+                    "val_captions",
+                    "params:longclip",
+                    "params:expand",
+                    "params:deepspeed",
+                    "params:image_root",
+                ],
+                outputs=["longclip_model", "longclip_history", "longclip_loss_plot"],
+                name="finetune_longclip",
+                tags=["longclip"],
+            )
+        ]
+    )
