@@ -3,14 +3,19 @@
 import mlflow
 import pandas as pd
 import pytest
+from kedro.io import DataCatalog
+from kedro.pipeline import Pipeline
+from kedro.runner import SequentialRunner
 
 from tests.conftest import DS_FP32
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
-from tulip_pipelines.models import load_bundle, save_model
+from tulip_pipelines.io.models import ModelDataset
+from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
-from tulip_pipelines.pipelines.longclip.nodes import finetune_longclip
-from tulip_pipelines.pipelines.teacher.nodes import train_teacher
+
+STAGES = ("teacher", "distill", "expand", "longclip")
+registry = register_pipelines()
 
 
 def _train(steps, lr):
@@ -62,30 +67,32 @@ def _falls(history: pd.DataFrame) -> bool:
 
 @pytest.mark.slow
 def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
-    def params(stage, train):
-        return {"run_dir": str(tmp_path / "runs" / stage), "train": train}
+    """The four training pipelines through Kedro's runner, as ``kedro run`` wires them: catalog
+    inputs and parameters in, models saved and loaded through their catalog datasets."""
+    pipeline = sum((registry[name] for name in ("teacher", "distill", "expand", "longclip")),
+                   Pipeline([]))
+    catalog = DataCatalog(datasets={
+        f"{name}_model": ModelDataset(str(tmp_path / f"{name}_model"))
+        for name in ("teacher", "distilled", "expanded", "longclip")})
+    catalog["train_captions"] = data["train"]
+    catalog["val_captions"] = data["val"]
+    catalog["demo_shuffled_captions"] = data["shuffled"]
+    catalog["params:image_root"] = data["root"]
+    catalog["params:deepspeed"] = DS_FP32
+    for stage, train in (("teacher", _train(24, 5e-4)), ("distill", _train(16, 2e-3)),
+                         ("expand", _train(12, 5e-4))):
+        catalog[f"params:{stage}"] = {"run_dir": str(tmp_path / "runs" / stage), "train": train}
+    catalog["params:longclip"] = {"run_dir": str(tmp_path / "runs" / "longclip")}
+    outputs = SequentialRunner().run(pipeline, catalog)  # name -> dataset
 
-    teacher, hist, fig = train_teacher(data["train"], data["val"], data["shuffled"],
-                                       params("teacher", _train(24, 5e-4)), DS_FP32, data["root"])
-    assert _falls(hist) and fig is not None
-    save_model(teacher, tmp_path / "teacher_model")
-    teacher = load_bundle(tmp_path / "teacher_model")
-
-    student, hist, _ = distill(teacher, data["train"], data["val"],
-                               params("distill", _train(16, 2e-3)), DS_FP32, data["root"])
-    assert _falls(hist) and student.spec.kind == "rope" and student.spec.context_length == 248
-    expand_params = params("expand", _train(12, 5e-4))
-    expanded, hist, _ = expand(
-        student, data["train"], data["val"], expand_params, DS_FP32, data["root"]
-    )
-    assert _falls(hist)
-    longclip, hist_l, _ = finetune_longclip(teacher, data["train"], data["val"],
-                                            {"run_dir": str(tmp_path / "runs" / "longclip")},
-                                            expand_params, DS_FP32, data["root"])
+    histories = {stage: outputs[f"{stage}_history"].load() for stage in STAGES}
+    assert all(_falls(h) for h in histories.values())
+    assert histories["longclip"]["step"].max() == histories["expand"]["step"].max()  # budget
+    student = ModelDataset(str(tmp_path / "distilled_model")).load()
+    assert student.spec.kind == "rope" and student.spec.context_length == 248
+    longclip = ModelDataset(str(tmp_path / "longclip_model")).load()
     assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
-    assert hist_l["step"].max() == hist["step"].max()  # the same budget as expand
-    save_model(expanded, tmp_path / "expanded_model")
-    assert load_bundle(tmp_path / "expanded_model").spec.kind == "rope"
+    assert ModelDataset(str(tmp_path / "expanded_model")).load().spec.kind == "rope"
 
     runs = mlflow.search_runs(search_all_experiments=True)
     by_stage = {r["tags.tulip.stage"]: r for _, r in runs.iterrows()}
