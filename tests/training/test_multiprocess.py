@@ -7,7 +7,7 @@ import torch
 
 from tests.training.toy_tasks import RegressionTask
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
-from tulip_pipelines.training.launch import build_job, launcher_command, run_distributed
+from tulip_pipelines.training.launch import job_from_spec, launcher_command, run_distributed
 
 
 def _spec(run_dir: Path) -> dict:
@@ -64,8 +64,8 @@ def test_launcher_commands_run_this_module(tmp_path):
         launcher_command("mpirun", 2, tmp_path / "s.json", tmp_path / "r", 29500)
 
 
-def test_build_job_names_a_bad_builder():
+def test_job_from_spec_names_a_bad_builder():
     with pytest.raises(ValueError, match="builder"):
-        build_job({"builder": "no_colon_here"})
+        job_from_spec({"builder": "no_colon_here"})
     with pytest.raises(ValueError, match="nothing_here"):
-        build_job({"builder": "tests.training.toy_tasks:nothing_here"})
+        job_from_spec({"builder": "tests.training.toy_tasks:nothing_here"})

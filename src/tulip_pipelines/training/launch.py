@@ -62,7 +62,7 @@ class TrainJob(NamedTuple):
     fingerprint: dict[str, Any] | None = None
 
 
-def build_job(spec: Mapping[str, Any]) -> TrainJob:
+def job_from_spec(spec: Mapping[str, Any]) -> TrainJob:
     """Import the spec's ``builder`` (``"module:function"``) and call it with the spec."""
     ref = spec.get("builder")
     if not isinstance(ref, str) or ":" not in ref:
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help="set by deepspeed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    job = build_job(json.loads(args.spec.read_text()))
+    job = job_from_spec(json.loads(args.spec.read_text()))
     result = train(job.task, job.train_dataset, job.params, job.ds_config,
                    collate_fn=job.collate_fn, val_dataset=job.val_dataset,
                    fingerprint=job.fingerprint)
