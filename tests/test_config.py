@@ -25,7 +25,8 @@ def _parameters(project_root: Path, env: str) -> dict:
 def test_every_environment_passes_the_parameter_checks(project_root, env):
     params = _parameters(project_root, env)
     assert set(DEFAULT_ORDER) - {"demo_data"} <= set(params_classes())
-    assert check_parameters(params, DEFAULT_ORDER, shared={"image_root"}) == []
+    assert check_parameters(params, DEFAULT_ORDER,
+                            shared={"image_root", "teacher_model_name"}) == []
 
 
 def test_overlays_merge_into_base_and_restate_nothing(project_root):

@@ -14,6 +14,8 @@ from typing import Any
 
 from tulip_pipelines.params import Params, Problems
 
+NOT_READ = object()  # a shared parameter that the pipelines of a run do not read
+
 
 @dataclass
 class SharedParams(Params):
@@ -21,12 +23,21 @@ class SharedParams(Params):
 
     section = "parameters"
 
-    image_root: str | None = None
+    image_root: Any = NOT_READ
+    teacher_model_name: Any = NOT_READ  # null is allowed (prepare_images then needs a size)
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
-        p.check(isinstance(self.image_root, str) and bool(self.image_root), "image_root",
-                f"must be a non-empty path, got {self.image_root!r}")
+        if self.image_root is not NOT_READ:
+            p.check(isinstance(self.image_root, str) and bool(self.image_root), "image_root",
+                    f"must be a non-empty path, got {self.image_root!r}")
+        if self.teacher_model_name not in (NOT_READ, None):
+            from tulip_pipelines.models.configs import check_model_name
+
+            try:
+                check_model_name(self.teacher_model_name)
+            except ValueError as err:
+                p.add("teacher_model_name", str(err))
         p.raise_if_any()
 
 
@@ -35,6 +46,7 @@ def params_classes() -> dict[str, type[Params]]:
     the hook imports torch only when a run has training pipelines)."""
     from tulip_pipelines.data.demo import DemoDataParams
     from tulip_pipelines.data.ingest import IngestParams
+    from tulip_pipelines.data.prepare import PrepareImagesParams
     from tulip_pipelines.data.split import SplitParams
     from tulip_pipelines.evaluation.evaluate import EvaluateParams
     from tulip_pipelines.training.stages import STAGES
@@ -43,6 +55,7 @@ def params_classes() -> dict[str, type[Params]]:
         "demo_data": DemoDataParams,
         "ingest": IngestParams,
         "split": SplitParams,
+        "prepare_images": PrepareImagesParams,
         "evaluate": EvaluateParams,
     }
     classes.update({name: stage.params_cls for name, stage in STAGES.items()})

@@ -21,6 +21,7 @@ DEFAULT_ORDER = (
     "demo_data",
     "ingest",
     "split",
+    "prepare_images",
     "teacher",
     "distill",
     "expand",

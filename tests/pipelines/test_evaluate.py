@@ -10,6 +10,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
+from tulip_pipelines.data.images import FolderImages
 from tulip_pipelines.evaluation.evaluate import EvaluateParams, image_tower_fingerprint
 from tulip_pipelines.models import (
     build_student,
@@ -82,7 +83,7 @@ def _catalog(setup) -> DataCatalog:
         catalog[name] = MemoryDataset(bundle, copy_mode="assign")
     catalog["val_captions"] = setup["val"]
     catalog["params:evaluate"] = setup["params"]
-    catalog["params:image_root"] = setup["image_root"]
+    catalog["prepared_images"] = FolderImages(setup["image_root"])
     for name in (
         "retrieval_metrics",
         "benchmark_issues",

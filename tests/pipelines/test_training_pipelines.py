@@ -1,4 +1,5 @@
-"""A few steps of teacher, distill, expand and longclip on tiny demo data, tracked in MLflow."""
+"""A few steps of teacher, distill, expand and longclip on tiny demo data prepared into shards
+by prepare_images, tracked in MLflow."""
 
 import mlflow
 import pandas as pd
@@ -9,6 +10,8 @@ from kedro.runner import SequentialRunner
 
 from tests.conftest import DS_FP32
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
+from tulip_pipelines.data.images import PreparedImages
+from tulip_pipelines.io.images import ImageSourceDataset
 from tulip_pipelines.io.models import ModelDataset
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.pipelines.distill.nodes import distill
@@ -68,16 +71,20 @@ def _falls(history: pd.DataFrame) -> bool:
 @pytest.mark.slow
 def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     """The four training pipelines through Kedro's runner, as ``kedro run`` wires them: catalog
-    inputs and parameters in, models saved and loaded through their catalog datasets."""
-    pipeline = sum((registry[name] for name in ("teacher", "distill", "expand", "longclip")),
-                   Pipeline([]))
+    inputs and parameters in, images read from the shards of prepare_images, models saved and
+    loaded through their catalog datasets."""
+    pipeline = sum((registry[name] for name in ("prepare_images", *STAGES)), Pipeline([]))
     catalog = DataCatalog(datasets={
         f"{name}_model": ModelDataset(str(tmp_path / f"{name}_model"))
         for name in ("teacher", "distilled", "expanded", "longclip")})
+    catalog["prepared_images"] = ImageSourceDataset(str(tmp_path / "prepared_images.json"))
     catalog["train_captions"] = data["train"]
     catalog["val_captions"] = data["val"]
     catalog["demo_shuffled_captions"] = data["shuffled"]
     catalog["params:image_root"] = data["root"]
+    catalog["params:teacher_model_name"] = "TULIP-Tiny"
+    catalog["params:prepare_images"] = {"output_dir": str(tmp_path / "prepared"),
+                                        "shard_size": 16, "num_workers": 0}
     catalog["params:deepspeed"] = DS_FP32
     for stage, train in (("teacher", _train(24, 5e-4)), ("distill", _train(16, 2e-3)),
                          ("expand", _train(12, 5e-4))):
@@ -93,6 +100,9 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     longclip = ModelDataset(str(tmp_path / "longclip_model")).load()
     assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
     assert ModelDataset(str(tmp_path / "expanded_model")).load().spec.kind == "rope"
+    prepared = catalog.load("prepared_images")
+    assert isinstance(prepared, PreparedImages) and prepared.info["n_samples"] == 48
+    assert outputs["rejected_images"].load().empty
 
     runs = mlflow.search_runs(search_all_experiments=True)
     by_stage = {r["tags.tulip.stage"]: r for _, r in runs.iterrows()}

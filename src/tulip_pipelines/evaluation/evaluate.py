@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from tulip_pipelines.data.images import ImageSource, preprocess_size
 from tulip_pipelines.evaluation.metrics import retrieval_recall
 from tulip_pipelines.evaluation.readers import (
     READERS,
@@ -40,7 +41,7 @@ ISSUE_COLUMNS = ["benchmark", "item", "reason", "detail"]
 FORMATS = {**READERS, "sharegpt4v": read_sharegpt4v}
 # Options of a dci_long entry used to build dci_long.csv from the DCI release (not by the reader).
 DCI_BUILD_OPTIONS = ("annotations", "photos_prefix")
-_SET_BY_CONFIG = {"root", "name", "kind", "val_captions", "image_root"}
+_SET_BY_CONFIG = {"root", "name", "kind", "val_captions", "images"}
 
 
 def _reader_options(fmt: str) -> set[str]:
@@ -124,18 +125,17 @@ class EvaluateParams(Params):
 
 
 def load_benchmarks(
-    cfg: EvaluateParams, val_captions: pd.DataFrame | None, image_root: str | Path
+    cfg: EvaluateParams, val_captions: pd.DataFrame | None, images: ImageSource | str | Path
 ) -> dict[str, RetrievalBenchmark]:
-    """Read every configured benchmark. One whose files are absent (or that has no usable pair)
-    is skipped with a log line naming the path, and gets no rows in the results."""
+    """Read every configured benchmark (``sharegpt4v`` ones read ``val_captions``' images from
+    ``images``, the ``prepared_images`` source). One whose files are absent (or that has no
+    usable pair) is skipped with a log line naming the path, and gets no rows in the results."""
     out = {}
     for name, bc in cfg.benchmarks.items():
         options = {k: v for k, v in bc.options.items() if k not in DCI_BUILD_OPTIONS}
         try:
             if bc.format == "sharegpt4v":
-                bench = read_sharegpt4v(
-                    val_captions, image_root, name=name, kind=bc.kind, **options
-                )
+                bench = read_sharegpt4v(val_captions, images, name=name, kind=bc.kind, **options)
             else:
                 bench = READERS[bc.format](bc.root, name=name, kind=bc.kind, **options)
         except BenchmarkMissing as err:
@@ -148,7 +148,7 @@ def load_benchmarks(
             )
         if not bench.texts:
             logger.warning(
-                "skipping %s: no usable image-text pair under %s", name, bc.root or image_root
+                "skipping %s: no usable image-text pair under %s", name, bc.root or images
             )
             continue
         out[name] = bench
@@ -196,14 +196,20 @@ def prepare_dci_long(cfg: EvaluateParams) -> pd.DataFrame:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[str], preprocess):
-        self.paths, self.preprocess = paths, preprocess
+    """Image files (decoded in full, as the benchmarks' reference code does), or the handles of
+    an image source (ShareGPT4V-1k: decoded at the size the preprocess needs)."""
+
+    def __init__(self, items: Sequence[Any], preprocess, source: ImageSource | None = None):
+        self.items, self.preprocess, self.source = items, preprocess, source
+        self.min_size = preprocess_size(preprocess)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.paths[index]) as image:
+        if self.source is not None:
+            return self.preprocess(self.source.open(self.items[index], self.min_size))
+        with Image.open(self.items[index]) as image:
             return self.preprocess(image.convert("RGB"))
 
 
@@ -212,12 +218,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def encode_images(bundle: ModelBundle, paths: Sequence[str], batch_size: int, num_workers: int = 0,
-                  desc: str = "images") -> torch.Tensor:
-    """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower."""
+def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, num_workers: int = 0,
+                  desc: str = "images", source: ImageSource | None = None) -> torch.Tensor:
+    """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower, of
+    image files ``paths``, or of the handles ``paths`` of ``source``."""
     model = bundle.model.eval()
     loader = DataLoader(
-        _Images(paths, bundle.preprocess), batch_size=batch_size, num_workers=num_workers
+        _Images(paths, bundle.preprocess, source), batch_size=batch_size, num_workers=num_workers
     )
     out = [model.encode_image(batch.to(_device(model)), normalize=True).float().cpu()
            for batch in track(loader, desc, "batch")]
@@ -264,12 +271,14 @@ def score(
             logger.info("scoring %s on %s", model_name, bench_name)
             key = fingerprints[model_name]
             if key not in image_cache:
+                in_source = bench.image_source is not None
                 image_cache[key] = encode_images(
                     bundle,
-                    bench.image_paths,
+                    bench.image_handles if in_source else bench.image_paths,
                     cfg.batch_size,
                     cfg.num_workers,
                     desc=f"{bench_name}/{model_name} images",
+                    source=bench.image_source,
                 )
             texts = encode_texts(
                 bundle, bench.texts, cfg.batch_size, desc=f"{bench_name}/{model_name} texts"

@@ -18,8 +18,8 @@ Formats (facts from the benchmarks' releases and the TULIP / Long-CLIP evaluatio
 * **Flickr30k**: ``results.csv`` with header ``image_name| comment_number| comment`` (``|`` then a
   space), images in ``flickr30k_images/``; optionally only Karpathy's test split
   (``dataset_flickr30k.json``: ``images[].filename`` with ``split == "test"``).
-* **ShareGPT4V-1k**: the first 1,000 validation records (``val_captions``), image paths relative
-  to the ingest image root.
+* **ShareGPT4V-1k**: the first 1,000 validation records (``val_captions``), their images read
+  through the ``prepared_images`` source (the prepared shards, or the files under the image root).
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from tulip_pipelines.data.images import FolderImages, ImageSource, as_image_source
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,10 @@ class BenchmarkIssue:
 
 @dataclass
 class RetrievalBenchmark:
-    """Images, texts and ``text_to_image[t]`` (the image of text ``t``); ``kind`` is long/short."""
+    """Images, texts and ``text_to_image[t]`` (the image of text ``t``); ``kind`` is long/short.
+
+    ``image_paths`` are image files, or, with ``image_source``, descriptions of the images that
+    ``image_handles`` locate in that source (ShareGPT4V-1k)."""
 
     name: str
     kind: str
@@ -65,6 +71,8 @@ class RetrievalBenchmark:
     texts: list[str]
     text_to_image: np.ndarray
     issues: list[BenchmarkIssue] = field(default_factory=list)
+    image_source: ImageSource | None = None
+    image_handles: list[Any] | None = None
 
     def __post_init__(self) -> None:
         self.text_to_image = np.asarray(self.text_to_image, dtype=np.int64)
@@ -343,31 +351,36 @@ def read_flickr30k(
 
 def read_sharegpt4v(
     val_captions: pd.DataFrame,
-    image_root: str | Path,
+    images: ImageSource | str | Path,
     name: str = "sharegpt4v_1k",
     kind: str = "long",
     n: int = 1000,
 ) -> RetrievalBenchmark:
-    """The first ``n`` records of ``val_captions`` (columns ``id``, ``image``, ``caption``)."""
-    image_root = Path(image_root)
-    if not image_root.is_dir():
-        raise BenchmarkMissing(name, image_root)
+    """The first ``n`` records of ``val_captions`` (columns ``id``, ``image``, ``caption``), their
+    images from ``images`` (an image source; a path means the original files under it)."""
+    source = as_image_source(images)
+    if isinstance(source, FolderImages) and not source.root.is_dir():
+        raise BenchmarkMissing(name, source.root)
     if len(val_captions) < n:
         logger.warning("%s: val_captions has %d records, fewer than %d", name, len(val_captions), n)
-    items, issues = [], []
-    for rec_id, image, caption in (
-        val_captions[["id", "image", "caption"]].head(n).itertuples(index=False)
-    ):
-        path = image_root / image
+    head = val_captions[["id", "image", "caption"]].head(n)
+    handles = source.locate(head["id"].astype(str).tolist(), head["image"].astype(str).tolist())
+    items, kept, issues = [], [], []
+    for (rec_id, image, caption), handle in zip(head.itertuples(index=False), handles):
         if not _clean(caption):
             issues.append(BenchmarkIssue(str(rec_id), IssueReason.EMPTY_CAPTION, f"image {image}"))
-        elif not path.is_file():
-            issues.append(
-                BenchmarkIssue(str(rec_id), IssueReason.MISSING_IMAGE, f"{path} not found")
-            )
+        elif handle is None:
+            issues.append(BenchmarkIssue(str(rec_id), IssueReason.MISSING_IMAGE,
+                                         f"{image} left out by prepare_images (rejected_images)"))
+        elif not source.exists(handle):
+            issues.append(BenchmarkIssue(str(rec_id), IssueReason.MISSING_IMAGE,
+                                         f"{source.describe(handle)} not found"))
         else:
-            items.append((str(path.resolve()), [_clean(caption)]))
-    return _pairs(name, kind, items, issues)
+            items.append((source.describe(handle), [_clean(caption)]))
+            kept.append(handle)
+    bench = _pairs(name, kind, items, issues)
+    bench.image_source, bench.image_handles = source, kept
+    return bench
 
 
 # Benchmarks read from files under a root folder, by ``format`` (ShareGPT4V reads val_captions).

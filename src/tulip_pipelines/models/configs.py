@@ -31,3 +31,11 @@ def teacher_context_length(model_name: str) -> int:
     """The text context of open_clip's ``model_name`` config (77 for CLIP)."""
     register_tiny_configs()
     return open_clip.get_model_config(model_name)["text_cfg"].get("context_length", 77)
+
+
+def image_input_size(model_name: str) -> int:
+    """The image side open_clip's ``model_name`` config expects (224 for ViT-L-14, 48 for
+    TULIP-Tiny); the larger side for a non-square input."""
+    check_model_name(model_name)
+    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+    return max(size) if isinstance(size, (list, tuple)) else int(size)

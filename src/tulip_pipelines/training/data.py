@@ -1,7 +1,8 @@
-"""Training data: image-caption pairs from a captions table and an image root."""
+"""Training data: image-caption pairs from a captions table and an image source."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,32 +12,51 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tulip_pipelines.data.images import ImageSource, as_image_source, preprocess_size
 from tulip_pipelines.data.text import first_sentence
+
+logger = logging.getLogger(__name__)
 
 
 class CaptionImageDataset(Dataset):
     """Rows of a captions table (``id``, ``image``, ``caption``) as training samples.
 
-    Each sample is ``{"image": tensor, "long": caption, "short": first sentence}``. With
-    ``variants`` (id -> list of alternative captions, e.g. the demo's shuffled-sentence captions)
-    the long caption is drawn at random among them each time the sample is read.
+    Each sample is ``{"image": tensor, "long": caption, "short": first sentence}``; images come
+    from ``images`` (an :class:`~tulip_pipelines.data.images.ImageSource`: the prepared shards
+    or the original folder; a path means the folder), decoded at the size ``preprocess`` needs.
+    Records whose image the source left out (quarantined by ``prepare_images``) are dropped
+    when images are read. With ``variants`` (id -> list of alternative captions, e.g. the demo's
+    shuffled-sentence captions) the long caption is drawn at random among them each time the
+    sample is read.
     """
 
     def __init__(
         self,
         frame: pd.DataFrame,
-        image_root: str | Path,
+        images: ImageSource | str | Path,
         preprocess: Callable[[Image.Image], torch.Tensor] | None,
         variants: Mapping[str, Sequence[str]] | None = None,
     ):
         missing = {"id", "image", "caption"} - set(frame.columns)
         if missing:
             raise ValueError(f"captions table lacks column(s) {sorted(missing)}")
-        self.ids = frame["id"].astype(str).tolist()
-        self.images = frame["image"].tolist()
-        self.captions = frame["caption"].tolist()
-        self.image_root = Path(image_root)
+        self.source = as_image_source(images)
         self.preprocess = preprocess
+        self.min_size = preprocess_size(preprocess)
+        ids = frame["id"].astype(str).tolist()
+        self.handles: list[Any] = []
+        if preprocess is not None:
+            self.handles = self.source.locate(ids, frame["image"].astype(str).tolist())
+            left_out = [i for i, handle in enumerate(self.handles) if handle is None]
+            if left_out:
+                logger.warning("%d of %d records have no image in %r (rejected_images), e.g. "
+                               "id %r: left out", len(left_out), len(ids), self.source,
+                               ids[left_out[0]])
+                kept = [i for i, handle in enumerate(self.handles) if handle is not None]
+                frame = frame.iloc[kept]
+                self.handles = [self.handles[i] for i in kept]
+        self.ids = frame["id"].astype(str).tolist()
+        self.captions = frame["caption"].tolist()
         self.variants = dict(variants) if variants else None
         if self.variants is not None:
             absent = [i for i in self.ids if i not in self.variants]
@@ -56,15 +76,17 @@ class CaptionImageDataset(Dataset):
             long = choices[int(torch.randint(len(choices), ()))]
         sample: dict[str, Any] = {"long": long, "short": first_sentence(caption)}
         if self.preprocess is not None:
-            path = self.image_root / self.images[index]
-            try:
-                with Image.open(path) as image:
-                    sample["image"] = self.preprocess(image.convert("RGB"))
-            except (OSError, ValueError) as err:
-                raise OSError(
-                    f"cannot read image of record {self.ids[index]!r}: {path}: {err}"
-                ) from err
+            sample["image"] = self.preprocess(self.read_image(index))
         return sample
+
+    def read_image(self, index: int) -> Image.Image:
+        """The decoded image of record ``index``: every image read of training is here."""
+        handle = self.handles[index]
+        try:
+            return self.source.open(handle, self.min_size)
+        except (OSError, ValueError) as err:
+            raise OSError(f"cannot read image of record {self.ids[index]!r}: "
+                          f"{self.source.describe(handle)}: {err}") from err
 
 
 class Collate:

@@ -6,15 +6,16 @@ from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.tracking import train_stage
 from tulip_pipelines.training.stages import DistillParams, StageInputs
 
 
 def distill(teacher_model: ModelBundle, train_captions: pd.DataFrame, val_captions: pd.DataFrame,
-            params: dict[str, Any], ds_config: dict[str, Any], image_root: str):
+            params: dict[str, Any], ds_config: dict[str, Any], images: ImageSource):
     """Distil the frozen teacher's text embeddings into a RoPE student."""
     stage_params = DistillParams.from_params(params)  # before touching any input
     inputs = StageInputs({"teacher": teacher_model},
-                         {"train": train_captions, "val": val_captions}, image_root)
+                         {"train": train_captions, "val": val_captions}, images)
     return train_stage("distill", stage_params, inputs, ds_config, parent=teacher_model)

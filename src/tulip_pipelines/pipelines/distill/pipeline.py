@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             distill,
             inputs=["teacher_model", "train_captions", "val_captions", "params:distill",
-                    "params:deepspeed", "params:image_root"],
+                    "params:deepspeed", "prepared_images"],
             outputs=["distilled_model", "distill_history", "distill_loss_plot"],
             name="distill_relative_positions",
             tags=["distill"],

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.evaluation.evaluate import (
     EvaluateParams,
     issues_table,
@@ -34,15 +35,16 @@ def evaluate_retrieval(
     val_captions: pd.DataFrame,
     dci_long_prepared: pd.DataFrame,
     params: dict[str, Any],
-    image_root: str,
+    prepared_images: ImageSource,
 ):
     """Score the teacher, Long-CLIP (stretched only / fine-tuned) and TULIP (distilled / expanded).
 
+    ShareGPT4V-format benchmarks read ``val_captions``' images from ``prepared_images``.
     Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown) and
     ``retrieval_report_plot``; logs them to MLflow when tracking is on.
     """
     cfg = EvaluateParams.from_params(params)
-    benchmarks = load_benchmarks(cfg, val_captions, image_root)
+    benchmarks = load_benchmarks(cfg, val_captions, prepared_images)
     stretch = longclip_model.spec
     models = {
         "teacher": teacher_model,

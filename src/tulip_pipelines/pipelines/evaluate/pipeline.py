@@ -25,7 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "val_captions",
                     "dci_long_prepared",
                     "params:evaluate",
-                    "params:image_root",
+                    "prepared_images",
                 ],
                 outputs=[
                     "retrieval_metrics",

@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             expand,
             inputs=["distilled_model", "train_captions", "val_captions", "params:expand",
-                    "params:deepspeed", "params:image_root"],
+                    "params:deepspeed", "prepared_images"],
             outputs=["expanded_model", "expand_history", "expand_loss_plot"],
             name="expand_context",
             tags=["expand"],

@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:longclip",
                     "params:expand",
                     "params:deepspeed",
-                    "params:image_root",
+                    "prepared_images",
                 ],
                 outputs=["longclip_model", "longclip_history", "longclip_loss_plot"],
                 name="finetune_longclip",

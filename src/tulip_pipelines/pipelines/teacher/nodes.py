@@ -6,14 +6,15 @@ from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.tracking import train_stage
 from tulip_pipelines.training.stages import StageInputs, TeacherParams
 
 
 def train_teacher(train_captions: pd.DataFrame, val_captions: pd.DataFrame,
                   shuffled_captions: pd.DataFrame, params: dict[str, Any],
-                  ds_config: dict[str, Any], image_root: str):
+                  ds_config: dict[str, Any], images: ImageSource):
     """Train a CLIP from scratch (77-token absolute positions) on sentence-shuffled captions."""
     inputs = StageInputs({}, {"train": train_captions, "val": val_captions,
-                              "shuffled": shuffled_captions}, image_root)
+                              "shuffled": shuffled_captions}, images)
     return train_stage("teacher", TeacherParams.from_params(params), inputs, ds_config)

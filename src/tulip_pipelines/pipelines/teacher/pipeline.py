@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(
             train_teacher,
             inputs=["train_captions", "val_captions", "demo_shuffled_captions", "params:teacher",
-                    "params:deepspeed", "params:image_root"],
+                    "params:deepspeed", "prepared_images"],
             outputs=["teacher_model", "teacher_history", "teacher_loss_plot"],
             name="train_teacher",
             tags=["teacher"],

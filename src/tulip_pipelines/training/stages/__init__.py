@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines.data.images import image_source_from_dict
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.training.launch import TrainJob
 from tulip_pipelines.training.stages import distill, expand, longclip, teacher
@@ -36,7 +37,7 @@ def build_job(spec: Mapping[str, Any]) -> TrainJob:
     inputs = StageInputs(
         models={k: load_bundle(v) for k, v in spec["models"].items()},
         frames={k: pd.read_parquet(v) for k, v in spec["frames"].items()},
-        image_root=spec["image_root"],
+        images=image_source_from_dict(spec["images"]),
     )
     job, _ = stage.job(params, inputs, spec["ds_config"])
     return job

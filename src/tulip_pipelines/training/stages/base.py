@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines.data.images import ImageSource, as_image_source
 from tulip_pipelines.models import ModelBundle, save_model
 from tulip_pipelines.params import Params, Problems
 from tulip_pipelines.training.config import TrainParams, TrainResult
@@ -60,21 +61,25 @@ class StageParams(Params):
 @dataclass
 class StageInputs:
     """What a stage reads: models by role (``teacher``, ``distilled``), caption tables by role
-    (``train``, ``val``, the demo teacher's ``shuffled``) and the folder image paths start in."""
+    (``train``, ``val``, the demo teacher's ``shuffled``) and where their images are (the
+    ``prepared_images`` source; a folder path means the original files under it)."""
 
     models: Mapping[str, ModelBundle]
     frames: Mapping[str, pd.DataFrame]
-    image_root: str
+    images: ImageSource | str
+
+    def __post_init__(self) -> None:
+        self.images = as_image_source(self.images)
 
     def datasets(self, preprocess, variants=None) -> tuple[CaptionImageDataset,
                                                              CaptionImageDataset | None]:
         """Training and (if there are validation rows) validation datasets; ``preprocess=None``
         reads no images (distillation is text only). Variants apply to training only."""
-        train_ds = CaptionImageDataset(self.frames["train"], self.image_root, preprocess, variants)
+        train_ds = CaptionImageDataset(self.frames["train"], self.images, preprocess, variants)
         val = self.frames.get("val")
         val_ds = None
         if val is not None and len(val):
-            val_ds = CaptionImageDataset(val, self.image_root, preprocess)
+            val_ds = CaptionImageDataset(val, self.images, preprocess)
         return train_ds, val_ds
 
 
@@ -105,6 +110,9 @@ class Stage:
             "model": built.model.spec.to_dict(),
             "inputs": {k: b.spec.to_dict() for k, b in inputs.models.items()},
             "train_ids": [str(train_ids.iloc[0]), str(train_ids.iloc[-1]), len(train_ids)],
+            # which images (prepared or original, size, quality), not where they are
+            "images": {k: v for k, v in inputs.images.to_dict().items()
+                       if k not in ("folder", "root")},
             "params": params.fingerprint_fields(),
         }
         job = TrainJob(built.task, built.train_dataset, built.val_dataset, built.collate,
@@ -146,6 +154,6 @@ def _launch_spec(stage: str, params: StageParams, inputs: StageInputs,
         "params": params.to_dict(),
         "models": {name: str(folder / name) for name in inputs.models},
         "frames": {name: str(folder / f"{name}.parquet") for name in inputs.frames},
-        "image_root": str(Path(inputs.image_root).resolve()),
+        "images": inputs.images.resolved().to_dict(),
         "ds_config": dict(ds_config),
     }
