@@ -3,8 +3,11 @@
 One ``kedro run`` (the module fixture ``default_run``) serves every test here: each asserts one
 property of its outputs. The first asserts the method's effect on the held-out long-caption demo
 benchmark (Urban1k layout): a 77-token teacher can only find an image's group, the expanded TULIP
-student finds the image.
+student finds the image. The run goes through prepare_images: training and evaluation read the
+prepared shards.
 """
+
+import json
 
 import pandas as pd
 import pytest
@@ -12,6 +15,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from tests.conftest import copy_project
+from tulip_pipelines.pipeline_registry import register_pipelines
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +62,23 @@ def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(default_ru
         )
     assert (project / "data/08_reporting/retrieval_report.png").stat().st_size > 0
     assert "urban1k_demo" in (project / "data/08_reporting/retrieval_report.md").read_text()
+
+
+def test_default_run_prepares_the_images_and_trains_and_evaluates_on_the_shards(default_run):
+    project = default_run
+    described = json.loads((project / "data/05_model_input/prepared_images.json").read_text())
+    assert described["kind"] == "prepared" and described["size"] == 48  # TULIP-Tiny's input
+    n_records = sum(len(pd.read_parquet(project / f"data/05_model_input/{split}_captions.parquet"))
+                    for split in ("train", "val"))
+    rejected = pd.read_parquet(project / "data/02_intermediate/rejected_images.parquet")
+    assert described["n_records"] == n_records == described["n_samples"] + len(rejected)
+    assert rejected.empty  # the demo's images are all readable
+    prepared = project / described["folder"]
+    index = json.loads((prepared / "index.json").read_text())
+    assert sum(shard["nsamples"] for shard in index["shardlist"]) == n_records
+    assert len(list((prepared / "shards").glob("*.tar"))) == described["n_shards"] > 1
+    # every training stage and the evaluation read that source
+    readers = {node.name for node in register_pipelines()["__default__"].nodes
+               if "prepared_images" in node.inputs}
+    assert readers == {"train_teacher", "distill_relative_positions", "expand_context",
+                       "finetune_longclip", "evaluate_retrieval"}

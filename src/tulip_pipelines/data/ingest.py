@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tulip_pipelines.data.annotations import iter_records
+from tulip_pipelines.data.paths import check_image_path
 from tulip_pipelines.params import Params, Problems
 
 logger = logging.getLogger(__name__)
@@ -97,16 +97,6 @@ class CaptionRow:
     image: str
     caption: str
     source: str
-
-
-def check_image_path(image: str) -> str | None:
-    """Normalised relative form of ``image``, or None if absolute or escaping the image root."""
-    if image.startswith(("/", "\\")) or (len(image) > 1 and image[1] == ":"):
-        return None
-    normalised = posixpath.normpath(image.replace("\\", "/"))
-    if normalised == ".." or normalised.startswith("../") or normalised == ".":
-        return None
-    return normalised
 
 
 def validate_record(

@@ -189,10 +189,10 @@ def _run_tasks(tasks: list[ShardTask], num_workers: int) -> Iterator[ShardResult
     if num_workers == 0:
         yield from (write_shard(task) for task in tasks)
         return
-    # A fresh server process imports the writer once (webdataset imports torch); each worker
-    # forks from it, not from this (threaded) process.
+    # Workers fork from a fresh server process that has imported only the writer's module, not
+    # from this (threaded, torch-laden) process.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tulip_pipelines.data.shards", "webdataset"])
+    context.set_forkserver_preload(["tulip_pipelines.data.shards"])
     pending = iter(tasks)
     with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
         running: set[Future] = set()
