@@ -7,6 +7,7 @@ is decoded, resized and encoded (the work is real), but its file is read from th
 preparation runs in a fresh child process (the ``prepare_images`` node's core call); a thread
 here samples the memory of that child and its writer processes every 0.2 s: the peak of the sum
 of RSS (counts shared pages once per process, an upper bound) and of PSS (shared pages split).
+CPU time (the child and its writers) gives the rate per core on a shared machine.
 
     .venv/bin/python bench/prepare_images.py                      # 20,000 images, 2 processes
     .venv/bin/python bench/prepare_images.py --records 2000       # quick run
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -105,6 +107,7 @@ def main() -> None:
     names_file = workdir / "names.json"
     names_file.write_text(json.dumps(names))
     shutil.rmtree(out, ignore_errors=True)
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", "--records", str(args.records), "--workers",
          str(args.workers), "--shard-size", str(args.shard_size), "--workdir", str(workdir),
@@ -114,6 +117,8 @@ def main() -> None:
     stdout, _ = proc.communicate()
     monitor.stop.set()
     monitor.join()
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its reaped workers
+    cpu_s = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
     if proc.returncode:
         raise SystemExit(f"preparation failed (exit {proc.returncode})")
     figures = json.loads(stdout.strip().splitlines()[-1])
@@ -123,6 +128,8 @@ def main() -> None:
           f"{figures['size']} px) with {args.workers} writer processes")
     print(f"wall time      {figures['wall_s']:8.1f} s   "
           f"({figures['n_records'] / figures['wall_s']:.1f} images/s)")
+    print(f"CPU time       {cpu_s:8.1f} s   ({figures['n_records'] / cpu_s:.1f} images per "
+          "CPU-second: the rate per core, whatever else the machine runs)")
     print(f"peak RSS, sum  {monitor.peak_rss / 2**20:8.0f} MiB over {monitor.peak_processes} "
           "processes (upper bound)")
     print(f"peak PSS, sum  {monitor.peak_pss / 2**20:8.0f} MiB")

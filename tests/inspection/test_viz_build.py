@@ -10,13 +10,16 @@ import pytest
 
 from tests.conftest import copy_project
 
-PIPELINES = ["demo_data", "ingest", "split", "teacher", "distill", "expand", "longclip", "evaluate"]
+PIPELINES = ["demo_data", "ingest", "split", "prepare_images", "teacher", "distill", "expand",
+             "longclip", "evaluate"]
 DATASETS = [
     "raw_annotations",
     "captions",
     "rejected_captions",
     "train_captions",
     "val_captions",
+    "prepared_images",
+    "rejected_images",
     "teacher_model",
     "distilled_model",
     "expanded_model",

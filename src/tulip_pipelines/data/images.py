@@ -144,6 +144,7 @@ class PreparedImages(ImageSource):
         self.folder = Path(folder)
         self.info = dict(info or {})  # what the preparation wrote (size, counts), for people
         self._reader = None
+        self._reader_pid = 0  # the process that opened it (a forked worker opens its own)
         self._positions: np.ndarray | None = None  # sample -> position (the key written)
 
     # -- locating ---------------------------------------------------------------------------
@@ -199,8 +200,8 @@ class PreparedImages(ImageSource):
         return reader
 
     def open(self, handle: int, min_size: int | None = None) -> Image.Image:
-        if self._reader is None:
-            self._reader = self._open_reader()
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader, self._reader_pid = self._open_reader(), os.getpid()
         sample = self._reader[handle]
         expected = f"{int(self._positions[handle]):09d}"
         if sample["__key__"] != expected:
