@@ -7,7 +7,7 @@ is decoded, resized and encoded (the work is real), but its file is read from th
 preparation runs in a fresh child process (the ``prepare_images`` node's core call); a thread
 here samples the memory of that child and its writer processes every 0.2 s: the peak of the sum
 of RSS (counts shared pages once per process, an upper bound) and of PSS (shared pages split).
-CPU time (the child and its writers) gives the rate per core on a shared machine.
+The CPU time of those processes gives the rate per core on a shared machine.
 
     .venv/bin/python bench/prepare_images.py                      # 20,000 images, 2 processes
     .venv/bin/python bench/prepare_images.py --records 2000       # quick run
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -55,13 +54,15 @@ def child(root: Path, out: Path, records: int, workers: int, shard_size: int,
 
 
 class TreeMemory(threading.Thread):
-    """Peak of the summed RSS and PSS of a process and its descendants."""
+    """Peak of the summed RSS and PSS of a process and its descendants, and the CPU time of
+    each (last sample: a process's final 0.2 s may be missed)."""
 
     def __init__(self, pid: int, interval_s: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.interval_s = psutil.Process(pid), interval_s
         self.peak_rss = self.peak_pss = 0
         self.peak_processes = 0
+        self.cpu_s: dict[int, float] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -74,8 +75,10 @@ class TreeMemory(threading.Thread):
             for proc in tree:
                 try:
                     info = proc.memory_full_info()
+                    times = proc.cpu_times()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
+                self.cpu_s[proc.pid] = times.user + times.system
                 rss, pss = rss + info.rss, pss + info.pss
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_processes = max(self.peak_processes, len(tree))
@@ -107,7 +110,6 @@ def main() -> None:
     names_file = workdir / "names.json"
     names_file.write_text(json.dumps(names))
     shutil.rmtree(out, ignore_errors=True)
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", "--records", str(args.records), "--workers",
          str(args.workers), "--shard-size", str(args.shard_size), "--workdir", str(workdir),
@@ -117,8 +119,7 @@ def main() -> None:
     stdout, _ = proc.communicate()
     monitor.stop.set()
     monitor.join()
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its reaped workers
-    cpu_s = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
+    cpu_s = sum(monitor.cpu_s.values())
     if proc.returncode:
         raise SystemExit(f"preparation failed (exit {proc.returncode})")
     figures = json.loads(stdout.strip().splitlines()[-1])
