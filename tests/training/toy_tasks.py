@@ -64,3 +64,48 @@ def build_job(spec: dict[str, Any]) -> TrainJob:
         params=TrainParams.from_params(spec["train"]),
         ds_config=spec["deepspeed"],
     )
+
+
+class PairData(Dataset):
+    """``n`` random 48x48 images with a long and a short caption each (TULIP-Tiny inputs),
+    the same for a given seed."""
+
+    def __init__(self, n: int, seed: int = 0):
+        from tulip_pipelines.models import get_tokenizer
+
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 48, 48, generator=gen)
+        tokenizer = get_tokenizer("TULIP-Tiny", 248)
+        words = ["red", "green", "blue", "circle", "square", "small", "large", "striped"]
+        picks = torch.randint(len(words), (n, 12), generator=gen).tolist()
+        longs = [" ".join(words[i] for i in row) + ". " + " ".join(words[i] for i in row[::-1])
+                 for row in picks]
+        self.long = tokenizer(longs)[:, :40]
+        self.short = tokenizer([text.split(".")[0] for text in longs])[:, :40]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.images[i], "long": self.long[i], "short": self.short[i]}
+
+
+def contrastive_task(seed: int = 0, **options):
+    """ContrastiveTask on a TULIP-Tiny CLIP initialised from ``seed``."""
+    from tulip_pipelines.models import create_teacher
+    from tulip_pipelines.training.tasks import ContrastiveTask
+
+    torch.manual_seed(seed)
+    return ContrastiveTask(create_teacher("TULIP-Tiny").model, 0.8, 0.2, **options)
+
+
+def build_contrastive_job(spec: dict[str, Any]) -> TrainJob:
+    """Builder for ``launch.py``: ``contrastive_task`` (``task`` options) on ``PairData(n)``."""
+    return TrainJob(
+        task=contrastive_task(**spec.get("task", {})),
+        train_dataset=PairData(spec["n"]),
+        val_dataset=None,
+        collate_fn=None,
+        params=TrainParams.from_params(spec["train"]),
+        ds_config=spec["deepspeed"],
+    )

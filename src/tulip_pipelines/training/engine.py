@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tulip_pipelines.progress import on_terminal, progress
 from tulip_pipelines.training import checkpoints
+from tulip_pipelines.training.accumulation import StepCache
 from tulip_pipelines.training.batches import count_samples, scalar, to_device
 from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.deepspeed_setup import (
@@ -165,14 +166,27 @@ class _Loop:
 
     def _optimizer_step(self, batches: list[Any]) -> None:
         """Forward and backward over the step's micro batches; DeepSpeed steps the optimizer
-        after the last one (its gradient-accumulation boundary)."""
+        after the last one (its gradient-accumulation boundary). A task whose loss spans the
+        global batch (``global_batch``) first caches every micro batch's features, so that the
+        accumulated gradient is the whole batch's (see :mod:`.accumulation`)."""
         self._step_lr = self.engine.get_lr()[0]  # read from the optimizer: what this step uses
-        for batch in batches:
-            out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
+        batches = [to_device(b, self.engine.device, self.compute_dtype) for b in batches]
+        task, cached = self.engine.module, None
+        if len(batches) > 1 and getattr(task, "global_batch", False):
+            with torch.no_grad():
+                cached = [task.features(batch) for batch in batches]
+        for index, batch in enumerate(batches):
+            kwargs = {} if cached is None else {"cache": StepCache(cached, index)}
+            out = self.engine(batch, **kwargs)
             if "loss" not in out:
                 raise KeyError(f"run {self.params.run_name!r}: task.forward must return a 'loss' "
                                f"entry, got keys {sorted(out)}")
-            self.engine.backward(out["loss"])
+            # DeepSpeed divides each micro batch's loss by the accumulation steps; with the cache
+            # each carries the whole batch's loss, whose gradients must add up undivided.
+            # (backward(..., scale_wrt_gas=False) is not enough: DeepSpeed 0.19.8's output hooks
+            # still divide the gradient when the loss tensor is the forward's own output.)
+            loss = out["loss"] if cached is None else out["loss"] * len(batches)
+            self.engine.backward(loss)
             self.engine.step()
             for key, value in out.items():
                 self._window[key] = self._window.get(key, 0.0) + scalar(value)

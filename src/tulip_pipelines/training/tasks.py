@@ -12,7 +12,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tulip_pipelines.training.losses import DISTILL_LOSSES, clip_loss, distill_loss
+from tulip_pipelines.training.accumulation import StepCache, share_gradient
+from tulip_pipelines.training.distributed import gather_with_grad
+from tulip_pipelines.training.losses import (
+    DISTILL_LOSSES,
+    clip_loss,
+    distill_loss,
+    primary_components,
+)
 
 TOWERS = ("image", "text", "logit_scale")
 TEACHER_INPUTS = ("tokens", "windows")
@@ -27,51 +34,81 @@ def _tower(name: str) -> str:
 
 
 def freeze_towers(model: nn.Module, train_towers: Iterable[str]) -> None:
-    """Train only the named towers of a CLIP (``image``, ``text``, ``logit_scale``)."""
+    """Train only the named towers of a CLIP (``image``, ``text``, ``logit_scale``). Parameters
+    the model lists in ``frozen_parameters`` (Long-CLIP's kept positions) stay frozen."""
     train_towers = set(train_towers)
     unknown = train_towers - set(TOWERS)
     if unknown or not train_towers:
         raise ValueError(
             f"train_towers must be a non-empty subset of {TOWERS}, got {sorted(train_towers)}"
         )
+    always_frozen = set(getattr(model, "frozen_parameters", ()))
     for name, param in model.named_parameters():
-        param.requires_grad_(_tower(name) in train_towers)
+        param.requires_grad_(_tower(name) in train_towers and name not in always_frozen)
 
 
 class ContrastiveTask(nn.Module):
-    """CLIP loss on (image, long caption), plus optionally (image, short caption).
+    """CLIP loss on (image, long caption), plus optionally (image, short caption), over the
+    global batch of an optimizer step (every process, every accumulated micro batch: see
+    :mod:`tulip_pipelines.training.accumulation`).
 
-    ``loss = long_weight * L(image, long) + short_weight * L(image, short)``: TULIP's expansion
-    stage (0.8/0.2), the Long-CLIP baseline's fine-tuning (same), and the demo teacher (1/0).
+    ``loss = long_weight * L(image, long) + short_weight * L(image', short)``: TULIP's expansion
+    stage (0.8/0.2), the Long-CLIP baselines, and the demo teacher (1/0). ``image'`` is the image
+    features' primary components (``short_image_components``, Long-CLIP) or the features
+    themselves. ``label_smoothing`` applies to every cross-entropy (Long-CLIP: 0.1);
+    ``max_logit_scale`` clamps the temperature (open_clip: 100; ``None``: Long-CLIP, no clamp).
+    ``local_loss``: each process contrasts each micro batch alone (fewer negatives; the
+    gradient of a bigger batch is not reproduced).
     """
 
     def __init__(self, model: nn.Module, long_weight: float = 0.8, short_weight: float = 0.2,
-                 train_towers: Iterable[str] = TOWERS):
+                 train_towers: Iterable[str] = TOWERS, *, label_smoothing: float = 0.0,
+                 short_image_components: int | None = None,
+                 max_logit_scale: float | None = 100.0, local_loss: bool = False):
         super().__init__()
         if long_weight < 0 or short_weight < 0 or long_weight + short_weight == 0:
-            raise ValueError(
-                f"loss weights must be >= 0 and not both 0, got {long_weight}, {short_weight}"
-            )
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got {long_weight}, "
+                             f"{short_weight}")
         self.model = model
         self.long_weight, self.short_weight = float(long_weight), float(short_weight)
+        self.label_smoothing = float(label_smoothing)
+        self.short_image_components = short_image_components
+        self.max_logit_scale = max_logit_scale
+        self.global_batch = not local_loss  # the engine then caches a step's features
         freeze_towers(model, train_towers)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L2-normalised features of this micro batch (the part of the loss that is per sample)."""
         image = self.model.encode_image(batch["image"], normalize=True)
-        scale = self.model.logit_scale.exp().clamp(max=100)
-        out = {
-            "loss_long": clip_loss(
-                image, self.model.encode_text(batch["long"], normalize=True), scale
-            )
-        }
+        out = {"image": image,
+               "long": self.model.encode_text(batch["long"], normalize=True)}
+        if self.short_weight:
+            out["short"] = self.model.encode_text(batch["short"], normalize=True)
+            if self.short_image_components:
+                out["image_short"] = primary_components(image, self.short_image_components)
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor],
+                cache: StepCache | None = None) -> dict[str, torch.Tensor]:
+        feats = self.features(batch)
+        if cache is not None:
+            feats = cache.assemble(feats)
+        if self.global_batch and self.training:
+            feats = {key: gather_with_grad(value) for key, value in feats.items()}
+        scale = self.model.logit_scale.exp()
+        if self.max_logit_scale is not None:
+            scale = scale.clamp(max=self.max_logit_scale)
+        logged_scale = scale.detach()
+        if cache is not None:
+            scale = share_gradient(scale, cache.n)
+        out = {"loss_long": clip_loss(feats["image"], feats["long"], scale, self.label_smoothing)}
         loss = self.long_weight * out["loss_long"]
         if self.short_weight:
-            out["loss_short"] = clip_loss(
-                image, self.model.encode_text(batch["short"], normalize=True), scale
-            )
+            image = feats.get("image_short", feats["image"])
+            out["loss_short"] = clip_loss(image, feats["short"], scale, self.label_smoothing)
             loss = loss + self.short_weight * out["loss_short"]
         out["loss"] = loss
-        out["logit_scale"] = scale.detach()
+        out["logit_scale"] = logged_scale
         return out
 
 

@@ -19,8 +19,10 @@ class ContrastiveParams(StageParams):
     long_weight: float = 0.8
     short_weight: float = 0.2
     train_towers: list[str] = field(default_factory=lambda: list(TOWERS))
+    local_loss: bool = False  # true: each process contrasts each micro batch alone
 
     def check(self, problems: Problems) -> None:
+        problems.boolean("local_loss", self.local_loss)
         problems.number_in("long_weight", self.long_weight, 0)
         problems.number_in("short_weight", self.short_weight, 0)
         if self.long_weight == 0 and self.short_weight == 0:
@@ -46,7 +48,7 @@ class ExpandParams(ContrastiveParams):
 def contrastive_build(params: ContrastiveParams, inputs: StageInputs, model) -> Built:
     """Long and short captions against the images, for ``model``."""
     task = ContrastiveTask(model.model, params.long_weight, params.short_weight,
-                           params.train_towers)
+                           params.train_towers, local_loss=params.local_loss)
     collate = Collate(model.tokenizer, model.tokenizer)
     train_ds, val_ds = inputs.datasets(model.preprocess)
     return Built(task, collate, train_ds, val_ds, model)
