@@ -20,7 +20,8 @@ DATASETS = [
     "teacher_model",
     "distilled_model",
     "expanded_model",
-    "longclip_model",
+    "longclip_authors_model",
+    "longclip_equal_budget_model",
     "retrieval_metrics",
 ]
 

@@ -3,6 +3,7 @@
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from kedro.io import DataCatalog
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
@@ -10,11 +11,13 @@ from kedro.runner import SequentialRunner
 from tests.conftest import DS_FP32
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 from tulip_pipelines.io.models import ModelDataset
+from tulip_pipelines.models import stretch_position_embedding
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
+from tulip_pipelines.pipelines.longclip.nodes import finetune_longclip_equal_budget
 
-STAGES = ("teacher", "distill", "expand", "longclip")
+STAGES = ("teacher", "distill", "expand", "longclip_authors", "longclip_equal_budget")
 registry = register_pipelines()
 
 
@@ -73,7 +76,8 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
                    Pipeline([]))
     catalog = DataCatalog(datasets={
         f"{name}_model": ModelDataset(str(tmp_path / f"{name}_model"))
-        for name in ("teacher", "distilled", "expanded", "longclip")})
+        for name in ("teacher", "distilled", "expanded", "longclip_authors",
+                     "longclip_equal_budget")})
     catalog["train_captions"] = data["train"]
     catalog["val_captions"] = data["val"]
     catalog["demo_shuffled_captions"] = data["shuffled"]
@@ -82,21 +86,34 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     for stage, train in (("teacher", _train(24, 5e-4)), ("distill", _train(16, 2e-3)),
                          ("expand", _train(12, 5e-4))):
         catalog[f"params:{stage}"] = {"run_dir": str(tmp_path / "runs" / stage), "train": train}
-    catalog["params:longclip"] = {"run_dir": str(tmp_path / "runs" / "longclip")}
+    catalog["params:longclip"] = {
+        "authors": {"run_dir": str(tmp_path / "runs" / "longclip_authors"),
+                    "short_image_components": 8, "label_smoothing": 0.1,
+                    "init_logit_scale": 4.6052, "max_logit_scale": None,
+                    "train": {**_train(12, 5e-4), "weight_decay": 0.01,
+                              "decay_biases_and_norms": True}},
+        "equal_budget": {"run_dir": str(tmp_path / "runs" / "longclip_equal_budget")}}
     outputs = SequentialRunner().run(pipeline, catalog)  # name -> dataset
 
     histories = {stage: outputs[f"{stage}_history"].load() for stage in STAGES}
     assert all(_falls(h) for h in histories.values())
-    assert histories["longclip"]["step"].max() == histories["expand"]["step"].max()  # budget
+    budget = histories["expand"]["step"].max()
+    assert histories["longclip_equal_budget"]["step"].max() == budget
     student = ModelDataset(str(tmp_path / "distilled_model")).load()
     assert student.spec.kind == "rope" and student.spec.context_length == 248
-    longclip = ModelDataset(str(tmp_path / "longclip_model")).load()
-    assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
+    teacher = ModelDataset(str(tmp_path / "teacher_model")).load()
+    stretched = stretch_position_embedding(teacher, 248, 20).model.positional_embedding
+    for name in ("longclip_authors", "longclip_equal_budget"):
+        longclip = ModelDataset(str(tmp_path / f"{name}_model")).load()
+        assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
+        positions = longclip.model.positional_embedding
+        assert torch.equal(positions[:20], stretched[:20])  # kept rows frozen, bit for bit
+        assert not torch.equal(positions[20:], stretched[20:])  # the others trained
     assert ModelDataset(str(tmp_path / "expanded_model")).load().spec.kind == "rope"
 
     runs = mlflow.search_runs(search_all_experiments=True)
     by_stage = {r["tags.tulip.stage"]: r for _, r in runs.iterrows()}
-    assert set(by_stage) == {"teacher", "distill", "expand", "longclip"}
+    assert set(by_stage) == set(STAGES)
     exp = by_stage["expand"]
     assert exp["tags.tulip.parent_run_id"] == by_stage["distill"]["run_id"]  # lineage
     assert by_stage["distill"]["tags.tulip.parent_run_id"] == by_stage["teacher"]["run_id"]
@@ -119,4 +136,9 @@ def test_bad_stage_parameters_fail_before_training(data):
     with pytest.raises(ValueError, match="loss_type"):
         distill(None, data["train"], data["val"], {"loss_type": "kl"}, DS_FP32, data["root"])
     with pytest.raises(ValueError, match="unknown train parameter"):
-        expand(None, data["train"], data["val"], {"train": {"steps": 3}}, DS_FP32, data["root"])
+        expand(None, None, data["train"], data["val"], {"train": {"steps": 3}}, DS_FP32,
+               data["root"])
+    with pytest.raises(ValueError, match="come from expand"):
+        finetune_longclip_equal_budget(None, data["train"], data["val"],
+                                       {"equal_budget": {"train": {"max_steps": 3}}}, {}, DS_FP32,
+                                       data["root"])

@@ -17,7 +17,8 @@ from tulip_pipelines.data.text import first_sentence
 class CaptionImageDataset(Dataset):
     """Rows of a captions table (``id``, ``image``, ``caption``) as training samples.
 
-    Each sample is ``{"image": tensor, "long": caption, "short": first sentence}``. With
+    Each sample is ``{"image": tensor, "long": caption, "short": short_caption(caption)}`` (the
+    first sentence by default; see ``data.text.SHORT_CAPTIONS``). With
     ``variants`` (id -> list of alternative captions, e.g. the demo's shuffled-sentence captions)
     the long caption is drawn at random among them each time the sample is read.
     """
@@ -28,6 +29,7 @@ class CaptionImageDataset(Dataset):
         image_root: str | Path,
         preprocess: Callable[[Image.Image], torch.Tensor] | None,
         variants: Mapping[str, Sequence[str]] | None = None,
+        short_caption: Callable[[str], str] = first_sentence,
     ):
         missing = {"id", "image", "caption"} - set(frame.columns)
         if missing:
@@ -37,6 +39,7 @@ class CaptionImageDataset(Dataset):
         self.captions = frame["caption"].tolist()
         self.image_root = Path(image_root)
         self.preprocess = preprocess
+        self.short_caption = short_caption
         self.variants = dict(variants) if variants else None
         if self.variants is not None:
             absent = [i for i in self.ids if i not in self.variants]
@@ -54,7 +57,7 @@ class CaptionImageDataset(Dataset):
         if self.variants:  # torch's generator: seeded by the engine and per DataLoader worker
             choices = self.variants[self.ids[index]]
             long = choices[int(torch.randint(len(choices), ()))]
-        sample: dict[str, Any] = {"long": long, "short": first_sentence(caption)}
+        sample: dict[str, Any] = {"long": long, "short": self.short_caption(caption)}
         if self.preprocess is not None:
             path = self.image_root / self.images[index]
             try:

@@ -71,14 +71,16 @@ def train(
     rank, world_size = init_distributed()
     ds_config = prepare_ds_config(ds_config, params, world_size)
     root = checkpoints.checkpoints_dir(params.run_dir)
-    run_hash = checkpoints.config_fingerprint(params, ds_config, world_size, len(train_dataset),
-                                              fingerprint)
     sampler = ResumableSampler(train_dataset, world_size, rank, params.seed, params.batch_size)
     if len(sampler.base) < params.batch_size:
         raise ValueError(
             f"run {params.run_name!r}: {len(train_dataset)} training samples cannot fill one batch "
             f"of {params.batch_size} on each of {world_size} process(es)"
         )
+    gas = ds_config["gradient_accumulation_steps"]
+    params = params.resolved(max(1, len(sampler.base) // params.batch_size // gas))
+    run_hash = checkpoints.config_fingerprint(params, ds_config, world_size, len(train_dataset),
+                                              fingerprint)
 
     engine, task_state = initialize_engine(task, params, ds_config)
     resume_tag = checkpoints.select_resume_tag(root, run_hash, params, rank)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines.data.text import first_sentence
 from tulip_pipelines.models import ModelBundle, save_model
 from tulip_pipelines.params import Params, Problems
 from tulip_pipelines.training.config import TrainParams, TrainResult
@@ -66,27 +67,34 @@ class StageInputs:
     frames: Mapping[str, pd.DataFrame]
     image_root: str
 
-    def datasets(self, preprocess, variants=None) -> tuple[CaptionImageDataset,
-                                                             CaptionImageDataset | None]:
+    def datasets(self, preprocess, variants=None, *, short_caption=first_sentence,
+                 frames: Mapping[str, pd.DataFrame] | None = None
+                 ) -> tuple[CaptionImageDataset, CaptionImageDataset | None]:
         """Training and (if there are validation rows) validation datasets; ``preprocess=None``
-        reads no images (distillation is text only). Variants apply to training only."""
-        train_ds = CaptionImageDataset(self.frames["train"], self.image_root, preprocess, variants)
-        val = self.frames.get("val")
+        reads no images (distillation is text only). Variants apply to training only.
+        ``frames`` replaces the inputs' caption tables (e.g. with extra rows)."""
+        frames = frames or self.frames
+        train_ds = CaptionImageDataset(frames["train"], self.image_root, preprocess, variants,
+                                       short_caption)
+        val = frames.get("val")
         val_ds = None
         if val is not None and len(val):
-            val_ds = CaptionImageDataset(val, self.image_root, preprocess)
+            val_ds = CaptionImageDataset(val, self.image_root, preprocess,
+                                         short_caption=short_caption)
         return train_ds, val_ds
 
 
 @dataclass
 class Built:
-    """What a stage's builder returns: the task to train, its data, and the model it trains."""
+    """What a stage's builder returns: the task to train, its data, the model it trains and,
+    optionally, how that model is turned into its exported form after training."""
 
     task: Any
     collate: Callable
     train_dataset: CaptionImageDataset
     val_dataset: CaptionImageDataset | None
     model: ModelBundle
+    finish: Callable[[ModelBundle], ModelBundle] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ class Stage:
     build: Callable[[Any, StageInputs], Built]
 
     def job(self, params: StageParams, inputs: StageInputs,
-            ds_config: Mapping[str, Any]) -> tuple[TrainJob, ModelBundle]:
+            ds_config: Mapping[str, Any]) -> tuple[TrainJob, Built]:
         built = self.build(params, inputs)
         train_ids = inputs.frames["train"]["id"]
         fingerprint = {
@@ -109,14 +117,14 @@ class Stage:
         }
         job = TrainJob(built.task, built.train_dataset, built.val_dataset, built.collate,
                        params.train_params(), dict(ds_config), fingerprint)
-        return job, built.model
+        return job, built
 
 
 def run_job(stage: Stage, params: StageParams, inputs: StageInputs, ds_config: Mapping[str, Any],
             log_fn: LogFn | None = None) -> tuple[ModelBundle, TrainResult]:
     """Train one stage: in this process, or on ``num_processes`` through the launcher (which
     rebuilds the same job on every rank from the inputs saved in the run dir)."""
-    job, model = stage.job(params, inputs, ds_config)
+    job, built = stage.job(params, inputs, ds_config)
     if params.num_processes == 1:
         result = train(job.task, job.train_dataset, job.params, job.ds_config,
                        collate_fn=job.collate_fn, val_dataset=job.val_dataset, log_fn=log_fn,
@@ -127,6 +135,7 @@ def run_job(stage: Stage, params: StageParams, inputs: StageInputs, ds_config: M
             result = run_distributed(spec, params.num_processes, params.launcher,
                                      module=job.task, log_fn=log_fn,
                                      result_dir=Path(tmp) / "result")
+    model = built.finish(built.model) if built.finish else built.model
     model.model.eval()
     return model, result
 
