@@ -10,12 +10,18 @@ images written to a temporary directory) through the engine's DeepSpeed setup
   expand:  the student at 248 tokens; 0.8 x CLIP loss (image, long caption) + 0.2 x (image, first
            sentence); everything trains.
 
+Then the contrastive step through the engine's own loop (``train``), in one run: the loss over the
+global batch (each micro batch contrasted against the whole step's, with one extra no-gradient
+forward per micro batch when accumulating) against the per-micro-batch loss (``local_loss``), at
+accumulation 1 and 4 (optimizer-step time; micro batch ``--batch-size``).
+
     DS_ACCELERATOR=cpu .venv/bin/python bench/train_step.py [--steps 20 --batch-size 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -40,6 +46,7 @@ from tulip_pipelines.training.deepspeed_setup import (  # noqa: E402
     prepare_ds_config,
 )
 from tulip_pipelines.training.distributed import init_distributed  # noqa: E402
+from tulip_pipelines.training.engine import train  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -126,6 +133,34 @@ def main() -> None:
             total = sum(phases.values())
             shares = "".join(f"{100 * phases[k] / total:>9.0f}%" for k in PHASES)
             print(f"{name:<8}{args.batch_size / total:>10.1f}{1000 * total:>9.1f}{shares}")
+        compare_contrastive_losses(student, images, Collate(student.tokenizer, student.tokenizer),
+                                   args, tmp)
+
+
+def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, local_loss: bool,
+                     out_dir: str) -> float:
+    """Median seconds per optimizer step of the engine's own loop (``train``)."""
+    model = copy.deepcopy(model_bundle.model)
+    task = ContrastiveTask(model, 0.8, 0.2, local_loss=local_loss)
+    params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
+                         batch_size=args.batch_size, lr=1e-4, log_every=1,
+                         num_workers=args.num_workers)
+    ds_config = {"zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.bf16},
+                 "gradient_clipping": 1.0, "gradient_accumulation_steps": accumulation}
+    history = train(task, dataset, params, ds_config, collate_fn=collate).history
+    per_step = (accumulation * args.batch_size) / history["samples_per_s"].iloc[args.warmup:]
+    return statistics.median(per_step)
+
+
+def compare_contrastive_losses(student, images, collate, args, tmp: str) -> None:
+    print(f"\ncontrastive step (engine loop), micro batch {args.batch_size}, 1 process")
+    print(f"{'accumulation':<14}{'per-micro s':>12}{'global s':>10}{'global/per-micro':>18}")
+    for accumulation in (1, 4):
+        seconds = {local: time_contrastive(student, images, collate, args, accumulation, local,
+                                           f"{tmp}/c{accumulation}{local}")
+                   for local in (True, False)}
+        print(f"{accumulation:<14}{seconds[True]:>12.3f}{seconds[False]:>10.3f}"
+              f"{seconds[False] / seconds[True]:>17.2f}x")
 
 
 if __name__ == "__main__":
