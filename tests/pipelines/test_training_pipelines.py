@@ -11,6 +11,7 @@ from kedro.runner import SequentialRunner
 from tests.conftest import DS_FP32
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 from tulip_pipelines.io.models import ModelDataset
+from tulip_pipelines.io.targets import TeacherTargetsDataset
 from tulip_pipelines.models import stretch_position_embedding
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.pipelines.distill.nodes import distill
@@ -78,6 +79,7 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
         f"{name}_model": ModelDataset(str(tmp_path / f"{name}_model"))
         for name in ("teacher", "distilled", "expanded", "longclip_authors",
                      "longclip_equal_budget")})
+    catalog["teacher_text_embeddings"] = TeacherTargetsDataset(str(tmp_path / "targets"))
     catalog["train_captions"] = data["train"]
     catalog["val_captions"] = data["val"]
     catalog["demo_shuffled_captions"] = data["shuffled"]
@@ -132,9 +134,11 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
 
 def test_bad_stage_parameters_fail_before_training(data):
     with pytest.raises(ValueError, match="unknown distill parameter"):
-        distill(None, data["train"], data["val"], {"lossType": "cosine"}, DS_FP32, data["root"])
+        distill(None, None, data["train"], data["val"], {"lossType": "cosine"}, DS_FP32,
+                data["root"])
     with pytest.raises(ValueError, match="loss_type"):
-        distill(None, data["train"], data["val"], {"loss_type": "kl"}, DS_FP32, data["root"])
+        distill(None, None, data["train"], data["val"], {"loss_type": "kl"}, DS_FP32,
+                data["root"])
     with pytest.raises(ValueError, match="unknown train parameter"):
         expand(None, None, data["train"], data["val"], {"train": {"steps": 3}}, DS_FP32,
                data["root"])

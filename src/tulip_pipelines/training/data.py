@@ -94,8 +94,12 @@ class Collate:
             batch["image"] = torch.stack([s["image"] for s in samples])
         if self.short_tokenizer is not None:
             batch["short"] = trim_padding(self.short_tokenizer([s["short"] for s in samples]))
+        if "target" in samples[0]:  # cached teacher targets: no teacher input needed
+            batch["target"] = torch.stack([s["target"] for s in samples])
         if self.teacher_tokenizer is not None:
-            if self.windows:
+            if self.windows and "target" in samples[0]:
+                pass  # the student reads `long`; the teacher's windows are in the cache
+            elif self.windows:
                 batch["windows"], batch["window_mask"] = window_tokens(
                     longs, self.teacher_tokenizer, self.overlap, self.windows
                 )

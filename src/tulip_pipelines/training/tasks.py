@@ -118,10 +118,11 @@ class DistillTask(nn.Module):
     ``teacher_input="tokens"``: both read the caption tokenised at the teacher's context (77).
     ``teacher_input="windows"``: the teacher embeds overlapping windows of the long caption and
     their mean is the target for the student reading the whole caption at its own context.
-    The student's token embedding, image tower and logit scale stay frozen.
+    The student's token embedding, image tower and logit scale stay frozen. A batch that
+    carries ``target`` (the cached teacher targets, ``training/targets.py``) needs no teacher.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss_type: str = "cosine",
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_type: str = "cosine",
                  teacher_input: str = "tokens"):
         super().__init__()
         if loss_type not in DISTILL_LOSSES:
@@ -130,27 +131,34 @@ class DistillTask(nn.Module):
             raise ValueError(f"teacher_input must be 'tokens' or 'windows', got {teacher_input!r}")
         self.student = student
         self.loss_type, self.teacher_input = loss_type, teacher_input
-        teacher.eval().requires_grad_(False)
+        if teacher is not None:  # None: every batch carries its cached "target"
+            teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # frozen, not a submodule: not checkpointed
         for name, param in student.named_parameters():
             param.requires_grad_(_tower(name) == "text" and not name.startswith("token_embedding."))
 
-    @torch.no_grad()
-    def target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = batch["long"].device
-        self.teacher.to(device)
-        if self.teacher_input == "tokens":
-            return self.teacher.encode_text(batch["teacher_long"]).float()
-        windows, mask = batch["windows"], batch["window_mask"]
-        flat = self.teacher.encode_text(windows[mask]).float()
-        sums = torch.zeros(mask.shape[0], flat.shape[-1], device=device)
-        sums.index_add_(0, mask.nonzero()[:, 0], flat)
-        return sums / mask.sum(1, keepdim=True).clamp(min=1)
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["teacher_long"] if self.teacher_input == "tokens" else batch["long"]
         student = self.student.encode_text(tokens).float()
-        target = self.target(batch)
+        if "target" in batch:  # cached (training/targets.py)
+            target = batch["target"].float()
+        else:
+            self.teacher.to(tokens.device)
+            target = teacher_target(self.teacher, batch, self.teacher_input)
         loss = distill_loss(student, target, self.loss_type)
         cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
         return {"loss": loss, "cosine": cosine}
+
+
+@torch.no_grad()
+def teacher_target(teacher: nn.Module, batch: dict[str, torch.Tensor],
+                   teacher_input: str) -> torch.Tensor:
+    """The frozen teacher's text embedding (float32): of ``teacher_long`` tokens, or the mean
+    over the windows a caption fills (``windows``/``window_mask``)."""
+    if teacher_input == "tokens":
+        return teacher.encode_text(batch["teacher_long"]).float()
+    windows, mask = batch["windows"], batch["window_mask"]
+    flat = teacher.encode_text(windows[mask]).float()
+    sums = torch.zeros(mask.shape[0], flat.shape[-1], device=flat.device)
+    sums.index_add_(0, mask.nonzero()[:, 0].to(flat.device), flat)
+    return sums / mask.sum(1, keepdim=True).clamp(min=1).to(flat.device)

@@ -26,6 +26,7 @@ from tulip_pipelines.training.stages.longclip import (
     LongclipParams,
 )
 from tulip_pipelines.training.stages.teacher import TeacherParams
+from tulip_pipelines.training.targets import TeacherTargets
 
 STAGES: dict[str, Stage] = {
     "teacher": Stage("teacher", TeacherParams, teacher.build),
@@ -45,6 +46,7 @@ def build_job(spec: Mapping[str, Any]) -> TrainJob:
         models={k: load_bundle(v) for k, v in spec["models"].items()},
         frames={k: pd.read_parquet(v) for k, v in spec["frames"].items()},
         image_root=spec["image_root"],
+        targets=TeacherTargets(spec["targets"]) if spec.get("targets") else None,
     )
     job, _ = stage.job(params, inputs, spec["ds_config"])
     return job

@@ -20,6 +20,7 @@ from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.data import CaptionImageDataset
 from tulip_pipelines.training.engine import LogFn, train
 from tulip_pipelines.training.launch import LAUNCHERS, TrainJob, run_distributed
+from tulip_pipelines.training.targets import TeacherTargets
 
 RUNS_DIR = "data/06_models/runs"
 
@@ -61,11 +62,13 @@ class StageParams(Params):
 @dataclass
 class StageInputs:
     """What a stage reads: models by role (``teacher``, ``distilled``), caption tables by role
-    (``train``, ``val``, the demo teacher's ``shuffled``) and the folder image paths start in."""
+    (``train``, ``val``, the demo teacher's ``shuffled``), the folder image paths start in and,
+    for distillation, the cached teacher targets."""
 
     models: Mapping[str, ModelBundle]
     frames: Mapping[str, pd.DataFrame]
     image_root: str
+    targets: TeacherTargets | None = None
 
     def datasets(self, preprocess, variants=None, *, short_caption=first_sentence,
                  frames: Mapping[str, pd.DataFrame] | None = None
@@ -156,5 +159,6 @@ def _launch_spec(stage: str, params: StageParams, inputs: StageInputs,
         "models": {name: str(folder / name) for name in inputs.models},
         "frames": {name: str(folder / f"{name}.parquet") for name in inputs.frames},
         "image_root": str(Path(inputs.image_root).resolve()),
+        "targets": str(inputs.targets.folder.resolve()) if inputs.targets else None,
         "ds_config": dict(ds_config),
     }
