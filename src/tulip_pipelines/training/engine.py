@@ -40,7 +40,7 @@ from tulip_pipelines.training.deepspeed_setup import (
     prepare_ds_config,
 )
 from tulip_pipelines.training.distributed import init_distributed
-from tulip_pipelines.training.sampler import DataPosition, ResumableSampler
+from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,17 @@ def train(
         start_step = int(client_state["step"])
         position = DataPosition(int(client_state["epoch"]), int(client_state["batch_offset"]))
         history = checkpoints.read_history(root, resume_tag)
+        checkpoints.restore_rng_state(root, resume_tag, rank)
         logger.info("%s: resumed from %s (step %d of %d)", params.run_name, resume_tag,
                     start_step, params.max_steps)
-    torch.manual_seed(hash((params.seed, rank, start_step)) & 0xFFFF_FFFF)
+    else:
+        torch.manual_seed(hash((params.seed, rank)) & 0xFFFF_FFFF)
 
     loader = DataLoader(
-        train_dataset, batch_size=params.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=collate_fn, num_workers=params.num_workers,
+        SeededSamples(train_dataset, params.seed), batch_size=params.batch_size, sampler=sampler,
+        drop_last=True, collate_fn=collate_fn, num_workers=params.num_workers,
         persistent_workers=params.num_workers > 0,
+        generator=torch.Generator().manual_seed(params.seed),  # leaves the global RNG alone
     )
     loop = _Loop(engine, params, world_size, rank, val_dataset, collate_fn, log_fn, root,
                  run_hash, history)

@@ -20,6 +20,7 @@ from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.data import CaptionImageDataset
 from tulip_pipelines.training.engine import LogFn, train
 from tulip_pipelines.training.launch import LAUNCHERS, TrainJob, run_distributed
+from tulip_pipelines.training.run_lock import run_lock
 from tulip_pipelines.training.targets import TeacherTargets
 
 RUNS_DIR = "data/06_models/runs"
@@ -49,6 +50,9 @@ class StageParams(Params):
     @property
     def stage_run_dir(self) -> str:
         return self.run_dir or f"{RUNS_DIR}/{self.section}"
+
+    def run_dirs(self) -> list[str]:
+        return [self.stage_run_dir]
 
     def train_params(self) -> TrainParams:
         return TrainParams.for_stage(self.train, self.section, self.stage_run_dir)
@@ -128,16 +132,17 @@ def run_job(stage: Stage, params: StageParams, inputs: StageInputs, ds_config: M
     """Train one stage: in this process, or on ``num_processes`` through the launcher (which
     rebuilds the same job on every rank from the inputs saved in the run dir)."""
     job, built = stage.job(params, inputs, ds_config)
-    if params.num_processes == 1:
-        result = train(job.task, job.train_dataset, job.params, job.ds_config,
-                       collate_fn=job.collate_fn, val_dataset=job.val_dataset, log_fn=log_fn,
-                       fingerprint=job.fingerprint)
-    else:
-        spec = _launch_spec(stage.name, params, inputs, ds_config)
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run_distributed(spec, params.num_processes, params.launcher,
-                                     module=job.task, log_fn=log_fn,
-                                     result_dir=Path(tmp) / "result")
+    with run_lock(params.stage_run_dir):  # one run per run dir at a time
+        if params.num_processes == 1:
+            result = train(job.task, job.train_dataset, job.params, job.ds_config,
+                           collate_fn=job.collate_fn, val_dataset=job.val_dataset,
+                           log_fn=log_fn, fingerprint=job.fingerprint)
+        else:
+            spec = _launch_spec(stage.name, params, inputs, ds_config)
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_distributed(spec, params.num_processes, params.launcher,
+                                         module=job.task, log_fn=log_fn,
+                                         result_dir=Path(tmp) / "result")
     model = built.finish(built.model) if built.finish else built.model
     model.model.eval()
     return model, result

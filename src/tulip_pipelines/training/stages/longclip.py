@@ -99,9 +99,11 @@ class LongclipParams(Params):
     def from_all(cls, all_params: Mapping[str, Any]) -> "LongclipParams":
         """Built from ``params:longclip`` with both recipes checked (equal_budget reads expand)."""
         out = cls.from_params(all_params.get(cls.section))
-        for name in RECIPES:
-            out.recipe(name, all_params.get("expand"))
+        out._recipes = [out.recipe(name, all_params.get("expand")) for name in RECIPES]
         return out
+
+    def run_dirs(self) -> list[str]:
+        return [recipe.stage_run_dir for recipe in getattr(self, "_recipes", [])]
 
 
 def build(params: LongclipRecipeParams, inputs: StageInputs) -> Built:
