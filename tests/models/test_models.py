@@ -16,6 +16,7 @@ from tulip_pipelines.models import (
     load_model,
     save_model,
     stretch_position_embedding,
+    stretch_positions,
 )
 from tulip_pipelines.models.rope import RopeSelfAttention, RotaryEmbedding, ntk_scaled_theta
 
@@ -138,14 +139,34 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_bundle(tmp_path / "nothing")
 
 
+def longclip_reference(pre: torch.Tensor) -> torch.Tensor:
+    """Long-CLIP's published stretch of 77 positions to 248, row by row (beichenzbc/Long-CLIP,
+    model/longclip.py): rows 0-19 kept; every later pair (20+i, 21+i) filled with quarters
+    ((4-j)*a + j*b)/4, j = 0..3; the last 4 rows extrapolated along pre[76] - pre[75]."""
+    assert pre.shape[0] == 77
+    rows = [pre[r] for r in range(20)]
+    for i in range(56):
+        a, b = pre[20 + i], pre[21 + i]
+        rows += [((4 - j) * a + j * b) / 4 for j in range(4)]
+    rows += [pre[76] + k * (pre[76] - pre[75]) / 4 for k in range(4)]
+    return torch.stack(rows)
+
+
+def test_longclip_stretch_matches_the_published_rule_on_every_row():
+    pre = torch.randn(77, 16, dtype=torch.float64)
+    expected = longclip_reference(pre)
+    assert expected.shape == (248, 16)
+    got = stretch_positions(pre, new_length=248, keep=20)
+    assert got.shape == (248, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
 def test_longclip_stretch(teacher):
     longclip = stretch_position_embedding(teacher, new_length=248, keep=20)
-    old = teacher.model.positional_embedding
-    new = longclip.model.positional_embedding
+    old = teacher.model.positional_embedding.detach()
+    new = longclip.model.positional_embedding.detach()
     assert new.shape == (248, old.shape[1])
-    assert torch.equal(new[:20], old[:20])
-    assert torch.allclose(new[20::4][:57], old[20:77], atol=1e-6)  # the trained positions remain
-    assert torch.allclose(new[22], (old[20] + old[21]) / 2, atol=1e-6)  # interpolated between
+    torch.testing.assert_close(new, longclip_reference(old), rtol=0, atol=1e-6)
     assert longclip.tokenizer([LONG]).shape == (1, 248)
 
 
