@@ -80,21 +80,26 @@ def test_rope_attention_matches_explicit_computation():
     assert torch.allclose(attn(x)[0], expected, atol=1e-5)
 
 
-def test_student_copies_teacher_weights(teacher, student):
-    t, s = teacher.model.state_dict(), student.model.state_dict()
-    assert "positional_embedding" not in s
-    for key in (
-        "token_embedding.weight",
-        "ln_final.weight",
-        "text_projection",
-        "logit_scale",
-        "transformer.resblocks.0.attn.in_proj_weight",
-        "transformer.resblocks.2.mlp.c_fc.weight",
-        "visual.conv1.weight",
-    ):
-        assert torch.equal(t[key], s[key]), key
+def test_student_copies_every_teacher_weight():
+    """Every teacher weight reaches the student under the same name (the position embedding
+    excepted), on a teacher with no zero anywhere: a weight left at its initial value (biases
+    start at zero) or taken from the wrong layer shows."""
+    torch.manual_seed(3)
+    teacher = create_teacher("TULIP-Tiny")
+    with torch.no_grad():
+        for param in teacher.model.parameters():
+            param.copy_(torch.rand_like(param) + 0.5)  # in [0.5, 1.5): all distinct from zero
+    t = teacher.model.state_dict()
+    assert all(bool((v != 0).all()) for v in t.values())
+    student = build_student(teacher, context_length=248)
+    s = student.model.state_dict()
     assert set(s) == set(t) - {"positional_embedding"}
+    assert any(".attn.in_proj_bias" in k for k in s) and any(".out_proj.bias" in k for k in s)
+    for key in s:
+        assert torch.equal(s[key], t[key]), key
+    # copies, not shared tensors: training the student leaves the teacher alone
     assert student.model.visual is not teacher.model.visual
+    assert all(s[k].data_ptr() != t[k].data_ptr() for k in s)
 
 
 def test_eot_pooling_ignores_tokens_after_eot(student):
