@@ -1,4 +1,5 @@
-"""The TULIP student, teachers, the Long-CLIP stretch and checkpoints."""
+"""The TULIP student, teachers, the Long-CLIP stretch and model files (the authors' epoch_N.pt
+files: test_original.py)."""
 
 import math
 
@@ -251,35 +252,3 @@ def test_openai_format_selects_quick_gelu_in_both_towers(teacher, tmp_path, monk
     assert loaded.spec.model_name == "Tiny-gelu-quickgelu"
     assert isinstance(loaded.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(loaded.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
-
-
-def test_original_stage2_checkpoint_loads(student, tmp_path):
-    state = {f"module.{k}": v for k, v in student.model.state_dict().items()}
-    state["module.positional_embedding"] = torch.randn(77, 64)  # the unused leftover
-    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "epoch_1.pt")
-    loaded = load_bundle(
-        tmp_path / "epoch_1.pt", teacher="TULIP-Tiny", pretrained=None, activation=None
-    )
-    tok = student.tokenizer([LONG])
-    with torch.no_grad():
-        assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
-        img = torch.randn(1, 3, 48, 48)
-        assert torch.equal(loaded.model.encode_image(img), student.model.encode_image(img))
-
-
-def test_original_stage1_checkpoint_loads_with_teacher_image_tower(teacher, student, tmp_path):
-    text_only = {
-        k: v for k, v in student.model.state_dict().items()
-        if k.startswith(("token_embedding.", "transformer.", "ln_final.", "text_projection"))
-    }
-    torch.save({"state_dict": text_only}, tmp_path / "epoch_5.pt")
-    teacher_file = tmp_path / "teacher.pt"
-    torch.save(teacher.model.state_dict(), teacher_file)
-    loaded = load_bundle(tmp_path / "epoch_5.pt", teacher="TULIP-Tiny",
-                         pretrained=str(teacher_file), activation=None)
-    tok = student.tokenizer([LONG])
-    with torch.no_grad():
-        assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
-        img = torch.randn(1, 3, 48, 48)
-        assert torch.equal(loaded.model.encode_image(img), teacher.model.encode_image(img))
-    assert loaded.spec.extra["origin"] == "tulip-original-stage1"
