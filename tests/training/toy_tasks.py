@@ -30,11 +30,22 @@ class RegressionData(Dataset):
         return {"x": self.x[i], "y": self.y[i]}
 
 
+class NoisyRegressionData(RegressionData):
+    """RegressionData whose inputs get fresh noise from torch's RNG at every read (like the demo
+    teacher's random caption variants): a resumed run sees the same samples only if that
+    randomness is reproduced."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        sample = super().__getitem__(i)
+        return {**sample, "x": sample["x"] + 0.3 * torch.randn(N_FEATURES)}
+
+
 class RegressionTask(torch.nn.Module):
     """A trainable linear head (and a 0-dim ``log_scale``, like CLIP's logit_scale) after a
-    frozen, registered linear layer; ``delay_s`` slows every forward down."""
+    frozen, registered linear layer; ``delay_s`` slows every forward down, ``dropout`` draws from
+    torch's RNG in the forward."""
 
-    def __init__(self, seed: int = 0, delay_s: float = 0.0):
+    def __init__(self, seed: int = 0, delay_s: float = 0.0, dropout: float = 0.0):
         super().__init__()
         torch.manual_seed(seed)
         self.frozen = torch.nn.Linear(N_FEATURES, N_FEATURES)
@@ -44,11 +55,13 @@ class RegressionTask(torch.nn.Module):
         self.head = torch.nn.Linear(N_FEATURES, 1)
         self.log_scale = torch.nn.Parameter(torch.tensor(0.0))
         self.delay_s = delay_s
+        self.dropout = torch.nn.Dropout(dropout)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.delay_s:
             time.sleep(self.delay_s)
-        pred = (self.head(self.frozen(batch["x"])) * self.log_scale.exp()).squeeze(-1).float()
+        pred = (self.head(self.dropout(self.frozen(batch["x"]))) * self.log_scale.exp())
+        pred = pred.squeeze(-1).float()
         err = pred - batch["y"].float()
         return {"loss": (err**2).mean(), "mae": err.abs().mean()}
 
