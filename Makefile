@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 viz: $(STAMP)
-	$(BIN)/kedro viz build
+	$(BIN)/kedro viz build --include-previews
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

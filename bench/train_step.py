@@ -1,14 +1,18 @@
-"""Samples/s of a distill step and of an expand step for a tiny CLIP on the CPU, with the time of
-one optimizer step split into data loading, forward, backward and optimizer step.
+"""Training-step figures on the CPU, each comparison made in one run:
 
-Runs the pipelines' own tasks, models and data code (``DistillTask`` and ``ContrastiveTask`` on
-``TULIP-Tiny``, the RoPE student at 248 tokens, ``CaptionImageDataset`` + ``Collate`` over demo
-images written to a temporary directory) through the engine's DeepSpeed setup
-(``initialize_engine``: AdamW, the warmup/cosine schedule, ZeRO/bf16 from the DeepSpeed config).
-  distill: frozen teacher and student read the same 77-token caption; cosine loss; the student's
-           text tower trains (token embedding frozen).
-  expand:  the student at 248 tokens; 0.8 x CLIP loss (image, long caption) + 0.2 x (image, first
-           sentence); everything trains.
+1. Samples/s of the distill and expand steps of a tiny CLIP (``TULIP-Tiny``, the RoPE student at
+   248 tokens), with the time of one optimizer step split into data loading, forward, backward
+   and optimizer step. The pipelines' own tasks, models and data code (``DistillTask``,
+   ``ContrastiveTask``, ``CaptionImageDataset`` + ``Collate`` over demo images written to a
+   temporary directory) run through the engine's DeepSpeed setup.
+     distill (live):   the frozen teacher encodes the 77-token caption at every step.
+     distill (cached): the teacher's targets come from the cache (``training/targets.py``).
+     expand:           0.8 x CLIP loss (image, long caption) + 0.2 x (image, first sentence).
+2. The same distill comparison with a ViT-B-16-size text tower (``--no-vit-b16`` skips it).
+3. The contrastive step through the engine's own loop (``train``): the loss over the global batch
+   (each micro batch contrasted against the whole step's, one extra no-gradient forward per micro
+   batch when accumulating) against the per-micro-batch loss (``local_loss``), at accumulation 1
+   and 4 (optimizer-step time).
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/train_step.py [--steps 20 --batch-size 32]
 """
@@ -16,10 +20,10 @@ images written to a temporary directory) through the engine's DeepSpeed setup
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -27,22 +31,16 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from timing import PHASES, cycle, make_engine, time_phases  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data  # noqa: E402
 from tulip_pipelines.models import build_student, create_teacher  # noqa: E402
-from tulip_pipelines.training.batches import to_device  # noqa: E402
 from tulip_pipelines.training.config import TrainParams  # noqa: E402
 from tulip_pipelines.training.data import CaptionImageDataset, Collate  # noqa: E402
-from tulip_pipelines.training.deepspeed_setup import (  # noqa: E402
-    compute_dtype,
-    initialize_engine,
-    prepare_ds_config,
-)
-from tulip_pipelines.training.distributed import init_distributed  # noqa: E402
+from tulip_pipelines.training.engine import train  # noqa: E402
+from tulip_pipelines.training.targets import TargetsRequest, WithTargets, embed_texts  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
-
-PHASES = ("data", "forward", "backward", "optimizer")
 
 
 def demo_dataset(root: Path, n: int, preprocess) -> CaptionImageDataset:
@@ -61,38 +59,67 @@ def demo_dataset(root: Path, n: int, preprocess) -> CaptionImageDataset:
 def time_steps(task: torch.nn.Module, dataset: Dataset, collate: Collate,
                args: argparse.Namespace, out_dir: str) -> dict[str, float]:
     """Median seconds per phase over ``args.steps`` optimizer steps after ``args.warmup``."""
-    params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
-                         batch_size=args.batch_size, lr=1e-4, num_workers=args.num_workers)
     ds_config = {"zero_optimization": {"stage": args.zero_stage},
                  "bf16": {"enabled": args.bf16}, "gradient_clipping": 1.0}
-    _, world_size = init_distributed()
-    engine, _ = initialize_engine(task, params, prepare_ds_config(ds_config, params, world_size))
-    dtype = compute_dtype(engine)
+    engine = make_engine(task, args.batch_size, args.steps + args.warmup, ds_config, out_dir)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         collate_fn=collate, num_workers=args.num_workers,
                         persistent_workers=args.num_workers > 0)
-    batches = iter(loader)
-    phases: dict[str, list[float]] = {k: [] for k in PHASES}
-    for i in range(args.steps + args.warmup):
-        t0 = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        batch = to_device(batch, engine.device, dtype)
-        t1 = time.perf_counter()
-        loss = engine(batch)["loss"]
-        t2 = time.perf_counter()
-        engine.backward(loss)
-        t3 = time.perf_counter()
-        engine.step()
-        t4 = time.perf_counter()
-        if i >= args.warmup:
-            for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                phases[key].append(seconds)
+    phases = time_phases(engine, cycle(loader), args.steps, args.warmup)
     engine.destroy()
-    return {k: statistics.median(v) for k, v in phases.items()}
+    return phases
+
+
+def print_row(name: str, phases: dict[str, float], batch_size: int) -> float:
+    total = sum(phases.values())
+    shares = "".join(f"{100 * phases[k] / total:>9.0f}%" for k in PHASES)
+    print(f"{name:<22}{batch_size / total:>10.1f}{1000 * total:>9.1f}{shares}")
+    return total
+
+
+def distill_live_vs_cached(label: str, teacher, texts: CaptionImageDataset,
+                           args: argparse.Namespace, tmp: str) -> None:
+    """The distill step with the live teacher and with cached targets, same student start."""
+    student = build_student(teacher, 248)
+    request = TargetsRequest(teacher, {"train": texts.captions})
+    targets = embed_texts(request, teacher.model.eval(), texts.captions).half()
+    collate = Collate(student.tokenizer, teacher_tokenizer=teacher.tokenizer)
+    totals = {}
+    for mode in ("live", "cached"):
+        model = copy.deepcopy(student.model)
+        task = DistillTask(model, teacher.model if mode == "live" else None, "cosine")
+        dataset = texts if mode == "live" else WithTargets(texts, targets)
+        totals[mode] = print_row(f"{label} distill ({mode})",
+                                 time_steps(task, dataset, collate, args, f"{tmp}/{label}{mode}"),
+                                 args.batch_size)
+    print(f"{'':<22}cached targets: {totals['live'] / totals['cached']:.2f}x the live "
+          f"teacher's speed")
+
+
+def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, local_loss: bool,
+                     out_dir: str) -> float:
+    """Median seconds per optimizer step of the engine's own loop (``train``)."""
+    task = ContrastiveTask(copy.deepcopy(model_bundle.model), 0.8, 0.2, local_loss=local_loss)
+    params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
+                         batch_size=args.batch_size, lr=1e-4, log_every=1,
+                         num_workers=args.num_workers)
+    ds_config = {"zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.bf16},
+                 "gradient_clipping": 1.0, "gradient_accumulation_steps": accumulation}
+    history = train(task, dataset, params, ds_config, collate_fn=collate).history
+    per_step = (accumulation * args.batch_size) / history["samples_per_s"].iloc[args.warmup:]
+    return statistics.median(per_step)
+
+
+def compare_contrastive_losses(student, images, args, tmp: str) -> None:
+    collate = Collate(student.tokenizer, student.tokenizer)
+    print(f"\ncontrastive optimizer step (engine loop), micro batch {args.batch_size}, 1 process")
+    print(f"{'accumulation':<14}{'per-micro s':>12}{'global s':>10}{'global/per-micro':>18}")
+    for accumulation in (1, 4):
+        seconds = {local: time_contrastive(student, images, collate, args, accumulation, local,
+                                           f"{tmp}/c{accumulation}{local}")
+                   for local in (True, False)}
+        print(f"{accumulation:<14}{seconds[True]:>12.3f}{seconds[False]:>10.3f}"
+              f"{seconds[False] / seconds[True]:>17.2f}x")
 
 
 def main() -> None:
@@ -103,29 +130,27 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--no-vit-b16", dest="vit_b16", action="store_false",
+                        help="skip the ViT-B-16-size distill comparison")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "
           f"ZeRO {args.zero_stage}, {'bf16' if args.bf16 else 'fp32'}, "
           f"{args.num_workers} loader workers, median of {args.steps} steps")
-    print(f"{'task':<8}{'samples/s':>10}{'step ms':>9}" + "".join(f"{k:>10}" for k in PHASES))
+    print(f"{'task':<22}{'samples/s':>10}{'step ms':>9}" + "".join(f"{k:>10}" for k in PHASES))
     teacher = create_teacher("TULIP-Tiny")
     student = build_student(teacher, 248)
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         images = demo_dataset(Path(tmp), 4 * args.batch_size, student.preprocess)
         texts = CaptionImageDataset(pd.DataFrame({"id": images.ids, "image": images.images,
                                                   "caption": images.captions}), tmp, None)
-        jobs = (
-            ("distill", DistillTask(student.model, teacher.model, "cosine"), texts,
-             Collate(student.tokenizer, teacher_tokenizer=teacher.tokenizer)),
-            ("expand", ContrastiveTask(student.model, 0.8, 0.2), images,
-             Collate(student.tokenizer, student.tokenizer)),
-        )
-        for name, task, dataset, collate in jobs:
-            phases = time_steps(task, dataset, collate, args, f"{tmp}/{name}")
-            total = sum(phases.values())
-            shares = "".join(f"{100 * phases[k] / total:>9.0f}%" for k in PHASES)
-            print(f"{name:<8}{args.batch_size / total:>10.1f}{1000 * total:>9.1f}{shares}")
+        distill_live_vs_cached("tiny", teacher, texts, args, tmp)
+        print_row("tiny expand", time_steps(ContrastiveTask(student.model, 0.8, 0.2), images,
+                                            Collate(student.tokenizer, student.tokenizer), args,
+                                            f"{tmp}/expand"), args.batch_size)
+        if args.vit_b16:
+            distill_live_vs_cached("ViT-B-16", create_teacher("ViT-B-16"), texts, args, tmp)
+        compare_contrastive_losses(build_student(teacher, 248), images, args, tmp)
 
 
 if __name__ == "__main__":

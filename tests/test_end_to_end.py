@@ -24,6 +24,8 @@ RUNTIME_PARAMS = {
     "teacher": {"train": {"max_steps": 400, "val_every": 0, "checkpoint_every": 200}},
     "distill": {"train": {"max_steps": 150, "val_every": 0, "checkpoint_every": 0}},
     "expand": {"train": {"max_steps": 150, "val_every": 0, "checkpoint_every": 0}},
+    "longclip": {"authors": {"train": {"max_steps": 150, "val_every": 0,
+                                       "checkpoint_every": 0}}},
 }
 
 
@@ -49,8 +51,8 @@ def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(default_ru
     metrics = pd.read_parquet(project / "data/08_reporting/retrieval_metrics.parquet")
     assert list(metrics.columns)[:6] == ["benchmark", "model", "direction", "k", "recall",
                                          "n_queries"]
-    assert {"teacher", "longclip_stretched", "tulip_distilled", "tulip_expanded"} <= set(
-        metrics["model"])
+    assert set(metrics["model"]) == {"teacher", "longclip_stretched", "longclip_authors",
+                                     "longclip_equal_budget", "tulip_distilled", "tulip_expanded"}
     r1 = metrics[(metrics["benchmark"] == "urban1k_demo") & (metrics["k"] == 1)].set_index(
         ["model", "direction"]
     )["recall"]
@@ -81,4 +83,5 @@ def test_default_run_prepares_the_images_and_trains_and_evaluates_on_the_shards(
     readers = {node.name for node in register_pipelines()["__default__"].nodes
                if "prepared_images" in node.inputs}
     assert readers == {"train_teacher", "distill_relative_positions", "expand_context",
-                       "finetune_longclip", "evaluate_retrieval"}
+                       "finetune_longclip_authors", "finetune_longclip_equal_budget",
+                       "evaluate_retrieval"}

@@ -49,7 +49,7 @@ def params_classes() -> dict[str, type[Params]]:
     from tulip_pipelines.data.prepare import PrepareImagesParams
     from tulip_pipelines.data.split import SplitParams
     from tulip_pipelines.evaluation.evaluate import EvaluateParams
-    from tulip_pipelines.training.stages import STAGES
+    from tulip_pipelines.training.stages import PIPELINE_PARAMS
 
     classes: dict[str, type[Params]] = {
         "demo_data": DemoDataParams,
@@ -58,7 +58,7 @@ def params_classes() -> dict[str, type[Params]]:
         "prepare_images": PrepareImagesParams,
         "evaluate": EvaluateParams,
     }
-    classes.update({name: stage.params_cls for name, stage in STAGES.items()})
+    classes.update(PIPELINE_PARAMS)
     return classes
 
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from tulip_pipelines.config_checks import check_parameters
+from tulip_pipelines.config_checks import check_parameters, params_classes
+from tulip_pipelines.tracking_check import check_tracking_server
+from tulip_pipelines.training import run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +19,18 @@ class MissingInputsError(RuntimeError):
 
 
 class ProjectHooks:
+    def __init__(self) -> None:
+        self._locked: list[str] = []
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow contacts the server (MLflow's retries)
+    def after_context_created(self, context) -> None:
+        """A tracking server that does not answer stops the run now, naming its address."""
+        try:
+            server = (context.config_loader["mlflow"] or {}).get("server") or {}
+        except Exception:  # noqa: BLE001 - no mlflow.yml: kedro-mlflow's defaults, nothing to check
+            return
+        check_tracking_server(str(server.get("mlflow_tracking_uri") or ""))
+
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         """Fail fast: validate parameters and check that every free input exists.
@@ -45,6 +59,32 @@ class ProjectHooks:
         logger.info(
             "checked parameters and %d inputs of the pipeline to run", len(pipeline.inputs())
         )
+        self._lock_run_dirs(params, _node_tags(pipeline))
+
+    def _lock_run_dirs(self, params: dict[str, Any], pipeline_names: set[str]) -> None:
+        """Every training run dir of the run, locked until it ends: a second ``kedro run`` on
+        them stops here, before any node, naming the run that holds them."""
+        classes = params_classes()
+        for name in sorted(pipeline_names & set(classes)):
+            for run_dir in classes[name].from_all(params).run_dirs():
+                try:
+                    run_lock.acquire(run_dir)
+                except run_lock.RunDirBusy:
+                    self._release()
+                    raise
+                self._locked.append(run_dir)
+
+    def _release(self) -> None:
+        while self._locked:
+            run_lock.release(self._locked.pop())
+
+    @hook_impl
+    def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
+        self._release()
 
 
 def _node_tags(pipeline) -> set[str]:

@@ -99,6 +99,10 @@ class Params:
     def check_with(self, all_params: Mapping[str, Any]) -> None:
         """Rules that span pipelines, given every parameter of the run (default: none)."""
 
+    def run_dirs(self) -> list[str]:
+        """The training run dirs this pipeline writes (locked for the run; default: none)."""
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

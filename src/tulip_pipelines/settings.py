@@ -14,8 +14,15 @@ from tulip_pipelines.hooks import ProjectHooks  # noqa: E402
 HOOKS = (ProjectHooks(),)
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
+def _env(name: str, default: str | None = None) -> str | None:
+    """``${env:NAME,default}`` in conf: an environment variable (Kedro allows its own ``oc.env``
+    in credentials only; mlflow.yml reads MLFLOW_TRACKING_URI through this)."""
+    return os.environ.get(name, default)
+
+
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
+    "custom_resolvers": {"env": _env},
     "default_run_env": "local",
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
     # An environment's parameters are deltas: they deep-merge into base's, so an overlay holds

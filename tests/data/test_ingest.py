@@ -11,6 +11,7 @@ import pytest
 
 from tulip_pipelines.data.annotations import AnnotationFile, AnnotationFormatError, iter_records
 from tulip_pipelines.data.ingest import (
+    CountMismatchError,
     IngestParams,
     IngestStats,
     Reason,
@@ -196,6 +197,27 @@ def test_mixed_file_reconciles_across_batches(tmp_path, image_root):
     # every batch has the same columns and dtypes, empty or not
     for df in rejected:
         assert df.dtypes.to_dict() == rejected[0].dtypes.to_dict()
+
+
+def test_partial_last_batch_is_written_and_counted(tmp_path, image_root):
+    path = write(tmp_path / "ann.json", [record(i) for i in range(10)] + [record(99)])
+    stats = IngestStats()
+    batches = list(iter_ingest_batches(path, image_root, True, batch_size=4, stats=stats))
+    assert [len(kept) + len(rej) for kept, rej in batches] == [4, 4, 3]
+    assert (stats.n_in, stats.n_kept, stats.n_rejected) == (11, 10, 1)
+
+
+def test_counts_that_do_not_reconcile_raise_count_mismatch(tmp_path, image_root):
+    """Counts carried over from another file (a reused ``IngestStats``) cannot reconcile with
+    what this file wrote: the check stops the ingest, naming the file and the counts."""
+    first = write(tmp_path / "first.json", [record(i) for i in range(3)])
+    second = write(tmp_path / "second.json", [record(i) for i in range(3, 8)])
+    stats = IngestStats()
+    list(iter_ingest_batches(first, image_root, True, batch_size=10, stats=stats))
+    batches = iter_ingest_batches(second, image_root, True, batch_size=10, stats=stats)
+    with pytest.raises(CountMismatchError, match=r"second\.json: read 8 records but wrote 5 "
+                                                 r"\(8 kept \+ 0 rejected\)"):
+        list(batches)
 
 
 def test_empty_array_yields_one_empty_batch(tmp_path, image_root):

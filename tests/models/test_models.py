@@ -1,4 +1,5 @@
-"""The TULIP student, teachers, the Long-CLIP stretch and checkpoints."""
+"""The TULIP student, teachers, the Long-CLIP stretch and model files (the authors' epoch_N.pt
+files: test_original.py)."""
 
 import math
 
@@ -16,6 +17,7 @@ from tulip_pipelines.models import (
     load_model,
     save_model,
     stretch_position_embedding,
+    stretch_positions,
 )
 from tulip_pipelines.models.rope import RopeSelfAttention, RotaryEmbedding, ntk_scaled_theta
 
@@ -79,21 +81,26 @@ def test_rope_attention_matches_explicit_computation():
     assert torch.allclose(attn(x)[0], expected, atol=1e-5)
 
 
-def test_student_copies_teacher_weights(teacher, student):
-    t, s = teacher.model.state_dict(), student.model.state_dict()
-    assert "positional_embedding" not in s
-    for key in (
-        "token_embedding.weight",
-        "ln_final.weight",
-        "text_projection",
-        "logit_scale",
-        "transformer.resblocks.0.attn.in_proj_weight",
-        "transformer.resblocks.2.mlp.c_fc.weight",
-        "visual.conv1.weight",
-    ):
-        assert torch.equal(t[key], s[key]), key
+def test_student_copies_every_teacher_weight():
+    """Every teacher weight reaches the student under the same name (the position embedding
+    excepted), on a teacher with no zero anywhere: a weight left at its initial value (biases
+    start at zero) or taken from the wrong layer shows."""
+    torch.manual_seed(3)
+    teacher = create_teacher("TULIP-Tiny")
+    with torch.no_grad():
+        for param in teacher.model.parameters():
+            param.copy_(torch.rand_like(param) + 0.5)  # in [0.5, 1.5): all distinct from zero
+    t = teacher.model.state_dict()
+    assert all(bool((v != 0).all()) for v in t.values())
+    student = build_student(teacher, context_length=248)
+    s = student.model.state_dict()
     assert set(s) == set(t) - {"positional_embedding"}
+    assert any(".attn.in_proj_bias" in k for k in s) and any(".out_proj.bias" in k for k in s)
+    for key in s:
+        assert torch.equal(s[key], t[key]), key
+    # copies, not shared tensors: training the student leaves the teacher alone
     assert student.model.visual is not teacher.model.visual
+    assert all(s[k].data_ptr() != t[k].data_ptr() for k in s)
 
 
 def test_eot_pooling_ignores_tokens_after_eot(student):
@@ -138,14 +145,34 @@ def test_missing_model_is_a_clear_error(tmp_path):
         load_bundle(tmp_path / "nothing")
 
 
+def longclip_reference(pre: torch.Tensor) -> torch.Tensor:
+    """Long-CLIP's published stretch of 77 positions to 248, row by row (beichenzbc/Long-CLIP,
+    model/longclip.py): rows 0-19 kept; every later pair (20+i, 21+i) filled with quarters
+    ((4-j)*a + j*b)/4, j = 0..3; the last 4 rows extrapolated along pre[76] - pre[75]."""
+    assert pre.shape[0] == 77
+    rows = [pre[r] for r in range(20)]
+    for i in range(56):
+        a, b = pre[20 + i], pre[21 + i]
+        rows += [((4 - j) * a + j * b) / 4 for j in range(4)]
+    rows += [pre[76] + k * (pre[76] - pre[75]) / 4 for k in range(4)]
+    return torch.stack(rows)
+
+
+def test_longclip_stretch_matches_the_published_rule_on_every_row():
+    pre = torch.randn(77, 16, dtype=torch.float64)
+    expected = longclip_reference(pre)
+    assert expected.shape == (248, 16)
+    got = stretch_positions(pre, new_length=248, keep=20)
+    assert got.shape == (248, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
 def test_longclip_stretch(teacher):
     longclip = stretch_position_embedding(teacher, new_length=248, keep=20)
-    old = teacher.model.positional_embedding
-    new = longclip.model.positional_embedding
+    old = teacher.model.positional_embedding.detach()
+    new = longclip.model.positional_embedding.detach()
     assert new.shape == (248, old.shape[1])
-    assert torch.equal(new[:20], old[:20])
-    assert torch.allclose(new[20::4][:57], old[20:77], atol=1e-6)  # the trained positions remain
-    assert torch.allclose(new[22], (old[20] + old[21]) / 2, atol=1e-6)  # interpolated between
+    torch.testing.assert_close(new, longclip_reference(old), rtol=0, atol=1e-6)
     assert longclip.tokenizer([LONG]).shape == (1, 248)
 
 
@@ -225,35 +252,3 @@ def test_openai_format_selects_quick_gelu_in_both_towers(teacher, tmp_path, monk
     assert loaded.spec.model_name == "Tiny-gelu-quickgelu"
     assert isinstance(loaded.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
     assert isinstance(loaded.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
-
-
-def test_original_stage2_checkpoint_loads(student, tmp_path):
-    state = {f"module.{k}": v for k, v in student.model.state_dict().items()}
-    state["module.positional_embedding"] = torch.randn(77, 64)  # the unused leftover
-    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "epoch_1.pt")
-    loaded = load_bundle(
-        tmp_path / "epoch_1.pt", teacher="TULIP-Tiny", pretrained=None, activation=None
-    )
-    tok = student.tokenizer([LONG])
-    with torch.no_grad():
-        assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
-        img = torch.randn(1, 3, 48, 48)
-        assert torch.equal(loaded.model.encode_image(img), student.model.encode_image(img))
-
-
-def test_original_stage1_checkpoint_loads_with_teacher_image_tower(teacher, student, tmp_path):
-    text_only = {
-        k: v for k, v in student.model.state_dict().items()
-        if k.startswith(("token_embedding.", "transformer.", "ln_final.", "text_projection"))
-    }
-    torch.save({"state_dict": text_only}, tmp_path / "epoch_5.pt")
-    teacher_file = tmp_path / "teacher.pt"
-    torch.save(teacher.model.state_dict(), teacher_file)
-    loaded = load_bundle(tmp_path / "epoch_5.pt", teacher="TULIP-Tiny",
-                         pretrained=str(teacher_file), activation=None)
-    tok = student.tokenizer([LONG])
-    with torch.no_grad():
-        assert torch.equal(loaded.model.encode_text(tok), student.model.encode_text(tok))
-        img = torch.randn(1, 3, 48, 48)
-        assert torch.equal(loaded.model.encode_image(img), teacher.model.encode_image(img))
-    assert loaded.spec.extra["origin"] == "tulip-original-stage1"

@@ -59,7 +59,8 @@ def setup(tmp_path_factory):
     student = build_student(teacher, 248)
     models = {
         "teacher_model": teacher,
-        "longclip_model": stretch_position_embedding(teacher, 248, 20),
+        "longclip_authors_model": stretch_position_embedding(teacher, 248, 20),
+        "longclip_equal_budget_model": stretch_position_embedding(teacher, 248, 20),
         "distilled_model": student,
         "expanded_model": build_student(teacher, 248),
     }
@@ -116,12 +117,13 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     models = [
         "teacher",
         "longclip_stretched",
-        "longclip_finetuned",
+        "longclip_authors",
+        "longclip_equal_budget",
         "tulip_distilled",
         "tulip_expanded",
     ]
     assert list(dict.fromkeys(metrics["model"])) == models
-    assert len(metrics) == 3 * 5 * 2 * 2
+    assert len(metrics) == 3 * 6 * 2 * 2
     assert metrics["recall"].between(0, 100).all()
     n = metrics.groupby(["benchmark", "direction"])["n_queries"].unique()
     assert n[("flickr_tiny", "i2t")].tolist() == [4] and n[("flickr_tiny", "t2i")].tolist() == [8]
@@ -161,7 +163,7 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
 def test_models_sharing_an_image_tower_share_the_fingerprint(setup):
     models = setup["models"]
     teacher = image_tower_fingerprint(models["teacher_model"])
-    assert image_tower_fingerprint(models["longclip_model"]) == teacher
+    assert image_tower_fingerprint(models["longclip_authors_model"]) == teacher
     assert image_tower_fingerprint(models["distilled_model"]) == teacher
     assert image_tower_fingerprint(models["expanded_model"]) != teacher
 

@@ -4,6 +4,7 @@ by prepare_images, tracked in MLflow."""
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from kedro.io import DataCatalog
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
@@ -13,11 +14,14 @@ from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 from tulip_pipelines.data.images import PreparedImages
 from tulip_pipelines.io.images import ImageSourceDataset
 from tulip_pipelines.io.models import ModelDataset
+from tulip_pipelines.io.targets import TeacherTargetsDataset
+from tulip_pipelines.models import stretch_position_embedding
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
+from tulip_pipelines.pipelines.longclip.nodes import finetune_longclip_equal_budget
 
-STAGES = ("teacher", "distill", "expand", "longclip")
+STAGES = ("teacher", "distill", "expand", "longclip_authors", "longclip_equal_budget")
 registry = register_pipelines()
 
 
@@ -73,11 +77,14 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     """The four training pipelines through Kedro's runner, as ``kedro run`` wires them: catalog
     inputs and parameters in, images read from the shards of prepare_images, models saved and
     loaded through their catalog datasets."""
-    pipeline = sum((registry[name] for name in ("prepare_images", *STAGES)), Pipeline([]))
+    pipeline = sum((registry[name] for name in ("prepare_images", "teacher", "distill", "expand",
+                                                "longclip")), Pipeline([]))
     catalog = DataCatalog(datasets={
         f"{name}_model": ModelDataset(str(tmp_path / f"{name}_model"))
-        for name in ("teacher", "distilled", "expanded", "longclip")})
+        for name in ("teacher", "distilled", "expanded", "longclip_authors",
+                     "longclip_equal_budget")})
     catalog["prepared_images"] = ImageSourceDataset(str(tmp_path / "prepared_images.json"))
+    catalog["teacher_text_embeddings"] = TeacherTargetsDataset(str(tmp_path / "targets"))
     catalog["train_captions"] = data["train"]
     catalog["val_captions"] = data["val"]
     catalog["demo_shuffled_captions"] = data["shuffled"]
@@ -89,16 +96,29 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     for stage, train in (("teacher", _train(24, 5e-4)), ("distill", _train(16, 2e-3)),
                          ("expand", _train(12, 5e-4))):
         catalog[f"params:{stage}"] = {"run_dir": str(tmp_path / "runs" / stage), "train": train}
-    catalog["params:longclip"] = {"run_dir": str(tmp_path / "runs" / "longclip")}
+    catalog["params:longclip"] = {
+        "authors": {"run_dir": str(tmp_path / "runs" / "longclip_authors"),
+                    "short_image_components": 8, "label_smoothing": 0.1,
+                    "init_logit_scale": 4.6052, "max_logit_scale": None,
+                    "train": {**_train(12, 5e-4), "weight_decay": 0.01,
+                              "decay_biases_and_norms": True}},
+        "equal_budget": {"run_dir": str(tmp_path / "runs" / "longclip_equal_budget")}}
     outputs = SequentialRunner().run(pipeline, catalog)  # name -> dataset
 
     histories = {stage: outputs[f"{stage}_history"].load() for stage in STAGES}
     assert all(_falls(h) for h in histories.values())
-    assert histories["longclip"]["step"].max() == histories["expand"]["step"].max()  # budget
+    budget = histories["expand"]["step"].max()
+    assert histories["longclip_equal_budget"]["step"].max() == budget
     student = ModelDataset(str(tmp_path / "distilled_model")).load()
     assert student.spec.kind == "rope" and student.spec.context_length == 248
-    longclip = ModelDataset(str(tmp_path / "longclip_model")).load()
-    assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
+    teacher = ModelDataset(str(tmp_path / "teacher_model")).load()
+    stretched = stretch_position_embedding(teacher, 248, 20).model.positional_embedding
+    for name in ("longclip_authors", "longclip_equal_budget"):
+        longclip = ModelDataset(str(tmp_path / f"{name}_model")).load()
+        assert longclip.spec.kind == "absolute" and longclip.spec.context_length == 248
+        positions = longclip.model.positional_embedding
+        assert torch.equal(positions[:20], stretched[:20])  # kept rows frozen, bit for bit
+        assert not torch.equal(positions[20:], stretched[20:])  # the others trained
     assert ModelDataset(str(tmp_path / "expanded_model")).load().spec.kind == "rope"
     prepared = catalog.load("prepared_images")
     assert isinstance(prepared, PreparedImages) and prepared.info["n_samples"] == 48
@@ -106,7 +126,7 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
 
     runs = mlflow.search_runs(search_all_experiments=True)
     by_stage = {r["tags.tulip.stage"]: r for _, r in runs.iterrows()}
-    assert set(by_stage) == {"teacher", "distill", "expand", "longclip"}
+    assert set(by_stage) == set(STAGES)
     exp = by_stage["expand"]
     assert exp["tags.tulip.parent_run_id"] == by_stage["distill"]["run_id"]  # lineage
     assert by_stage["distill"]["tags.tulip.parent_run_id"] == by_stage["teacher"]["run_id"]
@@ -125,8 +145,15 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
 
 def test_bad_stage_parameters_fail_before_training(data):
     with pytest.raises(ValueError, match="unknown distill parameter"):
-        distill(None, data["train"], data["val"], {"lossType": "cosine"}, DS_FP32, data["root"])
+        distill(None, None, data["train"], data["val"], {"lossType": "cosine"}, DS_FP32,
+                data["root"])
     with pytest.raises(ValueError, match="loss_type"):
-        distill(None, data["train"], data["val"], {"loss_type": "kl"}, DS_FP32, data["root"])
+        distill(None, None, data["train"], data["val"], {"loss_type": "kl"}, DS_FP32,
+                data["root"])
     with pytest.raises(ValueError, match="unknown train parameter"):
-        expand(None, data["train"], data["val"], {"train": {"steps": 3}}, DS_FP32, data["root"])
+        expand(None, None, data["train"], data["val"], {"train": {"steps": 3}}, DS_FP32,
+               data["root"])
+    with pytest.raises(ValueError, match="come from expand"):
+        finetune_longclip_equal_budget(None, data["train"], data["val"],
+                                       {"equal_budget": {"train": {"max_steps": 3}}}, {}, DS_FP32,
+                                       data["root"])

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,42 @@ def test_bf16_zero1_returns_fp32_master_weights(tmp_path):
 def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot fill one batch"):
         train(RegressionTask(), RegressionData(8), _cfg(tmp_path), DS_FP32)
+
+
+def _warmup_cosine_lr(base: float, step: int, warmup: int, total: int, floor: float) -> float:
+    """The schedule written out for the tests: linear warmup to ``base`` over ``warmup`` steps
+    (``base / warmup`` at step 0), then cosine from ``base`` at step ``warmup`` down to
+    ``floor * base`` at step ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    cosine = 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return base * (floor + (1.0 - floor) * cosine)
+
+
+@pytest.mark.parametrize("ds_config", [DS_FP32, {"zero_optimization": {"stage": 1},
+                                                 "bf16": {"enabled": True}}],
+                         ids=["fp32", "bf16-zero1"])
+def test_optimizer_steps_with_the_warmup_cosine_learning_rate(tmp_path, monkeypatch, ds_config):
+    """The learning rate AdamW really uses at each step, read from its param groups when it
+    steps, follows warmup then cosine: every group, every step."""
+    seen: list[list[float]] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    cfg = _cfg(tmp_path, max_steps=8, warmup_steps=3, lr=0.05, min_lr_ratio=0.1, log_every=1)
+    result = train(RegressionTask(), RegressionData(256), cfg, ds_config)
+
+    expected = [_warmup_cosine_lr(0.05, s, 3, 8, 0.1) for s in range(8)]
+    # AdamW steps once per training step over both groups (decay, no decay), or under ZeRO once
+    # per group; either way each training step covers the two groups, all at that step's rate
+    calls_per_step = len(seen) // 8
+    assert calls_per_step >= 1 and len(seen) == 8 * calls_per_step, seen
+    per_step = [sum(seen[i * calls_per_step:(i + 1) * calls_per_step], []) for i in range(8)]
+    assert all(len(lrs) == 2 for lrs in per_step), per_step
+    assert per_step == [pytest.approx([lr, lr], rel=1e-9) for lr in expected]
+    # and the history's lr column is the rate each step used
+    assert result.history["lr"].tolist() == pytest.approx(expected, rel=1e-9)

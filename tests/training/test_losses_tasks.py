@@ -1,5 +1,6 @@
 """Losses against hand-computed values; what each task trains and freezes."""
 
+import copy
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from tulip_pipelines.models import build_student, create_teacher
 from tulip_pipelines.training.data import trim_padding, window_tokens
 from tulip_pipelines.training.losses import clip_loss, distill_loss
-from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask
+from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask, teacher_target
 
 
 def test_distill_losses_by_hand():
@@ -72,13 +73,7 @@ def test_windows_overlap_and_target_is_their_mean(tiny):
     assert windows[0, 1, 1:21].tolist() == ids[55:75]  # second window starts 55 tokens later
     assert windows[0, 0, 56:76].tolist() == windows[0, 1, 1:21].tolist()  # 20 shared tokens
     assert mask[1].sum().item() == 1
-    task = DistillTask(student.model, teacher.model, "cosine", teacher_input="windows")
-    batch = {
-        "windows": windows,
-        "window_mask": mask,
-        "long": student.tokenizer([text, "short text"]),
-    }
-    target = task.target(batch)
+    target = teacher_target(teacher.model, {"windows": windows, "window_mask": mask}, "windows")
     with torch.no_grad():
         expected = teacher.model.encode_text(windows[0][mask[0]]).mean(0)
     assert torch.allclose(target[0], expected, atol=1e-5)
@@ -114,3 +109,114 @@ def test_trim_padding_keeps_embeddings(tiny):
         assert torch.allclose(
             student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5
         )
+
+
+# --- task losses computed by hand from the batch ------------------------------------------------
+
+LONG_CAPTIONS = [
+    "a red circle above a blue square. the square is striped and the circle is plain.",
+    "a green triangle beside a yellow star. the star is small and the triangle is large.",
+    "two purple squares on a grey background. both squares have a dotted fill.",
+    "an orange circle inside a black square. the circle touches every side.",
+]
+SHORT_CAPTIONS = ["a red circle", "a green triangle", "two purple squares", "an orange circle"]
+
+
+def _fresh(tiny):
+    """Copies of the tiny teacher and student (the tasks change requires_grad in place)."""
+    teacher, student = tiny
+    return copy.deepcopy(teacher), copy.deepcopy(student)
+
+
+def _with_gradient(model, prefixes: tuple[str, ...]) -> list[str]:
+    """Names of ``model``'s parameters starting with one of ``prefixes`` that got a gradient."""
+    return [n for n, p in model.named_parameters() if n.startswith(prefixes) and p.grad is not None]
+
+
+def test_contrastive_task_loss_is_weighted_long_and_short_clip_loss(tiny):
+    teacher, _ = _fresh(tiny)
+    model = teacher.model
+    torch.manual_seed(5)
+    batch = {
+        "image": torch.randn(4, 3, 48, 48),
+        "long": teacher.tokenizer(LONG_CAPTIONS),
+        "short": teacher.tokenizer(SHORT_CAPTIONS),
+    }
+    with torch.no_grad():
+        image = model.encode_image(batch["image"], normalize=True)
+        long = model.encode_text(batch["long"], normalize=True)
+        short = model.encode_text(batch["short"], normalize=True)
+        scale = model.logit_scale.exp()
+        assert scale < 100  # the task caps the scale at 100, as CLIP does; not reached here
+        loss_long, loss_short = clip_loss(image, long, scale), clip_loss(image, short, scale)
+    expected = 0.8 * loss_long + 0.2 * loss_short
+    swapped = 0.8 * loss_short + 0.2 * loss_long
+    assert abs(expected - swapped) > 1e-3  # the batch tells the two captions apart
+
+    task = ContrastiveTask(model, long_weight=0.8, short_weight=0.2, train_towers=["text"])
+    out = task(batch)
+    assert out["loss_long"].item() == pytest.approx(loss_long.item(), rel=1e-6)
+    assert out["loss_short"].item() == pytest.approx(loss_short.item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert _with_gradient(model, ("visual.", "logit_scale")) == []
+    assert grads["token_embedding.weight"] is not None
+    assert grads["transformer.resblocks.0.attn.in_proj_weight"].abs().sum() > 0
+
+
+def test_contrastive_task_without_short_weight_reads_only_the_long_caption(tiny):
+    teacher, _ = _fresh(tiny)
+    model = teacher.model
+    torch.manual_seed(6)
+    batch = {"image": torch.randn(4, 3, 48, 48), "long": teacher.tokenizer(LONG_CAPTIONS),
+             "short": teacher.tokenizer(SHORT_CAPTIONS)}
+    with torch.no_grad():
+        expected = clip_loss(model.encode_image(batch["image"], normalize=True),
+                             model.encode_text(batch["long"], normalize=True),
+                             model.logit_scale.exp())
+    out = ContrastiveTask(model, long_weight=1.0, short_weight=0.0)(batch)
+    assert "loss_short" not in out
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["cosine", "mse", "l2"])
+def test_distill_task_loss_and_where_gradients_go(tiny, loss_type):
+    teacher, student = _fresh(tiny)
+    batch = {"teacher_long": teacher.tokenizer(LONG_CAPTIONS),
+             "long": student.tokenizer(LONG_CAPTIONS)}
+    with torch.no_grad():
+        target = teacher.model.encode_text(batch["teacher_long"]).float()
+        expected = distill_loss(student.model.encode_text(batch["teacher_long"]).float(), target,
+                                loss_type)
+    assert expected.item() > 1e-3  # the student (no positions yet) differs from the teacher
+
+    task = DistillTask(student.model, teacher.model, loss_type)
+    out = task(batch)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    out["loss"].backward()
+    assert _with_gradient(teacher.model, ("",)) == []
+    assert _with_gradient(student.model, ("token_embedding.", "visual.", "logit_scale")) == []
+    grads = {n: p.grad for n, p in student.model.named_parameters()}
+    assert grads["transformer.resblocks.0.attn.in_proj_weight"].abs().sum() > 0
+    assert grads["text_projection"].abs().sum() > 0
+
+
+def test_distill_task_with_windows_compares_the_whole_caption_with_the_windows_mean(tiny):
+    teacher, student = _fresh(tiny)
+    text = " ".join(f"word{i}" for i in range(60))  # 170 tokens: 3 windows of the teacher
+    texts = [text, "short text"]
+    windows, mask = window_tokens(texts, teacher.tokenizer, overlap=20, max_windows=8)
+    batch = {"windows": windows, "window_mask": mask, "long": student.tokenizer(texts),
+             "teacher_long": teacher.tokenizer(texts)}
+    with torch.no_grad():
+        target = torch.stack([teacher.model.encode_text(windows[b][mask[b]]).float().mean(0)
+                              for b in range(2)])
+        expected = distill_loss(student.model.encode_text(batch["long"]).float(), target)
+        truncated = distill_loss(student.model.encode_text(batch["teacher_long"]).float(), target)
+    assert abs(expected - truncated) > 1e-4  # reading all 170 tokens differs from the first 77
+
+    out = DistillTask(student.model, teacher.model, "cosine", teacher_input="windows")(batch)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)

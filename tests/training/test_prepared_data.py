@@ -20,9 +20,11 @@ from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.checkpoints import complete_checkpoints
 from tulip_pipelines.training.data import CaptionImageDataset
 from tulip_pipelines.training.sampler import DataPosition, ResumableSampler
-from tulip_pipelines.training.stages import STAGES, LongclipParams, StageInputs, build_job, run_job
+from tulip_pipelines.training.stages import STAGES, StageInputs, build_job, run_job
 from tulip_pipelines.training.stages.base import _launch_spec
+from tulip_pipelines.training.stages.longclip import LongclipEqualBudgetParams
 
+STAGE = "longclip_equal_budget"  # the Long-CLIP baseline at TULIP's budget: images and captions
 N_VAL, N_TRAIN = 8, 40
 
 
@@ -72,15 +74,15 @@ def test_rank_order_on_prepared_data_has_no_duplicates_and_resumes_identically(p
 def test_the_launch_spec_carries_the_image_source(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative folder, as the catalog entry gives it
     source = PreparedImages(os.path.relpath(prepared["source"].folder), prepared["source"].info)
-    params = LongclipParams(run_dir=str(tmp_path / "run"), num_processes=2,
+    params = LongclipEqualBudgetParams(run_dir=str(tmp_path / "run"), num_processes=2,
                             train={"max_steps": 2, "batch_size": 4, "lr": 1e-3})
     inputs = StageInputs({"teacher": create_teacher("TULIP-Tiny")},
                          {"train": prepared["train"], "val": prepared["val"]}, source)
-    spec = _launch_spec("longclip", params, inputs, DS_FP32)
+    spec = _launch_spec(STAGE, params, inputs, DS_FP32)
     assert spec["images"]["kind"] == "prepared"
     assert spec["images"]["folder"] == str(prepared["source"].folder.resolve())
     job = build_job(spec)  # what every launched rank does
-    local, _ = STAGES["longclip"].job(params, inputs, DS_FP32)
+    local, _ = STAGES[STAGE].job(params, inputs, DS_FP32)
     assert isinstance(job.train_dataset.source, PreparedImages)
     assert job.fingerprint == local.fingerprint
     for i in (0, 17, N_TRAIN - 1):
@@ -88,7 +90,7 @@ def test_the_launch_spec_carries_the_image_source(prepared, tmp_path, monkeypatc
     # the original files, for a run that skipped the preparation
     folder = StageInputs({"teacher": inputs.models["teacher"]}, inputs.frames,
                          str(prepared["root"] / "images"))
-    spec = _launch_spec("longclip", params, folder, DS_FP32)
+    spec = _launch_spec(STAGE, params, folder, DS_FP32)
     assert spec["images"] == {"kind": "folder",
                               "root": str((prepared["root"] / "images").resolve())}
     assert isinstance(build_job(spec).train_dataset.source, FolderImages)
@@ -97,11 +99,11 @@ def test_the_launch_spec_carries_the_image_source(prepared, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_two_processes_on_prepared_data_resume_exactly(prepared, tmp_path, project_root,
                                                        monkeypatch):
-    """The Long-CLIP stage on TULIP-Tiny through DeepSpeed's launcher (2 CPU processes, gloo),
+    """A Long-CLIP stage on TULIP-Tiny through DeepSpeed's launcher (2 CPU processes, gloo),
     reading the prepared shards; the last checkpoint is removed (the state a kill after the
     previous one leaves) and the rerun continues with the same losses."""
     monkeypatch.setenv("PYTHONPATH", f"{project_root / 'src'}{os.pathsep}{project_root}")
-    params = LongclipParams(
+    params = LongclipEqualBudgetParams(
         run_dir=str(tmp_path / "run"), num_processes=2,
         train={"max_steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
                "val_every": 0, "checkpoint_every": 3, "seed": 0})
@@ -112,7 +114,7 @@ def test_two_processes_on_prepared_data_resume_exactly(prepared, tmp_path, proje
         inputs = StageInputs({"teacher": teacher},
                              {"train": prepared["train"], "val": prepared["val"]},
                              prepared["source"])
-        return run_job(STAGES["longclip"], params, inputs, DS_FP32)[1]
+        return run_job(STAGES[STAGE], params, inputs, DS_FP32)[1]
 
     straight = run()
     assert straight.final_step == 6 and straight.resumed_from is None

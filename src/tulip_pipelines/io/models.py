@@ -38,8 +38,9 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
 
 
 class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):
-    """A load-only teacher: open_clip ``model_name`` with ``pretrained`` weights (a tag resolved
-    from the local cache, or a file path). Used as ``teacher_model`` at real scale."""
+    """A load-only teacher: open_clip ``model_name`` with ``pretrained`` weights (a tag, from the
+    local caches or downloaded and cached as open_clip does unless ``HF_HUB_OFFLINE=1`` or
+    ``download: false``; or a file path). Used as ``teacher_model`` at real scale."""
 
     def __init__(
         self,
@@ -47,10 +48,12 @@ class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):
         pretrained: str,
         cache_dir: str | None = None,
         activation: str | None = None,
+        download: bool = True,
         metadata: dict[str, Any] | None = None,
     ):
         self._model_name, self._pretrained = model_name, pretrained
         self._cache_dir, self._activation = cache_dir, activation
+        self._download = download
         self.metadata = metadata
 
     def load(self) -> ModelBundle:
@@ -61,6 +64,7 @@ class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):
             self._pretrained,
             cache_dir=self._cache_dir,
             activation=self._activation,
+            download=self._download,
         )
 
     def save(self, data: ModelBundle) -> None:

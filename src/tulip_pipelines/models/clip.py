@@ -16,11 +16,11 @@ from torch import nn
 from tulip_pipelines.models.configs import check_model_name, register_tiny_configs
 from tulip_pipelines.models.pretrained import (
     OPENAI_SCALARS,
-    cached_weights_file,
     is_weights_path,
     load_weights_file,
     quick_gelu_name,
     teacher_architecture,
+    weights_file,
 )
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
 
@@ -82,8 +82,23 @@ class AbsoluteCLIP(open_clip.CLIP):
         return self.transformer(x, attn_mask=self.attn_mask[:length, :length])
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning: this
+    project builds an architecture first and loads its weights itself (or trains it from
+    scratch, which the teacher stage says)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
 def new_clip(model_name: str, **kwargs) -> AbsoluteCLIP:
-    model = open_clip.create_model(model_name, **kwargs)
+    """open_clip's CLIP of ``model_name`` (random weights), as an :class:`AbsoluteCLIP`."""
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)  # open_clip warns through the root logger
+    try:
+        model = open_clip.create_model(model_name, **kwargs)
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if type(model) is not open_clip.CLIP:
         raise ValueError(
             f"{model_name} is not a plain open_clip CLIP ({type(model).__name__}); not supported"
@@ -98,12 +113,14 @@ def create_teacher(
     *,
     cache_dir: str | None = None,
     activation: str | None = None,
+    download: bool = True,
 ) -> ModelBundle:
     """An open_clip CLIP with absolute position embeddings.
 
     ``pretrained``: ``None`` (random init, the embedded default trains it), an open_clip tag such
-    as ``"openai"`` resolved from the local cache only (never downloaded), or a weights file path
-    (open_clip or OpenAI state dict, OpenAI's TorchScript release, safetensors). Weights trained
+    as ``"openai"`` (from the local caches, else downloaded and cached as open_clip does unless
+    ``HF_HUB_OFFLINE=1`` or ``download=False``), or a weights file path (open_clip or OpenAI
+    state dict, OpenAI's TorchScript release, safetensors). Weights trained
     with QuickGELU (OpenAI's) select the ``-quickgelu`` config, recorded in ``spec.model_name``.
     ``activation`` overrides the text tower's activation only.
     """
@@ -115,7 +132,7 @@ def create_teacher(
                 raise FileNotFoundError(f"teacher weights file not found: {pretrained}")
             path = Path(pretrained)
         else:
-            path = cached_weights_file(model_name, pretrained, cache_dir)
+            path = weights_file(model_name, pretrained, cache_dir, download)
         state = load_weights_file(path)
         if OPENAI_SCALARS[0] in state:  # OpenAI's format: QuickGELU everywhere
             name = quick_gelu_name(model_name)
@@ -125,6 +142,8 @@ def create_teacher(
     if state is not None:
         model.load_state_dict(state, strict=True)
         logger.info("teacher %s: loaded %s", name, path)
+    else:
+        logger.info("teacher %s: random initialisation (to be trained from scratch)", name)
     set_text_activation(model, activation)
     extra = {"pretrained": pretrained} if pretrained else {}
     spec = ModelSpec(name, "absolute", model.context_length, activation=activation, extra=extra)

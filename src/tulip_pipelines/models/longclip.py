@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
 
-from tulip_pipelines.models.clip import bundle
+from tulip_pipelines.models.clip import AbsoluteCLIP, bundle
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
 
 
@@ -54,3 +55,47 @@ def stretch_position_embedding(
         extra={"origin": "longclip-stretch", "keep": keep, "teacher": teacher.spec.to_dict()},
     )  # fmt: skip
     return bundle(model, spec)
+
+
+class KeptPositionsCLIP(AbsoluteCLIP):
+    """A stretched CLIP as Long-CLIP fine-tunes it: two copies of the position table, the
+    frozen ``positional_embedding`` (its first ``keep_positions`` rows are used) and the trainable
+    ``positional_embedding_res`` (the other rows), so that the kept rows get no gradient and stay
+    bit-identical. :func:`merge_kept_positions` turns it back into one table for export."""
+
+    frozen_parameters = ("positional_embedding",)
+
+    def text_transformer(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        kept = torch.arange(length, device=x.device)[:, None] < self.keep_positions
+        positions = torch.where(kept, self.positional_embedding[:length],
+                                self.positional_embedding_res[:length])
+        return self.transformer(x + positions.to(x.dtype),
+                                attn_mask=self.attn_mask[:length, :length])
+
+
+def freeze_kept_positions(stretched: ModelBundle, keep: int) -> ModelBundle:
+    """A copy of a stretched model whose first ``keep`` position rows cannot train."""
+    model = copy.deepcopy(stretched.model)
+    model.__class__ = KeptPositionsCLIP
+    model.keep_positions = keep
+    model.positional_embedding_res = nn.Parameter(model.positional_embedding.detach().clone())
+    model.positional_embedding.requires_grad_(False)
+    return dataclasses.replace(stretched, model=model)
+
+
+def merge_kept_positions(trained: ModelBundle) -> ModelBundle:
+    """The exported form of a :class:`KeptPositionsCLIP`: one position table (kept rows from the
+    frozen copy, the others trained), as a plain absolute-position CLIP."""
+    model = trained.model
+    if not isinstance(model, KeptPositionsCLIP):
+        return trained
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        rows = torch.arange(len(model.positional_embedding))[:, None] < model.keep_positions
+        merged = torch.where(rows, model.positional_embedding, model.positional_embedding_res)
+    del model.positional_embedding_res
+    model.positional_embedding = nn.Parameter(merged)
+    model.__class__ = AbsoluteCLIP
+    del model.keep_positions
+    return dataclasses.replace(trained, model=model)

@@ -40,8 +40,36 @@ def pretrained_config(model_name: str, tag: str) -> dict:
     )
 
 
+def offline() -> bool:
+    """Whether downloads are off for this process (``HF_HUB_OFFLINE``, as huggingface_hub reads
+    it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def weights_file(model_name: str, tag: str, cache_dir: str | None = None,
+                 download: bool = True) -> Path:
+    """The file of open_clip's ``tag`` weights, as open_clip resolves it: from the local caches
+    first (:func:`cached_weights_file`), else downloaded and cached by open_clip (Hugging Face
+    hub or URL, into ``cache_dir`` or the default caches), unless ``HF_HUB_OFFLINE=1`` or
+    ``download=False``; then a clear error lists where it looked."""
+    try:
+        return cached_weights_file(model_name, tag, cache_dir)
+    except FileNotFoundError as err:
+        if offline() or not download:
+            why = "HF_HUB_OFFLINE is set" if offline() else "downloads are off (download: false)"
+            raise FileNotFoundError(f"{err} Not downloaded: {why}.") from None
+    from open_clip.pretrained import download_pretrained
+
+    logger.info("downloading %s pretrained=%r (open_clip's cache: %s)", model_name, tag,
+                cache_dir or "default")
+    path = download_pretrained(pretrained_config(model_name, tag), cache_dir=cache_dir)
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"open_clip could not download {model_name} pretrained={tag!r}")
+    return Path(path)
+
+
 def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None) -> Path:
-    """The local file of open_clip's ``tag`` weights, never downloading: the Hugging Face hub
+    """The local file of open_clip's ``tag`` weights, without downloading: the Hugging Face hub
     cache (``cache_dir``, then ``HF_HUB_CACHE``/``HF_HOME``) and open_clip's URL cache
     (``cache_dir`` or ``~/.cache/clip``)."""
     cfg = pretrained_config(model_name, tag)
@@ -66,9 +94,9 @@ def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None)
                 return candidate
     raise FileNotFoundError(
         f"weights for {model_name} pretrained={tag!r} are not in the local cache; looked in: "
-        f"{'; '.join(looked)}. This project never downloads: copy the weights there (Hugging Face "
-        "hub layout, or open_clip's URL cache), or set `pretrained` to the path of a weights file "
-        f"(e.g. {cfg.get('url', 'the released checkpoint')})."
+        f"{'; '.join(looked)}. Copy the weights there (Hugging Face hub layout, or open_clip's "
+        "URL cache), allow downloads (unset HF_HUB_OFFLINE), or set `pretrained` to the path of "
+        f"a weights file (e.g. {cfg.get('url', 'the released checkpoint')})."
     )
 
 

@@ -11,10 +11,12 @@ a mismatch (other parameters, data or model) moves the old checkpoints aside and
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import time
@@ -22,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 from tulip_pipelines.training.config import TrainParams
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 HISTORY_FILE = "history.json"
+RNG_FILE = "rng_rank{rank}.json"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
 # DeepSpeed keys that only change what is printed, not what is trained (left out of fingerprints)
 _DS_LOGGING_KEYS = ("steps_per_print", "wall_clock_breakdown", "dump_state", "flops_profiler")
@@ -101,12 +106,14 @@ def select_resume_tag(root: Path, run_hash: str, params: TrainParams, rank: int)
 
 def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
                     history: list[dict[str, float]], keep: int, rank: int) -> Path:
-    """DeepSpeed checkpoint of ``step``, then (after every rank is done) the history and the
-    ``COMPLETE`` marker, and pruning to the newest ``keep`` complete checkpoints."""
+    """DeepSpeed checkpoint of ``step`` and every rank's RNG states, then (after every rank is
+    done) the history and the ``COMPLETE`` marker, and pruning to the newest ``keep`` complete
+    checkpoints. A process killed before the marker leaves the previous checkpoint in use."""
     step_tag = tag(step)
     engine.save_checkpoint(str(root), tag=step_tag, client_state=client_state)
-    dist.barrier()
     tag_dir = root / step_tag
+    atomic_write(tag_dir / RNG_FILE.format(rank=rank), json.dumps(rng_state()))
+    dist.barrier()
     if rank == 0:
         atomic_write(tag_dir / HISTORY_FILE, json.dumps(history))
         atomic_write(tag_dir / COMPLETE_MARKER,
@@ -115,6 +122,39 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
         logger.info("checkpoint %s complete", tag_dir)
     dist.barrier()
     return tag_dir
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (torch CPU and CUDA, numpy, python) as JSON."""
+    def encode(tensor: torch.Tensor) -> str:
+        return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": encode(torch.get_rng_state()),
+        "cuda": [encode(s) for s in torch.cuda.get_rng_state_all()]
+        if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def restore_rng_state(root: Path, step_tag: str, rank: int) -> None:
+    """Put back the RNG states this rank saved with checkpoint ``step_tag``."""
+    path = root / step_tag / RNG_FILE.format(rank=rank)
+    state = json.loads(path.read_text())
+
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def read_history(root: Path, step_tag: str) -> list[dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,12 @@ class TrainParams(Params):
     """The ``train`` block of a stage's parameters, plus the run's name and folder.
 
     Steps are optimizer steps (after gradient accumulation); ``batch_size`` is the micro batch of
-    one process. ``val_every``/``checkpoint_every`` of 0 mean "only at the end". The stage's
+    one process. The budget is ``max_steps`` or ``epochs`` (passes over the training data, which
+    the engine turns into steps for the batch, accumulation and processes of the run). The
+    warmup/cosine schedule spans the budget unless ``schedule_steps``/``schedule_epochs`` give a
+    longer horizon (TULIP's stage 1 stops at epoch 5 of a 30-epoch schedule). AdamW decays
+    matrices only (open_clip's rule) unless ``decay_biases_and_norms`` (Long-CLIP decays every
+    parameter). ``val_every``/``checkpoint_every`` of 0 mean "only at the end". The stage's
     *run dir* holds its training checkpoints (``<run_dir>/checkpoints/step_XXXXXXXX``).
     """
 
@@ -25,9 +31,13 @@ class TrainParams(Params):
 
     run_name: str
     run_dir: str
-    max_steps: int
     batch_size: int
     lr: float
+    max_steps: int | None = None
+    epochs: float | None = None
+    schedule_steps: int | None = None
+    schedule_epochs: float | None = None
+    decay_biases_and_norms: bool = False
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -51,17 +61,28 @@ class TrainParams(Params):
         p.check(valid_betas, "betas", f"must be two numbers in [0, 1), got {self.betas!r}")
         p.check(bool(self.run_name), "run_name", "must be a non-empty string")
         p.check(bool(self.run_dir), "run_dir", "must be a non-empty path")
-        for name in ("max_steps", "batch_size", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "log_every", "keep_checkpoints"):
             p.int_at_least(name, getattr(self, name), 1)
+        p.check((self.max_steps is None) != (self.epochs is None), "max_steps",
+                f"or epochs: give exactly one (got max_steps={self.max_steps!r}, "
+                f"epochs={self.epochs!r})")
+        p.int_at_least("max_steps", self.max_steps, 1, optional=True)
+        p.number_in("epochs", self.epochs, 0, low_open=True, optional=True)
+        p.check(self.schedule_steps is None or self.schedule_epochs is None, "schedule_steps",
+                "and schedule_epochs: give at most one")
+        p.int_at_least("schedule_steps", self.schedule_steps, 1, optional=True)
+        p.number_in("schedule_epochs", self.schedule_epochs, 0, low_open=True, optional=True)
+        p.boolean("decay_biases_and_norms", self.decay_biases_and_norms)
         for name in ("warmup_steps", "val_every", "checkpoint_every", "num_workers", "seed"):
             p.int_at_least(name, getattr(self, name), 0)
         p.number_in("lr", self.lr, 0, low_open=True)
         p.number_in("weight_decay", self.weight_decay, 0)
         p.number_in("eps", self.eps, 0, low_open=True)
         p.number_in("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        if isinstance(self.max_steps, int) and isinstance(self.warmup_steps, int):
-            p.check(self.warmup_steps <= self.max_steps, "warmup_steps",
-                    f"({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        horizon = self.schedule_steps or self.max_steps
+        if isinstance(horizon, int) and isinstance(self.warmup_steps, int):
+            p.check(self.warmup_steps <= horizon, "warmup_steps",
+                    f"({self.warmup_steps}) must not exceed the schedule's {horizon} steps")
         p.boolean("resume", self.resume)
         p.raise_if_any()
 
@@ -69,6 +90,25 @@ class TrainParams(Params):
     def for_stage(cls, train: Mapping[str, Any], run_name: str, run_dir: str) -> "TrainParams":
         """A stage's ``train`` block with the stage's name and run dir filled in."""
         return cls.from_params({**train, "run_name": run_name, "run_dir": run_dir})
+
+    def resolved(self, steps_per_epoch: int) -> "TrainParams":
+        """These parameters with ``max_steps`` and ``schedule_steps`` in steps, epochs converted
+        with ``steps_per_epoch`` (optimizer steps per pass over the data in this run)."""
+        def steps(epochs: float) -> int:
+            return max(1, math.ceil(epochs * steps_per_epoch))
+
+        max_steps = self.max_steps if self.max_steps is not None else steps(self.epochs)
+        schedule = self.schedule_steps
+        if schedule is None:
+            schedule = steps(self.schedule_epochs) if self.schedule_epochs else max_steps
+        out = dataclasses.replace(self, max_steps=max_steps, schedule_steps=schedule)
+        if out.warmup_steps > schedule:
+            raise ValueError(f"train ({self.run_name}).warmup_steps ({self.warmup_steps}) exceeds "
+                             f"the schedule's {schedule} steps")
+        if schedule < max_steps:
+            raise ValueError(f"train ({self.run_name}): the schedule ({schedule} steps) ends "
+                             f"before the run ({max_steps} steps)")
+        return out
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not where/how often things are written)."""

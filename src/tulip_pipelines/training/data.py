@@ -21,11 +21,12 @@ logger = logging.getLogger(__name__)
 class CaptionImageDataset(Dataset):
     """Rows of a captions table (``id``, ``image``, ``caption``) as training samples.
 
-    Each sample is ``{"image": tensor, "long": caption, "short": first sentence}``; images come
-    from ``images`` (an :class:`~tulip_pipelines.data.images.ImageSource`: the prepared shards
-    or the original folder; a path means the folder), decoded at the size ``preprocess`` needs.
-    Records whose image the source left out (quarantined by ``prepare_images``) are dropped
-    when images are read. With ``variants`` (id -> list of alternative captions, e.g. the demo's
+    Each sample is ``{"image": tensor, "long": caption, "short": short_caption(caption)}`` (the
+    first sentence by default; see ``data.text.SHORT_CAPTIONS``). Images come from ``images``
+    (an :class:`~tulip_pipelines.data.images.ImageSource`: the prepared shards or the original
+    folder; a path means the folder), decoded at the size ``preprocess`` needs. Records whose
+    image the source left out (quarantined by ``prepare_images``) are dropped when images are
+    read. With ``variants`` (id -> list of alternative captions, e.g. the demo's
     shuffled-sentence captions) the long caption is drawn at random among them each time the
     sample is read.
     """
@@ -36,12 +37,14 @@ class CaptionImageDataset(Dataset):
         images: ImageSource | str | Path,
         preprocess: Callable[[Image.Image], torch.Tensor] | None,
         variants: Mapping[str, Sequence[str]] | None = None,
+        short_caption: Callable[[str], str] = first_sentence,
     ):
         missing = {"id", "image", "caption"} - set(frame.columns)
         if missing:
             raise ValueError(f"captions table lacks column(s) {sorted(missing)}")
         self.source = as_image_source(images)
         self.preprocess = preprocess
+        self.short_caption = short_caption
         self.min_size = preprocess_size(preprocess)
         ids = frame["id"].astype(str).tolist()
         self.handles: list[Any] = []
@@ -74,7 +77,7 @@ class CaptionImageDataset(Dataset):
         if self.variants:  # torch's generator: seeded by the engine and per DataLoader worker
             choices = self.variants[self.ids[index]]
             long = choices[int(torch.randint(len(choices), ()))]
-        sample: dict[str, Any] = {"long": long, "short": first_sentence(caption)}
+        sample: dict[str, Any] = {"long": long, "short": self.short_caption(caption)}
         if self.preprocess is not None:
             sample["image"] = self.preprocess(self.read_image(index))
         return sample
@@ -113,8 +116,12 @@ class Collate:
             batch["image"] = torch.stack([s["image"] for s in samples])
         if self.short_tokenizer is not None:
             batch["short"] = trim_padding(self.short_tokenizer([s["short"] for s in samples]))
+        if "target" in samples[0]:  # cached teacher targets: no teacher input needed
+            batch["target"] = torch.stack([s["target"] for s in samples])
         if self.teacher_tokenizer is not None:
-            if self.windows:
+            if self.windows and "target" in samples[0]:
+                pass  # the student reads `long`; the teacher's windows are in the cache
+            elif self.windows:
                 batch["windows"], batch["window_mask"] = window_tokens(
                     longs, self.teacher_tokenizer, self.overlap, self.windows
                 )

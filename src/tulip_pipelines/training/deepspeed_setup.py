@@ -83,10 +83,10 @@ def initialize_engine(task: torch.nn.Module, params: TrainParams, ds_config: Map
     if not trainable:
         raise ValueError(f"run {params.run_name!r}: the task has no parameter with "
                          f"requires_grad=True")
-    optimizer = torch.optim.AdamW(param_groups(trainable, params.weight_decay), lr=params.lr,
-                                  betas=params.betas, eps=params.eps)
-    scheduler = warmup_cosine(optimizer, params.warmup_steps, params.max_steps,
-                              params.min_lr_ratio)
+    groups = param_groups(trainable, params.weight_decay, params.decay_biases_and_norms)
+    optimizer = torch.optim.AdamW(groups, lr=params.lr, betas=params.betas, eps=params.eps)
+    scheduler = warmup_cosine(optimizer, params.warmup_steps,
+                              params.schedule_steps or params.max_steps, params.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=dict(ds_config))
     return engine, state
@@ -135,9 +135,12 @@ def _fp16_optimizer_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     return {id(p): m for group, masters in zip(groups, fp32) for p, m in zip(group, masters)}
 
 
-def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]],
-                 weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's rule: no weight decay on biases, norms and logit_scale (ndim < 2)."""
+def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: float,
+                 decay_all: bool = False) -> list[dict[str, Any]]:
+    """open_clip's rule: no weight decay on biases, norms and logit_scale (ndim < 2); with
+    ``decay_all`` one group that decays everything (Long-CLIP)."""
+    if decay_all:
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
     no_decay = [p for n, p in named if p.ndim < 2 or "logit_scale" in n]
     decay = [p for n, p in named if not (p.ndim < 2 or "logit_scale" in n)]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from tulip_pipelines.progress import on_terminal, progress
 from tulip_pipelines.training import checkpoints
+from tulip_pipelines.training.accumulation import StepCache
 from tulip_pipelines.training.batches import count_samples, scalar, to_device
 from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.deepspeed_setup import (
@@ -39,7 +40,7 @@ from tulip_pipelines.training.deepspeed_setup import (
     prepare_ds_config,
 )
 from tulip_pipelines.training.distributed import init_distributed
-from tulip_pipelines.training.sampler import DataPosition, ResumableSampler
+from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +71,16 @@ def train(
     rank, world_size = init_distributed()
     ds_config = prepare_ds_config(ds_config, params, world_size)
     root = checkpoints.checkpoints_dir(params.run_dir)
-    run_hash = checkpoints.config_fingerprint(params, ds_config, world_size, len(train_dataset),
-                                              fingerprint)
     sampler = ResumableSampler(train_dataset, world_size, rank, params.seed, params.batch_size)
     if len(sampler.base) < params.batch_size:
         raise ValueError(
             f"run {params.run_name!r}: {len(train_dataset)} training samples cannot fill one batch "
             f"of {params.batch_size} on each of {world_size} process(es)"
         )
+    gas = ds_config["gradient_accumulation_steps"]
+    params = params.resolved(max(1, len(sampler.base) // params.batch_size // gas))
+    run_hash = checkpoints.config_fingerprint(params, ds_config, world_size, len(train_dataset),
+                                              fingerprint)
 
     engine, task_state = initialize_engine(task, params, ds_config)
     resume_tag = checkpoints.select_resume_tag(root, run_hash, params, rank)
@@ -89,14 +92,17 @@ def train(
         start_step = int(client_state["step"])
         position = DataPosition(int(client_state["epoch"]), int(client_state["batch_offset"]))
         history = checkpoints.read_history(root, resume_tag)
+        checkpoints.restore_rng_state(root, resume_tag, rank)
         logger.info("%s: resumed from %s (step %d of %d)", params.run_name, resume_tag,
                     start_step, params.max_steps)
-    torch.manual_seed(hash((params.seed, rank, start_step)) & 0xFFFF_FFFF)
+    else:
+        torch.manual_seed(hash((params.seed, rank)) & 0xFFFF_FFFF)
 
     loader = DataLoader(
-        train_dataset, batch_size=params.batch_size, sampler=sampler, drop_last=True,
-        collate_fn=collate_fn, num_workers=params.num_workers,
+        SeededSamples(train_dataset, params.seed), batch_size=params.batch_size, sampler=sampler,
+        drop_last=True, collate_fn=collate_fn, num_workers=params.num_workers,
         persistent_workers=params.num_workers > 0,
+        generator=torch.Generator().manual_seed(params.seed),  # leaves the global RNG alone
     )
     loop = _Loop(engine, params, world_size, rank, val_dataset, collate_fn, log_fn, root,
                  run_hash, history)
@@ -165,14 +171,27 @@ class _Loop:
 
     def _optimizer_step(self, batches: list[Any]) -> None:
         """Forward and backward over the step's micro batches; DeepSpeed steps the optimizer
-        after the last one (its gradient-accumulation boundary)."""
+        after the last one (its gradient-accumulation boundary). A task whose loss spans the
+        global batch (``global_batch``) first caches every micro batch's features, so that the
+        accumulated gradient is the whole batch's (see :mod:`.accumulation`)."""
         self._step_lr = self.engine.get_lr()[0]  # read from the optimizer: what this step uses
-        for batch in batches:
-            out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
+        batches = [to_device(b, self.engine.device, self.compute_dtype) for b in batches]
+        task, cached = self.engine.module, None
+        if len(batches) > 1 and getattr(task, "global_batch", False):
+            with torch.no_grad():
+                cached = [task.features(batch) for batch in batches]
+        for index, batch in enumerate(batches):
+            kwargs = {} if cached is None else {"cache": StepCache(cached, index)}
+            out = self.engine(batch, **kwargs)
             if "loss" not in out:
                 raise KeyError(f"run {self.params.run_name!r}: task.forward must return a 'loss' "
                                f"entry, got keys {sorted(out)}")
-            self.engine.backward(out["loss"])
+            # DeepSpeed divides each micro batch's loss by the accumulation steps; with the cache
+            # each carries the whole batch's loss, whose gradients must add up undivided.
+            # (backward(..., scale_wrt_gas=False) is not enough: DeepSpeed 0.19.8's output hooks
+            # still divide the gradient when the loss tensor is the forward's own output.)
+            loss = out["loss"] if cached is None else out["loss"] * len(batches)
+            self.engine.backward(loss)
             self.engine.step()
             for key, value in out.items():
                 self._window[key] = self._window.get(key, 0.0) + scalar(value)

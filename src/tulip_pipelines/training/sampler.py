@@ -1,6 +1,7 @@
-"""The data order of a training run: a shuffled, rank-sharded order per epoch, and the position
-in it that a checkpoint records, so that a resumed run reads exactly what the uninterrupted run
-would."""
+"""The data order of a training run: a shuffled, rank-sharded order per epoch, the position in it
+that a checkpoint records, and per-sample randomness keyed by (seed, epoch, index), so that a
+resumed run reads exactly what the uninterrupted run would, whatever the number of loader
+workers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
@@ -19,8 +21,9 @@ class DataPosition:
     offset: int = 0
 
 
-class ResumableSampler(Sampler[int]):
-    """DistributedSampler (epoch-seeded shuffle, drop_last) that can skip a consumed prefix."""
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """DistributedSampler (epoch-seeded shuffle, drop_last) that can skip a consumed prefix. It
+    yields ``(index, epoch)`` keys for :class:`SeededSamples`."""
 
     def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int, batch_size: int):
         self.base = DistributedSampler(
@@ -31,10 +34,32 @@ class ResumableSampler(Sampler[int]):
 
     def start(self, position: DataPosition) -> None:
         self.base.set_epoch(position.epoch)
+        self.epoch = position.epoch
         self.skip_batches = position.offset
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.base), self.skip_batches * self.batch_size, None)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = getattr(self, "epoch", 0)
+        order = itertools.islice(iter(self.base), self.skip_batches * self.batch_size, None)
+        return ((index, epoch) for index in order)
 
     def __len__(self) -> int:
         return max(0, len(self.base) - self.skip_batches * self.batch_size)
+
+
+class SeededSamples(Dataset):
+    """A training dataset read by ``(index, epoch)`` keys. Each sample is read with torch's RNG
+    seeded from ``(seed, epoch, index)`` (and restored afterwards), so its random draws (the
+    demo's caption variants, an augmentation) depend on nothing else: not on the loader worker
+    that reads it, nor on where a resumed run started."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+            return self.dataset[index]

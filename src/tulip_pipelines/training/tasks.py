@@ -12,7 +12,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tulip_pipelines.training.losses import DISTILL_LOSSES, clip_loss, distill_loss
+from tulip_pipelines.training.accumulation import StepCache, share_gradient
+from tulip_pipelines.training.distributed import gather_with_grad
+from tulip_pipelines.training.losses import (
+    DISTILL_LOSSES,
+    clip_loss,
+    distill_loss,
+    primary_components,
+)
 
 TOWERS = ("image", "text", "logit_scale")
 TEACHER_INPUTS = ("tokens", "windows")
@@ -27,51 +34,81 @@ def _tower(name: str) -> str:
 
 
 def freeze_towers(model: nn.Module, train_towers: Iterable[str]) -> None:
-    """Train only the named towers of a CLIP (``image``, ``text``, ``logit_scale``)."""
+    """Train only the named towers of a CLIP (``image``, ``text``, ``logit_scale``). Parameters
+    the model lists in ``frozen_parameters`` (Long-CLIP's kept positions) stay frozen."""
     train_towers = set(train_towers)
     unknown = train_towers - set(TOWERS)
     if unknown or not train_towers:
         raise ValueError(
             f"train_towers must be a non-empty subset of {TOWERS}, got {sorted(train_towers)}"
         )
+    always_frozen = set(getattr(model, "frozen_parameters", ()))
     for name, param in model.named_parameters():
-        param.requires_grad_(_tower(name) in train_towers)
+        param.requires_grad_(_tower(name) in train_towers and name not in always_frozen)
 
 
 class ContrastiveTask(nn.Module):
-    """CLIP loss on (image, long caption), plus optionally (image, short caption).
+    """CLIP loss on (image, long caption), plus optionally (image, short caption), over the
+    global batch of an optimizer step (every process, every accumulated micro batch: see
+    :mod:`tulip_pipelines.training.accumulation`).
 
-    ``loss = long_weight * L(image, long) + short_weight * L(image, short)``: TULIP's expansion
-    stage (0.8/0.2), the Long-CLIP baseline's fine-tuning (same), and the demo teacher (1/0).
+    ``loss = long_weight * L(image, long) + short_weight * L(image', short)``: TULIP's expansion
+    stage (0.8/0.2), the Long-CLIP baselines, and the demo teacher (1/0). ``image'`` is the image
+    features' primary components (``short_image_components``, Long-CLIP) or the features
+    themselves. ``label_smoothing`` applies to every cross-entropy (Long-CLIP: 0.1);
+    ``max_logit_scale`` clamps the temperature (open_clip: 100; ``None``: Long-CLIP, no clamp).
+    ``local_loss``: each process contrasts each micro batch alone (fewer negatives; the
+    gradient of a bigger batch is not reproduced).
     """
 
     def __init__(self, model: nn.Module, long_weight: float = 0.8, short_weight: float = 0.2,
-                 train_towers: Iterable[str] = TOWERS):
+                 train_towers: Iterable[str] = TOWERS, *, label_smoothing: float = 0.0,
+                 short_image_components: int | None = None,
+                 max_logit_scale: float | None = 100.0, local_loss: bool = False):
         super().__init__()
         if long_weight < 0 or short_weight < 0 or long_weight + short_weight == 0:
-            raise ValueError(
-                f"loss weights must be >= 0 and not both 0, got {long_weight}, {short_weight}"
-            )
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got {long_weight}, "
+                             f"{short_weight}")
         self.model = model
         self.long_weight, self.short_weight = float(long_weight), float(short_weight)
+        self.label_smoothing = float(label_smoothing)
+        self.short_image_components = short_image_components
+        self.max_logit_scale = max_logit_scale
+        self.global_batch = not local_loss  # the engine then caches a step's features
         freeze_towers(model, train_towers)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """L2-normalised features of this micro batch (the part of the loss that is per sample)."""
         image = self.model.encode_image(batch["image"], normalize=True)
-        scale = self.model.logit_scale.exp().clamp(max=100)
-        out = {
-            "loss_long": clip_loss(
-                image, self.model.encode_text(batch["long"], normalize=True), scale
-            )
-        }
+        out = {"image": image,
+               "long": self.model.encode_text(batch["long"], normalize=True)}
+        if self.short_weight:
+            out["short"] = self.model.encode_text(batch["short"], normalize=True)
+            if self.short_image_components:
+                out["image_short"] = primary_components(image, self.short_image_components)
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor],
+                cache: StepCache | None = None) -> dict[str, torch.Tensor]:
+        feats = self.features(batch)
+        if cache is not None:
+            feats = cache.assemble(feats)
+        if self.global_batch and self.training:
+            feats = {key: gather_with_grad(value) for key, value in feats.items()}
+        scale = self.model.logit_scale.exp()
+        if self.max_logit_scale is not None:
+            scale = scale.clamp(max=self.max_logit_scale)
+        logged_scale = scale.detach()
+        if cache is not None:
+            scale = share_gradient(scale, cache.n)
+        out = {"loss_long": clip_loss(feats["image"], feats["long"], scale, self.label_smoothing)}
         loss = self.long_weight * out["loss_long"]
         if self.short_weight:
-            out["loss_short"] = clip_loss(
-                image, self.model.encode_text(batch["short"], normalize=True), scale
-            )
+            image = feats.get("image_short", feats["image"])
+            out["loss_short"] = clip_loss(image, feats["short"], scale, self.label_smoothing)
             loss = loss + self.short_weight * out["loss_short"]
         out["loss"] = loss
-        out["logit_scale"] = scale.detach()
+        out["logit_scale"] = logged_scale
         return out
 
 
@@ -81,10 +118,11 @@ class DistillTask(nn.Module):
     ``teacher_input="tokens"``: both read the caption tokenised at the teacher's context (77).
     ``teacher_input="windows"``: the teacher embeds overlapping windows of the long caption and
     their mean is the target for the student reading the whole caption at its own context.
-    The student's token embedding, image tower and logit scale stay frozen.
+    The student's token embedding, image tower and logit scale stay frozen. A batch that
+    carries ``target`` (the cached teacher targets, ``training/targets.py``) needs no teacher.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss_type: str = "cosine",
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_type: str = "cosine",
                  teacher_input: str = "tokens"):
         super().__init__()
         if loss_type not in DISTILL_LOSSES:
@@ -93,27 +131,34 @@ class DistillTask(nn.Module):
             raise ValueError(f"teacher_input must be 'tokens' or 'windows', got {teacher_input!r}")
         self.student = student
         self.loss_type, self.teacher_input = loss_type, teacher_input
-        teacher.eval().requires_grad_(False)
+        if teacher is not None:  # None: every batch carries its cached "target"
+            teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # frozen, not a submodule: not checkpointed
         for name, param in student.named_parameters():
             param.requires_grad_(_tower(name) == "text" and not name.startswith("token_embedding."))
 
-    @torch.no_grad()
-    def target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        device = batch["long"].device
-        self.teacher.to(device)
-        if self.teacher_input == "tokens":
-            return self.teacher.encode_text(batch["teacher_long"]).float()
-        windows, mask = batch["windows"], batch["window_mask"]
-        flat = self.teacher.encode_text(windows[mask]).float()
-        sums = torch.zeros(mask.shape[0], flat.shape[-1], device=device)
-        sums.index_add_(0, mask.nonzero()[:, 0], flat)
-        return sums / mask.sum(1, keepdim=True).clamp(min=1)
-
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["teacher_long"] if self.teacher_input == "tokens" else batch["long"]
         student = self.student.encode_text(tokens).float()
-        target = self.target(batch)
+        if "target" in batch:  # cached (training/targets.py)
+            target = batch["target"].float()
+        else:
+            self.teacher.to(tokens.device)
+            target = teacher_target(self.teacher, batch, self.teacher_input)
         loss = distill_loss(student, target, self.loss_type)
         cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
         return {"loss": loss, "cosine": cosine}
+
+
+@torch.no_grad()
+def teacher_target(teacher: nn.Module, batch: dict[str, torch.Tensor],
+                   teacher_input: str) -> torch.Tensor:
+    """The frozen teacher's text embedding (float32): of ``teacher_long`` tokens, or the mean
+    over the windows a caption fills (``windows``/``window_mask``)."""
+    if teacher_input == "tokens":
+        return teacher.encode_text(batch["teacher_long"]).float()
+    windows, mask = batch["windows"], batch["window_mask"]
+    flat = teacher.encode_text(windows[mask]).float()
+    sums = torch.zeros(mask.shape[0], flat.shape[-1], device=flat.device)
+    sums.index_add_(0, mask.nonzero()[:, 0].to(flat.device), flat)
+    return sums / mask.sum(1, keepdim=True).clamp(min=1).to(flat.device)

@@ -29,7 +29,8 @@ def build_dci_long_csv(params: dict[str, Any]) -> pd.DataFrame:
 
 def evaluate_retrieval(
     teacher_model: ModelBundle,
-    longclip_model: ModelBundle,
+    longclip_authors_model: ModelBundle,
+    longclip_equal_budget_model: ModelBundle,
     distilled_model: ModelBundle,
     expanded_model: ModelBundle,
     val_captions: pd.DataFrame,
@@ -37,7 +38,8 @@ def evaluate_retrieval(
     params: dict[str, Any],
     prepared_images: ImageSource,
 ):
-    """Score the teacher, Long-CLIP (stretched only / fine-tuned) and TULIP (distilled / expanded).
+    """Score the teacher, Long-CLIP (stretched only; fine-tuned by its authors' recipe and at
+    TULIP's budget) and TULIP (distilled / expanded).
 
     ShareGPT4V-format benchmarks read ``val_captions``' images from ``prepared_images``.
     Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown) and
@@ -45,12 +47,13 @@ def evaluate_retrieval(
     """
     cfg = EvaluateParams.from_params(params)
     benchmarks = load_benchmarks(cfg, val_captions, prepared_images)
-    stretch = longclip_model.spec
+    stretch = longclip_authors_model.spec
     models = {
         "teacher": teacher_model,
         "longclip_stretched": stretch_position_embedding(
             teacher_model, stretch.context_length, stretch.extra.get("keep", 20)),
-        "longclip_finetuned": longclip_model,
+        "longclip_authors": longclip_authors_model,
+        "longclip_equal_budget": longclip_equal_budget_model,
         "tulip_distilled": distilled_model,
         "tulip_expanded": expanded_model,
     }

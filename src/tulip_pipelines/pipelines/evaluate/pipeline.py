@@ -19,7 +19,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 evaluate_retrieval,
                 inputs=[
                     "teacher_model",
-                    "longclip_model",
+                    "longclip_authors_model",
+                    "longclip_equal_budget_model",
                     "distilled_model",
                     "expanded_model",
                     "val_captions",

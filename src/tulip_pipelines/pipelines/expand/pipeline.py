@@ -9,8 +9,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(
             expand,
-            inputs=["distilled_model", "train_captions", "val_captions", "params:expand",
-                    "params:deepspeed", "prepared_images"],
+            inputs=["distilled_model", "teacher_model", "train_captions", "val_captions",
+                    "params:expand", "params:deepspeed", "prepared_images"],
             outputs=["expanded_model", "expand_history", "expand_loss_plot"],
             name="expand_context",
             tags=["expand"],

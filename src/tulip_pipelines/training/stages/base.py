@@ -14,12 +14,15 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.data.images import ImageSource, as_image_source
+from tulip_pipelines.data.text import first_sentence
 from tulip_pipelines.models import ModelBundle, save_model
 from tulip_pipelines.params import Params, Problems
 from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.data import CaptionImageDataset
 from tulip_pipelines.training.engine import LogFn, train
 from tulip_pipelines.training.launch import LAUNCHERS, TrainJob, run_distributed
+from tulip_pipelines.training.run_lock import run_lock
+from tulip_pipelines.training.targets import TeacherTargets
 
 RUNS_DIR = "data/06_models/runs"
 
@@ -49,6 +52,9 @@ class StageParams(Params):
     def stage_run_dir(self) -> str:
         return self.run_dir or f"{RUNS_DIR}/{self.section}"
 
+    def run_dirs(self) -> list[str]:
+        return [self.stage_run_dir]
+
     def train_params(self) -> TrainParams:
         return TrainParams.for_stage(self.train, self.section, self.stage_run_dir)
 
@@ -61,37 +67,46 @@ class StageParams(Params):
 @dataclass
 class StageInputs:
     """What a stage reads: models by role (``teacher``, ``distilled``), caption tables by role
-    (``train``, ``val``, the demo teacher's ``shuffled``) and where their images are (the
-    ``prepared_images`` source; a folder path means the original files under it)."""
+    (``train``, ``val``, the demo teacher's ``shuffled``), where their images are (the
+    ``prepared_images`` source; a folder path means the original files under it) and, for
+    distillation, the cached teacher targets."""
 
     models: Mapping[str, ModelBundle]
     frames: Mapping[str, pd.DataFrame]
     images: ImageSource | str
+    targets: TeacherTargets | None = None
 
     def __post_init__(self) -> None:
         self.images = as_image_source(self.images)
 
-    def datasets(self, preprocess, variants=None) -> tuple[CaptionImageDataset,
-                                                             CaptionImageDataset | None]:
+    def datasets(self, preprocess, variants=None, *, short_caption=first_sentence,
+                 frames: Mapping[str, pd.DataFrame] | None = None
+                 ) -> tuple[CaptionImageDataset, CaptionImageDataset | None]:
         """Training and (if there are validation rows) validation datasets; ``preprocess=None``
-        reads no images (distillation is text only). Variants apply to training only."""
-        train_ds = CaptionImageDataset(self.frames["train"], self.images, preprocess, variants)
-        val = self.frames.get("val")
+        reads no images (distillation is text only). Variants apply to training only.
+        ``frames`` replaces the inputs' caption tables (e.g. with extra rows)."""
+        frames = frames or self.frames
+        train_ds = CaptionImageDataset(frames["train"], self.images, preprocess, variants,
+                                       short_caption)
+        val = frames.get("val")
         val_ds = None
         if val is not None and len(val):
-            val_ds = CaptionImageDataset(val, self.images, preprocess)
+            val_ds = CaptionImageDataset(val, self.images, preprocess,
+                                         short_caption=short_caption)
         return train_ds, val_ds
 
 
 @dataclass
 class Built:
-    """What a stage's builder returns: the task to train, its data, and the model it trains."""
+    """What a stage's builder returns: the task to train, its data, the model it trains and,
+    optionally, how that model is turned into its exported form after training."""
 
     task: Any
     collate: Callable
     train_dataset: CaptionImageDataset
     val_dataset: CaptionImageDataset | None
     model: ModelBundle
+    finish: Callable[[ModelBundle], ModelBundle] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +118,7 @@ class Stage:
     build: Callable[[Any, StageInputs], Built]
 
     def job(self, params: StageParams, inputs: StageInputs,
-            ds_config: Mapping[str, Any]) -> tuple[TrainJob, ModelBundle]:
+            ds_config: Mapping[str, Any]) -> tuple[TrainJob, Built]:
         built = self.build(params, inputs)
         train_ids = inputs.frames["train"]["id"]
         fingerprint = {
@@ -117,24 +132,26 @@ class Stage:
         }
         job = TrainJob(built.task, built.train_dataset, built.val_dataset, built.collate,
                        params.train_params(), dict(ds_config), fingerprint)
-        return job, built.model
+        return job, built
 
 
 def run_job(stage: Stage, params: StageParams, inputs: StageInputs, ds_config: Mapping[str, Any],
             log_fn: LogFn | None = None) -> tuple[ModelBundle, TrainResult]:
     """Train one stage: in this process, or on ``num_processes`` through the launcher (which
     rebuilds the same job on every rank from the inputs saved in the run dir)."""
-    job, model = stage.job(params, inputs, ds_config)
-    if params.num_processes == 1:
-        result = train(job.task, job.train_dataset, job.params, job.ds_config,
-                       collate_fn=job.collate_fn, val_dataset=job.val_dataset, log_fn=log_fn,
-                       fingerprint=job.fingerprint)
-    else:
-        spec = _launch_spec(stage.name, params, inputs, ds_config)
-        with tempfile.TemporaryDirectory() as tmp:
-            result = run_distributed(spec, params.num_processes, params.launcher,
-                                     module=job.task, log_fn=log_fn,
-                                     result_dir=Path(tmp) / "result")
+    job, built = stage.job(params, inputs, ds_config)
+    with run_lock(params.stage_run_dir):  # one run per run dir at a time
+        if params.num_processes == 1:
+            result = train(job.task, job.train_dataset, job.params, job.ds_config,
+                           collate_fn=job.collate_fn, val_dataset=job.val_dataset,
+                           log_fn=log_fn, fingerprint=job.fingerprint)
+        else:
+            spec = _launch_spec(stage.name, params, inputs, ds_config)
+            with tempfile.TemporaryDirectory() as tmp:
+                result = run_distributed(spec, params.num_processes, params.launcher,
+                                         module=job.task, log_fn=log_fn,
+                                         result_dir=Path(tmp) / "result")
+    model = built.finish(built.model) if built.finish else built.model
     model.model.eval()
     return model, result
 
@@ -155,5 +172,6 @@ def _launch_spec(stage: str, params: StageParams, inputs: StageInputs,
         "models": {name: str(folder / name) for name in inputs.models},
         "frames": {name: str(folder / f"{name}.parquet") for name in inputs.frames},
         "images": inputs.images.resolved().to_dict(),
+        "targets": str(inputs.targets.folder.resolve()) if inputs.targets else None,
         "ds_config": dict(ds_config),
     }

@@ -1,0 +1,108 @@
+"""Cached teacher targets: the same distillation as the live teacher, resumable writes, and a
+stale cache rebuilt (or refused), never silently reused."""
+
+import logging
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import DS_FP32
+from tulip_pipelines.models import create_teacher
+from tulip_pipelines.training.stages import STAGES, DistillParams, StageInputs, run_job
+from tulip_pipelines.training.stages.distill import targets_request
+from tulip_pipelines.training.targets import TeacherTargets, write_targets
+
+CAPTIONS = pd.DataFrame({
+    "id": [f"r{i}" for i in range(24)],
+    "image": [f"r{i}.png" for i in range(24)],
+    "caption": [f"A {c} shape number {i}. It sits {p} on a grey ground. " * 3
+                for i, (c, p) in enumerate(zip(["red", "blue", "green"] * 8,
+                                               ["left", "right", "top", "bottom"] * 6))],
+})
+FRAMES = {"train": CAPTIONS.iloc[4:], "val": CAPTIONS.iloc[:4]}
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return create_teacher("TULIP-Tiny")
+
+
+def _params(tmp_path, name, **overrides):
+    train = {"max_steps": 6, "batch_size": 8, "lr": 2e-3, "warmup_steps": 1, "log_every": 1,
+             "val_every": 3, "seed": 0}
+    return DistillParams.from_params({"run_dir": str(tmp_path / name), "train": train,
+                                      **overrides})
+
+
+@pytest.mark.parametrize("teacher_input", ["tokens", "windows"])
+def test_cached_targets_train_like_the_live_teacher(teacher, tmp_path, teacher_input):
+    live = _params(tmp_path, f"live-{teacher_input}", teacher_targets="live",
+                   teacher_input=teacher_input)
+    cached = _params(tmp_path, f"cached-{teacher_input}", target_dtype="float32",
+                     teacher_input=teacher_input)
+    write_targets(targets_request(cached, teacher, FRAMES), tmp_path / "targets")
+    targets = TeacherTargets(tmp_path / "targets")
+    assert targets.rows == {"train": 40, "val": 8}  # long and short rows
+    histories = {}
+    for name, params, inputs_targets in (("live", live, None), ("cached", cached, targets)):
+        inputs = StageInputs({"teacher": teacher}, FRAMES, str(tmp_path), targets=inputs_targets)
+        _, result = run_job(STAGES["distill"], params, inputs, DS_FP32)
+        histories[name] = result.history
+    for column in ("loss", "val_loss", "val_cosine"):
+        assert histories["cached"][column].tolist() == pytest.approx(
+            histories["live"][column].tolist(), abs=1e-5, nan_ok=True)
+
+
+def test_a_killed_write_resumes_and_gives_the_same_cache(teacher, tmp_path, monkeypatch):
+    params = _params(tmp_path, "x", target_batch_size=8)
+    request = targets_request(params, teacher, FRAMES)
+    write_targets(request, tmp_path / "full")
+
+    import tulip_pipelines.training.targets as module
+
+    real, calls = module.embed_texts, []
+
+    def dies_after_two_chunks(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(module, "embed_texts", dies_after_two_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        write_targets(request, tmp_path / "resumed")
+    with pytest.raises(RuntimeError, match="incomplete"):
+        TeacherTargets(tmp_path / "resumed")
+    monkeypatch.setattr(module, "embed_texts", real)
+    resumed_calls = []
+    monkeypatch.setattr(module, "embed_texts",
+                        lambda *a: resumed_calls.append(1) or real(*a))
+    write_targets(request, tmp_path / "resumed")
+    assert len(resumed_calls) == 6 - 2  # 40 train rows in chunks of 8 (5), 8 val rows (1)
+    full, resumed = TeacherTargets(tmp_path / "full"), TeacherTargets(tmp_path / "resumed")
+    for role in ("train", "val"):
+        assert resumed.role(role).dtype == torch.float16
+        assert torch.equal(resumed.role(role), full.role(role))
+
+
+def test_a_stale_cache_is_rebuilt_and_refused_by_distill(teacher, tmp_path, caplog):
+    params = _params(tmp_path, "stale")
+    write_targets(targets_request(params, teacher, FRAMES), tmp_path / "targets")
+    with caplog.at_level(logging.INFO, logger="tulip_pipelines.training.targets"):
+        write_targets(targets_request(params, teacher, FRAMES), tmp_path / "targets")
+    assert "reused" in caplog.text
+    old = TeacherTargets(tmp_path / "targets")
+
+    changed = {"train": FRAMES["train"].assign(caption=FRAMES["train"]["caption"] + " More."),
+               "val": FRAMES["val"]}
+    inputs = StageInputs({"teacher": teacher}, changed, str(tmp_path), targets=old)
+    with pytest.raises(ValueError, match="stale"):
+        run_job(STAGES["distill"], params, inputs, DS_FP32)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tulip_pipelines.training.targets"):
+        write_targets(targets_request(params, teacher, changed), tmp_path / "targets")
+    assert "stale" in caplog.text and "rebuilding" in caplog.text
+    assert TeacherTargets(tmp_path / "targets").fingerprint != old.fingerprint
