@@ -19,7 +19,7 @@ from tulip_pipelines.data.shards import Encoding
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.checkpoints import complete_checkpoints
 from tulip_pipelines.training.data import CaptionImageDataset
-from tulip_pipelines.training.sampler import DataPosition, ResumableSampler
+from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
 from tulip_pipelines.training.stages import STAGES, StageInputs, build_job, run_job
 from tulip_pipelines.training.stages.base import _launch_spec
 from tulip_pipelines.training.stages.longclip import LongclipEqualBudgetParams
@@ -49,11 +49,11 @@ def record_numbers(samples) -> list[int]:
 
 def rank_order(dataset, rank: int, position: DataPosition) -> list[int]:
     """Record numbers rank ``rank`` of 2 reads from ``position`` to the end of that epoch, through
-    two DataLoader workers (each opens the shards itself)."""
+    two DataLoader workers (each opens the shards itself), as the engine reads them."""
     sampler = ResumableSampler(dataset, world_size=2, rank=rank, seed=3, batch_size=4)
     sampler.start(position)
-    loader = DataLoader(dataset, batch_size=4, sampler=sampler, drop_last=True, num_workers=2,
-                        collate_fn=record_numbers)
+    loader = DataLoader(SeededSamples(dataset, seed=3), batch_size=4, sampler=sampler,
+                        drop_last=True, num_workers=2, collate_fn=record_numbers)
     return [number for batch in loader for number in batch]
 
 
