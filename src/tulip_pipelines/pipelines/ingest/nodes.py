@@ -21,4 +21,5 @@ def ingest_annotations(
         image_root=image_root,
         check_images=config.check_images,
         batch_size=config.batch_size,
+        decode_workers=config.decode_workers,
     )
