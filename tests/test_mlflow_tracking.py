@@ -84,9 +84,9 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     expand_params = {"run_dir": str(tmp_path / "expand"), "train": TRAIN}
     no_val = captions.iloc[:0]
     with mlflow.start_run(run_name="kedro-run") as parent:  # what kedro-mlflow opens around a run
-        distilled, _, _ = distill(teacher, None, captions, no_val, distill_params, DS_FP32,
+        distilled, _, _, _ = distill(teacher, None, captions, no_val, distill_params, DS_FP32,
                                   str(tmp_path))
-        expanded, history, _ = expand(distilled, teacher, captions, no_val, expand_params,
+        expanded, history, _, _ = expand(distilled, teacher, captions, no_val, expand_params,
                                       DS_FP32, str(tmp_path))
 
     runs = mlflow.search_runs(search_all_experiments=True)

@@ -63,6 +63,16 @@ class StageTracker:
         if self.run_id:
             self.client.log_figure(self.run_id, figure, name)
 
+    def log_table(self, frame, name: str) -> None:
+        """A table as a Parquet artifact of this run (with its row count as a final metric)."""
+        if not self.run_id:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            frame.to_parquet(path, index=False)
+            self.client.log_artifact(self.run_id, str(path))
+        self.log({f"final/{Path(name).stem}": float(len(frame))}, step=0)
+
     def log_model(self, model_bundle, artifact_path: str = "model") -> None:
         """The exported model (safetensors + config) as an artifact of this run."""
         if not self.run_id:
@@ -120,8 +130,9 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
 def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent=None):
     """Train ``stage`` (a name in :data:`tulip_pipelines.training.stages.STAGES`) in its own
     MLflow run: parameters, lineage to ``parent`` (the model it starts from), per-step metrics,
-    final metrics, the exported model and the loss curve. Returns ``(model, history, figure)``;
-    the model's spec records the stage and its MLflow run."""
+    final metrics, the exported model, the loss curve and the unreadable samples skipped.
+    Returns ``(model, history, figure, skipped)``; the model's spec records the stage and its
+    MLflow run."""
     import dataclasses
 
     from tulip_pipelines.training.plots import loss_figure
@@ -137,6 +148,7 @@ def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent
         tracker.log_model(model)
         figure = loss_figure(result.history, stage)
         tracker.log_figure(figure, f"{stage}_loss.png")
+        tracker.log_table(result.skipped, "skipped_samples.parquet")
     logger.info("%s: %d steps in %.1f s, final %s", stage, result.final_step, result.wall_time_s,
                 result.final_metrics)
-    return model, result.history, figure
+    return model, result.history, figure, result.skipped

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tulip_pipelines.training.data import CaptionImageDataset, Collate
+from tulip_pipelines.training.data import CaptionImageDataset, Collate, UnreadableImage
 
 CAPTIONS = ["A red circle on top. A blue square below it.", "Two cats. One sleeps, one plays."]
 
@@ -58,11 +58,13 @@ def test_errors_name_the_column_and_the_image(table, tmp_path):
         CaptionImageDataset(table.drop(columns="image"), tmp_path, preprocess)
     (tmp_path / "img1.png").write_bytes(b"not a png")
     ds = CaptionImageDataset(table, tmp_path, preprocess)
-    with pytest.raises(OSError, match=r"record 'b'.*img1\.png"):
-        ds[1]
+    with pytest.raises(UnreadableImage, match=r"record 'b'.*img1\.png"):
+        ds.read_image(1)
+    sample = ds[1]  # the next readable record takes its place, and the bad one is recorded
+    assert sample["skipped"][0]["record_id"] == "b" and "img1.png" in sample["skipped"][0]["path"]
     table.loc[0, "image"] = "missing.png"
-    with pytest.raises(OSError, match=r"record 'a'.*missing\.png"):
-        CaptionImageDataset(table, tmp_path, preprocess)[0]
+    with pytest.raises(UnreadableImage, match=r"record 'a'.*missing\.png"):
+        CaptionImageDataset(table, tmp_path, preprocess).read_image(0)
 
 
 def test_collate_tokenises_for_each_task(table, tmp_path):

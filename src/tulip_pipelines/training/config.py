@@ -50,6 +50,7 @@ class TrainParams(Params):
     num_workers: int = 0
     seed: int = 0
     resume: bool = True
+    max_bad_fraction: float = 0.001  # unreadable samples tolerated (skipped and recorded)
 
     def __post_init__(self) -> None:
         p = Problems(f"train ({self.run_name})")
@@ -84,6 +85,7 @@ class TrainParams(Params):
             p.check(self.warmup_steps <= horizon, "warmup_steps",
                     f"({self.warmup_steps}) must not exceed the schedule's {horizon} steps")
         p.boolean("resume", self.resume)
+        p.number_in("max_bad_fraction", self.max_bad_fraction, 0, 1)
         p.raise_if_any()
 
     @classmethod
@@ -113,14 +115,15 @@ class TrainParams(Params):
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not where/how often things are written)."""
         ignored = {"run_dir", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
-                   "num_workers", "resume"}
+                   "num_workers", "resume", "max_bad_fraction"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 
 @dataclass
 class TrainResult:
     """What ``train`` returns; ``history`` has one row per logged step (resumed runs included).
-    ``last_checkpoint`` is the folder of the final step's training checkpoint."""
+    ``last_checkpoint`` is the folder of the final step's training checkpoint; ``skipped`` the
+    unreadable samples met (``training.skipped.COLUMNS``; since this process started)."""
 
     history: pd.DataFrame
     final_step: int
@@ -128,3 +131,4 @@ class TrainResult:
     last_checkpoint: str
     wall_time_s: float
     final_metrics: dict[str, float] = field(default_factory=dict)
+    skipped: pd.DataFrame | None = None

@@ -18,6 +18,22 @@ from tulip_pipelines.data.text import first_sentence
 logger = logging.getLogger(__name__)
 
 
+MAX_SUBSTITUTES = 16  # unreadable images in a row before a sample gives up
+
+
+class UnreadableImage(OSError):
+    """One record's image could not be read; ``record`` says which and why."""
+
+    def __init__(self, record: dict[str, str]):
+        super().__init__(f"cannot read image of record {record['record_id']!r}: "
+                         f"{record['path']}: {record['error']}")
+        self.record = record
+
+
+class UnreadableImages(RuntimeError):
+    """Too many unreadable images in a row to find a substitute."""
+
+
 class CaptionImageDataset(Dataset):
     """Rows of a captions table (``id``, ``image``, ``caption``) as training samples.
 
@@ -72,9 +88,28 @@ class CaptionImageDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample of record ``index``; if its image cannot be read, the next readable
+        record's sample instead (the batch keeps its size; a deterministic choice, so a resumed
+        run reads what the uninterrupted run read), with the unreadable ones listed under
+        ``"skipped"``. :class:`UnreadableImages` after ``MAX_SUBSTITUTES`` unreadable in a row."""
+        skipped: list[dict[str, str]] = []
+        for attempt in range(min(MAX_SUBSTITUTES, len(self))):
+            position = (index + attempt) % len(self)
+            try:
+                sample = self._sample(position)
+            except UnreadableImage as err:
+                skipped.append(err.record)
+                continue
+            if skipped:
+                sample["skipped"] = skipped
+            return sample
+        raise UnreadableImages(f"{len(skipped)} records in a row from {index} have unreadable "
+                               f"images, e.g. {skipped[:3]}")
+
+    def _sample(self, index: int) -> dict[str, Any]:
         caption = self.captions[index]
         long = caption
-        if self.variants:  # torch's generator: seeded by the engine and per DataLoader worker
+        if self.variants:  # torch's RNG: seeded per sample by the engine (SeededSamples)
             choices = self.variants[self.ids[index]]
             long = choices[int(torch.randint(len(choices), ()))]
         sample: dict[str, Any] = {"long": long, "short": self.short_caption(caption)}
@@ -87,9 +122,10 @@ class CaptionImageDataset(Dataset):
         handle = self.handles[index]
         try:
             return self.source.open(handle, self.min_size)
-        except (OSError, ValueError) as err:
-            raise OSError(f"cannot read image of record {self.ids[index]!r}: "
-                          f"{self.source.describe(handle)}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any decoder or storage failure: skip, record
+            raise UnreadableImage({"record_id": self.ids[index],
+                                   "path": self.source.describe(handle),
+                                   "error": f"{type(err).__name__}: {err}"}) from err
 
 
 class Collate:
@@ -116,6 +152,9 @@ class Collate:
             batch["image"] = torch.stack([s["image"] for s in samples])
         if self.short_tokenizer is not None:
             batch["short"] = trim_padding(self.short_tokenizer([s["short"] for s in samples]))
+        skipped = [record for s in samples for record in s.get("skipped", ())]
+        if skipped:  # unreadable images replaced by readable ones: the engine records them
+            batch["skipped"] = skipped
         if "target" in samples[0]:  # cached teacher targets: no teacher input needed
             batch["target"] = torch.stack([s["target"] for s in samples])
         if self.teacher_tokenizer is not None:

@@ -41,6 +41,7 @@ from tulip_pipelines.training.deepspeed_setup import (
 )
 from tulip_pipelines.training.distributed import init_distributed
 from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
+from tulip_pipelines.training.skipped import SkippedSamples
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,12 @@ def train(
         last_checkpoint=str(root / checkpoints.tag(loop.step)),
         wall_time_s=time.perf_counter() - started,
         final_metrics=_final_metrics(history_df),
+        skipped=loop.skipped.frame(world_size),
     )
+    if len(result.skipped):
+        logger.warning("%s: %d unreadable samples skipped and recorded, e.g. %s",
+                       params.run_name, len(result.skipped),
+                       result.skipped.head(3).to_dict("records"))
     logger.info("%s: finished at step %d in %.1f s; %s", params.run_name, result.final_step,
                 result.wall_time_s, result.final_metrics)
     return result
@@ -134,6 +140,7 @@ class _Loop:
         self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
         self.root, self.run_hash, self.history = root, run_hash, history
         self.step = 0
+        self.skipped = SkippedSamples(params.run_name, params.max_bad_fraction)
         self._step_lr = float("nan")
         self._window: dict[str, float] = {}
         self._window_micro = 0
@@ -175,7 +182,8 @@ class _Loop:
         global batch (``global_batch``) first caches every micro batch's features, so that the
         accumulated gradient is the whole batch's (see :mod:`.accumulation`)."""
         self._step_lr = self.engine.get_lr()[0]  # read from the optimizer: what this step uses
-        batches = [to_device(b, self.engine.device, self.compute_dtype) for b in batches]
+        batches = [to_device(self.skipped.take(b, "train", self.step + 1), self.engine.device,
+                             self.compute_dtype) for b in batches]
         task, cached = self.engine.module, None
         if len(batches) > 1 and getattr(task, "global_batch", False):
             with torch.no_grad():
@@ -215,6 +223,7 @@ class _Loop:
         row = self._close_window()
         if validate:
             row.update({f"val_{k}": v for k, v in self._validate().items()})
+        row["skipped_samples"] = self._all_reduce([len(self.skipped.records)])[0]  # so far
         self.history.append(row)
         if self.rank == 0:
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
@@ -255,6 +264,7 @@ class _Loop:
         count = 0
         self.engine.eval()
         for batch in loader:
+            batch = self.skipped.take(batch, "val", self.step)
             size = count_samples(batch)
             out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
             for key, value in out.items():

@@ -80,6 +80,7 @@ def write_result(result: TrainResult, task: torch.nn.Module, result_dir: Path) -
 
     result_dir.mkdir(parents=True, exist_ok=True)
     result.history.to_parquet(result_dir / "history.parquet", index=False)
+    result.skipped.to_parquet(result_dir / "skipped.parquet", index=False)
     summary = {k: getattr(result, k) for k in
                ("final_step", "resumed_from", "last_checkpoint", "wall_time_s", "final_metrics")}
     (result_dir / "result.json").write_text(json.dumps(summary, indent=2))
@@ -96,7 +97,8 @@ def read_result(result_dir: Path, module: torch.nn.Module | None = None) -> Trai
         from safetensors.torch import load_model
 
         load_model(module, str(result_dir / "model.safetensors"))
-    return TrainResult(history=pd.read_parquet(result_dir / "history.parquet"), **summary)
+    return TrainResult(history=pd.read_parquet(result_dir / "history.parquet"),
+                       skipped=pd.read_parquet(result_dir / "skipped.parquet"), **summary)
 
 
 def launcher_command(launcher: str, nproc: int, spec_path: Path, result_dir: Path,

@@ -11,7 +11,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             expand,
             inputs=["distilled_model", "teacher_model", "train_captions", "val_captions",
                     "params:expand", "params:deepspeed", "prepared_images"],
-            outputs=["expanded_model", "expand_history", "expand_loss_plot"],
+            outputs=["expanded_model", "expand_history", "expand_loss_plot",
+                     "expand_skipped_samples"],
             name="expand_context",
             tags=["expand"],
         )

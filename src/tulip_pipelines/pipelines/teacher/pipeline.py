@@ -11,7 +11,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             train_teacher,
             inputs=["train_captions", "val_captions", "demo_shuffled_captions", "params:teacher",
                     "params:deepspeed", "prepared_images"],
-            outputs=["teacher_model", "teacher_history", "teacher_loss_plot"],
+            outputs=["teacher_model", "teacher_history", "teacher_loss_plot",
+                     "teacher_skipped_samples"],
             name="train_teacher",
             tags=["teacher"],
         )
