@@ -90,6 +90,9 @@ def _catalog(setup) -> DataCatalog:
         "benchmark_issues",
         "retrieval_report",
         "retrieval_report_plot",
+        "recall_by_tokens_read",
+        "recall_by_caption_length",
+        "recall_by_tokens_read_plot",
     ):
         catalog[name] = MemoryDataset(copy_mode="assign")
     return catalog
@@ -108,7 +111,8 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     finally:
         mlflow.set_tracking_uri(None)
     metrics = catalog.load("retrieval_metrics")
-    assert list(metrics.columns) == ["benchmark", "model", "direction", "k", "recall", "n_queries"]
+    assert list(metrics.columns) == ["benchmark", "model", "direction", "k", "recall", "n_queries",
+                                     "ci_low", "ci_high"]
     assert set(metrics["benchmark"]) == {"urban_tiny", "flickr_tiny", "val"}  # coco_absent: no rows
     assert (
         f"skipping coco_absent: {setup['params']['benchmarks']['coco_absent']['root']}"
@@ -125,6 +129,9 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     assert list(dict.fromkeys(metrics["model"])) == models
     assert len(metrics) == 3 * 6 * 2 * 2
     assert metrics["recall"].between(0, 100).all()
+    assert (metrics["ci_low"] <= metrics["recall"]).all()
+    assert (metrics["recall"] <= metrics["ci_high"]).all()
+    assert metrics["ci_high"].le(100).all() and metrics["ci_low"].ge(0).all()
     n = metrics.groupby(["benchmark", "direction"])["n_queries"].unique()
     assert n[("flickr_tiny", "i2t")].tolist() == [4] and n[("flickr_tiny", "t2i")].tolist() == [8]
     assert n[("urban_tiny", "t2i")].tolist() == [6]
@@ -149,6 +156,38 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     )
     assert "retrieval results:" in caplog.text
     assert len(catalog.load("retrieval_report_plot").axes) == 6  # 3 benchmarks x 2 directions
+    assert "## Recall@1 against the tokens read" in report
+    assert "## Recall@1 by caption length" in report
+
+    # recall against tokens read: the long-caption benchmarks only, every model, both directions
+    by_tokens = catalog.load("recall_by_tokens_read")
+    assert list(by_tokens.columns) == ["benchmark", "model", "direction", "tokens", "recall",
+                                       "n_queries"]
+    cuts = [20, 40, 77, 120, 160, 200, 248]
+    assert set(by_tokens["benchmark"]) == {"urban_tiny", "val"}  # kind long (sharegpt4v: long)
+    assert len(by_tokens) == 2 * 5 * 2 * len(cuts)
+    assert list(dict.fromkeys(by_tokens["model"])) == models
+    assert by_tokens.groupby(["benchmark", "model", "direction"])["tokens"].apply(list).map(
+        lambda t: t == cuts).all()
+    urban = by_tokens[by_tokens["benchmark"] == "urban_tiny"]
+    assert (urban["n_queries"] == 6).all()
+    # at the longest cut every caption is whole: the full-caption R@1
+    full_r1 = metrics[(metrics["k"] == 1)].set_index(["benchmark", "model", "direction"])["recall"]
+    at_248 = by_tokens[by_tokens["tokens"] == 248].set_index(["benchmark", "model", "direction"])
+    assert at_248["recall"].to_dict() == full_r1.loc[at_248.index].to_dict()
+    # the teacher reads 77 tokens: every longer cut is the same caption for it
+    teacher = urban[(urban["model"] == "teacher") & (urban["tokens"] >= 77)]
+    assert teacher.groupby("direction")["recall"].nunique().eq(1).all()
+    assert len(catalog.load("recall_by_tokens_read_plot").axes) == 4  # 2 long benchmarks x 2
+
+    # recall by caption length: every benchmark, every model, bins that hold every query
+    by_length = catalog.load("recall_by_caption_length")
+    assert list(by_length.columns) == ["benchmark", "model", "direction", "bin", "min_tokens",
+                                       "max_tokens", "recall", "n_queries"]
+    totals = by_length.groupby(["benchmark", "model", "direction"])["n_queries"].sum()
+    expected = metrics[metrics["k"] == 1].set_index(["benchmark", "model", "direction"])
+    assert totals.to_dict() == expected["n_queries"].loc[totals.index].to_dict()
+    assert set(by_length["benchmark"]) == {"urban_tiny", "flickr_tiny", "val"}
 
     run = mlflow.MlflowClient(uri).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()],
@@ -157,7 +196,9 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
                   & (metrics["direction"] == "t2i") & (metrics["k"] == 1)]["recall"].item()
     assert run.data.metrics["recall/val/teacher/t2i_r1"] == pytest.approx(row)
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id)}
-    assert {"retrieval_report.md", "retrieval_report.png", "retrieval_metrics.parquet"} <= artifacts
+    assert {"retrieval_report.md", "retrieval_report.png", "retrieval_metrics.parquet",
+            "recall_by_tokens_read.png", "recall_by_tokens_read.parquet",
+            "recall_by_caption_length.parquet"} <= artifacts
 
 
 def test_models_sharing_an_image_tower_share_the_fingerprint(setup):

@@ -3,7 +3,8 @@
 Each model encodes images with its own image tower and texts with its own tokenizer (the
 teacher's truncates at 77 tokens, the long models' at 248, end-of-text kept). Image features are
 cached per benchmark and image-tower weights: models that share an image tower (the teacher and
-the untrained Long-CLIP stretch, a student distilled with a frozen image tower) encode once.
+the untrained Long-CLIP stretch, a student distilled with a frozen image tower) encode once, and
+the analyses of :mod:`.analysis` (recall against tokens read, by caption length) reuse them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tulip_pipelines.data.images import ImageSource, preprocess_size
-from tulip_pipelines.evaluation.metrics import retrieval_recall
+from tulip_pipelines.evaluation import analysis
+from tulip_pipelines.evaluation.metrics import (
+    RetrievalRanks,
+    bootstrap_interval,
+    retrieval_ranks,
+)
 from tulip_pipelines.evaluation.readers import (
     READERS,
     BenchmarkMissing,
@@ -36,7 +43,8 @@ from tulip_pipelines.progress import track
 
 logger = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["benchmark", "model", "direction", "k", "recall", "n_queries"]
+METRIC_COLUMNS = ["benchmark", "model", "direction", "k", "recall", "n_queries", "ci_low",
+                  "ci_high"]
 ISSUE_COLUMNS = ["benchmark", "item", "reason", "detail"]
 FORMATS = {**READERS, "sharegpt4v": read_sharegpt4v}
 # Options of a dci_long entry used to build dci_long.csv from the DCI release (not by the reader).
@@ -94,6 +102,13 @@ class EvaluateParams(Params):
         batch_size: images / texts per encoding batch.
         chunk_size: queries per similarity chunk in the recall computation.
         num_workers: image-loading worker processes.
+        bootstrap_resamples: resamples of the 95% bootstrap interval of every recall (over
+            queries, ``ci_low``/``ci_high``).
+        bootstrap_seed: the seed of every interval's resampling.
+        tokens_read: the cuts (in tokens, start and end token included) at which the captions of
+            every long-caption benchmark are encoded again (``recall_by_tokens_read``); [] for
+            none.
+        caption_length_bins: the number of quantile bins of ``recall_by_caption_length``.
     """
 
     section = "evaluate"
@@ -103,6 +118,10 @@ class EvaluateParams(Params):
     batch_size: int = 64
     chunk_size: int = 1024
     num_workers: int = 0
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
+    tokens_read: tuple[int, ...] = (20, 40, 77, 120, 160, 200, 248)
+    caption_length_bins: int = 4
 
     def __post_init__(self) -> None:
         self.benchmarks = {
@@ -111,12 +130,20 @@ class EvaluateParams(Params):
             for name, entry in (self.benchmarks or {}).items() if entry is not None
         }
         self.ks = tuple(self.ks) if isinstance(self.ks, (list, tuple)) else self.ks
+        if isinstance(self.tokens_read, (list, tuple)):
+            self.tokens_read = tuple(self.tokens_read)
         p = Problems(self.section)
         p.check(bool(self.ks) and isinstance(self.ks, tuple) and all(is_int(k, 1) for k in self.ks),
                 "ks", f"must be a list of positive integers, got {self.ks!r}")
         p.int_at_least("batch_size", self.batch_size, 1)
         p.int_at_least("chunk_size", self.chunk_size, 1)
         p.int_at_least("num_workers", self.num_workers, 0)
+        p.int_at_least("bootstrap_resamples", self.bootstrap_resamples, 1)
+        p.int_at_least("bootstrap_seed", self.bootstrap_seed, 0)
+        p.check(isinstance(self.tokens_read, tuple) and all(is_int(n, 2) for n in self.tokens_read),
+                "tokens_read", "must be a list of integers >= 2 (start and end token included), "
+                f"got {self.tokens_read!r}")
+        p.int_at_least("caption_length_bins", self.caption_length_bins, 1)
         p.raise_if_any()
 
 
@@ -231,20 +258,34 @@ def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, nu
     return torch.cat(out)
 
 
+def tokenize(bundle: ModelBundle, texts: Sequence[str], batch_size: int = 4096) -> torch.Tensor:
+    """The bundle's own tokens of ``texts`` [n, its context length] (int32 to halve memory)."""
+    return torch.cat([bundle.tokenizer(list(texts[start : start + batch_size])).int()
+                      for start in range(0, len(texts), batch_size)])
+
+
 @torch.no_grad()
+def encode_tokens(
+    bundle: ModelBundle, tokens: torch.Tensor, batch_size: int, desc: str = "texts"
+) -> torch.Tensor:
+    """L2-normalised text features [n, d] of ``tokens`` (the bundle's tokenizer's output)."""
+    model = bundle.model.eval()
+    out = []
+    for start in track(range(0, len(tokens), batch_size), desc, "batch"):
+        batch = tokens[start : start + batch_size]
+        # columns after the longest row's end token hold padding, which changes nothing ('!' is
+        # token 0 too, so the end token's position counts, not the non-zero tokens)
+        length = int(analysis.token_lengths(batch).max())
+        out.append(model.encode_text(batch[:, :length].long().to(_device(model)),
+                                     normalize=True).float().cpu())
+    return torch.cat(out)
+
+
 def encode_texts(
     bundle: ModelBundle, texts: Sequence[str], batch_size: int, desc: str = "texts"
 ) -> torch.Tensor:
     """L2-normalised text features [n, d] with the bundle's own tokenizer (its context length)."""
-    model = bundle.model.eval()
-    out = []
-    for start in track(range(0, len(texts), batch_size), desc, "batch"):
-        tokens = bundle.tokenizer(list(texts[start : start + batch_size]))
-        length = max(int((tokens != 0).sum(dim=1).max()), 1)  # padding after EOT changes nothing
-        out.append(
-            model.encode_text(tokens[:, :length].to(_device(model)), normalize=True).float().cpu()
-        )
-    return torch.cat(out)
+    return encode_tokens(bundle, tokenize(bundle, texts), batch_size, desc)
 
 
 def image_tower_fingerprint(bundle: ModelBundle) -> str:
@@ -256,17 +297,28 @@ def image_tower_fingerprint(bundle: ModelBundle) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class Scores:
+    """What :func:`score` measures: ``retrieval_metrics``, ``recall_by_tokens_read`` and
+    ``recall_by_caption_length`` (recall in percent, 0-100)."""
+
+    metrics: pd.DataFrame
+    by_tokens_read: pd.DataFrame
+    by_caption_length: pd.DataFrame
+
+
 def score(
     models: Mapping[str, ModelBundle],
     benchmarks: Mapping[str, RetrievalBenchmark],
     cfg: EvaluateParams,
-) -> pd.DataFrame:
-    """The ``retrieval_metrics`` table: recall (percent, 0-100) per benchmark, model, direction
-    and k."""
+) -> Scores:
+    """Every model on every benchmark: recall@k with its bootstrap interval, R@1 by caption
+    length, and, on long-caption benchmarks, R@1 against the tokens read."""
     fingerprints = {name: image_tower_fingerprint(b) for name, b in models.items()}
-    rows = []
+    rows, by_tokens, by_length = [], [], []
     for bench_name, bench in benchmarks.items():
         image_cache: dict[str, torch.Tensor] = {}
+        lengths = analysis.caption_token_counts(bench.texts)
         for model_name, bundle in models.items():
             logger.info("scoring %s on %s", model_name, bench_name)
             key = fingerprints[model_name]
@@ -280,13 +332,30 @@ def score(
                     desc=f"{bench_name}/{model_name} images",
                     source=bench.image_source,
                 )
-            texts = encode_texts(
-                bundle, bench.texts, cfg.batch_size, desc=f"{bench_name}/{model_name} texts"
-            )
-            result = retrieval_recall(
-                image_cache[key], texts, bench.text_to_image, cfg.ks, cfg.chunk_size
-            )
-            rows += [(bench_name, model_name, d, int(k), result[d][k], result["n_queries"][d])
-                     for d in ("i2t", "t2i") for k in cfg.ks]
-    frame = pd.DataFrame(rows, columns=METRIC_COLUMNS)
-    return frame.astype({"k": "int64", "n_queries": "int64", "recall": "float64"})
+            rank = partial(_rank_texts, bundle, image_cache[key], bench, cfg=cfg,
+                           desc=f"{bench_name}/{model_name} texts")
+            tokens = tokenize(bundle, bench.texts)
+            ranks = rank(tokens, cap=max(cfg.ks))
+            for d in analysis.DIRECTIONS:
+                for k in cfg.ks:
+                    low, high = bootstrap_interval(
+                        ranks.hits(d, k), cfg.bootstrap_resamples, cfg.bootstrap_seed)
+                    rows.append((bench_name, model_name, d, int(k), ranks.recall(d, k),
+                                 ranks.n(d), low, high))
+            by_length += analysis.recall_by_caption_length(
+                bench_name, model_name, ranks, lengths, bench.text_to_image,
+                cfg.caption_length_bins)
+            if bench.kind == "long":
+                by_tokens += analysis.recall_by_tokens_read(
+                    bench_name, model_name, tokens, ranks, partial(rank, cap=1), cfg.tokens_read)
+    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype(
+        {"k": "int64", "n_queries": "int64", "recall": "float64"})
+    return Scores(metrics, analysis.frame(by_tokens, analysis.TOKENS_READ_COLUMNS),
+                  analysis.frame(by_length, analysis.CAPTION_LENGTH_COLUMNS))
+
+
+def _rank_texts(bundle: ModelBundle, images: torch.Tensor, bench: RetrievalBenchmark,
+                tokens: torch.Tensor, cap: int, cfg: EvaluateParams, desc: str) -> RetrievalRanks:
+    """Per-query ranks of the benchmark when its texts are ``tokens`` (encoded by ``bundle``)."""
+    texts = encode_tokens(bundle, tokens, cfg.batch_size, desc=desc)
+    return retrieval_ranks(images, texts, bench.text_to_image, cap, cfg.chunk_size)

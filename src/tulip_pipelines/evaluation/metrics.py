@@ -15,7 +15,9 @@ exactly from the full row or column (for text columns the chunks are recomputed,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,6 +60,34 @@ def _exact_rank(scores: torch.Tensor, best: torch.Tensor, best_index: torch.Tens
     return ahead.sum(dim=1)
 
 
+@dataclass
+class RetrievalRanks:
+    """Per-query ranks (0 = the correct candidate first), capped at ``cap``: a hit at k <= cap
+    is ``rank < k``.
+
+    ``i2t[q]`` is the rank of image query ``q``, the image ``i2t_images[q]`` (the images that have
+    texts, in index order); ``t2i[t]`` the rank of text ``t``.
+    """
+
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+    i2t_images: torch.Tensor
+    cap: int
+
+    def hits(self, direction: str, k: int) -> np.ndarray:
+        """Per-query hit indicators (bool) at ``k`` for ``direction`` (``i2t`` or ``t2i``)."""
+        if k > self.cap:
+            raise ValueError(f"ranks are capped at {self.cap}: recall@{k} is unknown")
+        return (getattr(self, direction) < k).numpy()
+
+    def recall(self, direction: str, k: int) -> float:
+        """Recall@k in percent (NaN without queries)."""
+        return 100.0 * float(self.hits(direction, k).mean()) if self.n(direction) else math.nan
+
+    def n(self, direction: str) -> int:
+        return len(getattr(self, direction))
+
+
 def retrieval_recall(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -73,12 +103,30 @@ def retrieval_recall(
     a text are no i2t query. Extra memory: about ``chunk_size x n_texts`` floats a few times.
     Returns ``{"i2t": {k: recall}, "t2i": {k: recall}, "n_queries": {"i2t": n, "t2i": n}}``.
     """
+    ranks = retrieval_ranks(image_features, text_features, text_to_image, max(ks), chunk_size)
+    return {
+        "i2t": {k: ranks.recall("i2t", k) for k in ks},
+        "t2i": {k: ranks.recall("t2i", k) for k in ks},
+        "n_queries": {"i2t": ranks.n("i2t"), "t2i": ranks.n("t2i")},
+    }
+
+
+def retrieval_ranks(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: Sequence[int] | np.ndarray | torch.Tensor,
+    cap: int = 10,
+    chunk_size: int = 1024,
+) -> RetrievalRanks:
+    """Every query's rank, capped at ``cap`` (what recall@k for k <= cap needs), in both
+    directions; arguments as :func:`retrieval_recall`."""
     t2i = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long)
     images, texts = image_features.float(), text_features.float()
     n_images, n_texts = len(images), len(texts)
     if len(t2i) != n_texts:
         raise ValueError(f"{len(t2i)} text->image links for {n_texts} texts")
-    cap = max(ks)
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
     query_images, texts_of = _texts_per_image(t2i, n_images)
     is_query = torch.full((n_images,), -1, dtype=torch.long)
     is_query[query_images] = torch.arange(len(query_images))
@@ -117,11 +165,7 @@ def retrieval_recall(
             for s in range(0, n_images, chunk_size)
         )
         t2i_ranks[cols] = exact.clamp(max=cap)
-    return {
-        "i2t": {k: 100.0 * float((i2t_ranks < k).double().mean()) for k in ks},
-        "t2i": {k: 100.0 * float((t2i_ranks < k).double().mean()) for k in ks},
-        "n_queries": {"i2t": len(query_images), "t2i": n_texts},
-    }
+    return RetrievalRanks(i2t=i2t_ranks, t2i=t2i_ranks, i2t_images=query_images, cap=cap)
 
 
 def retrieval_recall_full_sort(
@@ -143,3 +187,25 @@ def retrieval_recall_full_sort(
         "i2t": {k: 100.0 * float((i2t_ranks < k).mean()) for k in ks},
         "t2i": {k: 100.0 * float((t2i_ranks < k).mean()) for k in ks},
     }
+
+
+def bootstrap_interval(
+    hits: Sequence[bool] | np.ndarray, resamples: int = 1000, seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (percent) of a recall, over its queries.
+
+    A bootstrap resample draws ``n`` queries with replacement; its recall is the share of hits
+    among them. With 0/1 hit indicators, the number of hits in such a resample follows
+    Binomial(n, hits / n) exactly, so the resamples are drawn from that distribution directly:
+    the same bootstrap distribution in O(resamples) instead of O(resamples x n). A fresh
+    generator seeded with ``seed`` per call: an interval does not depend on what was scored
+    before it. Returns ``(nan, nan)`` without queries.
+    """
+    hits = np.asarray(hits, dtype=bool)
+    if hits.size == 0:
+        return math.nan, math.nan
+    counts = np.random.default_rng(seed).binomial(hits.size, hits.mean(), size=resamples)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(100.0 * counts / hits.size, [tail, 1.0 - tail])
+    return float(low), float(high)

@@ -15,7 +15,12 @@ from tulip_pipelines.evaluation.evaluate import (
     prepare_dci_long,
     score,
 )
-from tulip_pipelines.evaluation.report import log_to_mlflow, report_figure, report_markdown
+from tulip_pipelines.evaluation.report import (
+    log_to_mlflow,
+    report_figure,
+    report_markdown,
+    tokens_read_figure,
+)
 from tulip_pipelines.models import ModelBundle, stretch_position_embedding
 from tulip_pipelines.tracking import stage_run
 
@@ -42,8 +47,9 @@ def evaluate_retrieval(
     TULIP's budget) and TULIP (distilled / expanded).
 
     ShareGPT4V-format benchmarks read ``val_captions``' images from ``prepared_images``.
-    Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown) and
-    ``retrieval_report_plot``; logs them to MLflow when tracking is on.
+    Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown),
+    ``retrieval_report_plot``, ``recall_by_tokens_read``, ``recall_by_caption_length`` and
+    ``recall_by_tokens_read_plot``; logs them to MLflow when tracking is on.
     """
     cfg = EvaluateParams.from_params(params)
     benchmarks = load_benchmarks(cfg, val_captions, prepared_images)
@@ -60,9 +66,15 @@ def evaluate_retrieval(
     parent = expanded_model.spec.extra.get("mlflow_run_id")
     with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(cfg.ks)},
                    tags={"tulip.parent_run_id": parent} if parent else None) as tracker:
-        metrics = score(models, benchmarks, cfg)
+        scores = score(models, benchmarks, cfg)
+        metrics, by_tokens, by_length = (
+            scores.metrics, scores.by_tokens_read, scores.by_caption_length)
         issues = issues_table(benchmarks)
-        report, figure = report_markdown(metrics, issues), report_figure(metrics)
-        log_to_mlflow(tracker, metrics, report, figure, issues)
+        report = report_markdown(metrics, issues, by_tokens, by_length)
+        figure, tokens_figure = report_figure(metrics), tokens_read_figure(by_tokens)
+        log_to_mlflow(tracker, metrics, report,
+                      {"retrieval_report.png": figure, "recall_by_tokens_read.png": tokens_figure},
+                      {"benchmark_issues": issues, "recall_by_tokens_read": by_tokens,
+                       "recall_by_caption_length": by_length})
     logger.info("retrieval results:\n%s", report)
-    return metrics, issues, report, figure
+    return metrics, issues, report, figure, by_tokens, by_length, tokens_figure
