@@ -14,6 +14,8 @@ def store(tmp_path):
     exp = mlflow.create_experiment("tulip_pipelines", artifact_location=str(tmp_path / "art"))
     for lr, r1 in (("1e-4", 40.0), ("5e-4", 55.0)):
         with mlflow.start_run(experiment_id=exp, run_name=f"run-lr{lr}"):
+            if lr == "5e-4":  # a stage run that exported a model (StageTracker.log_model)
+                mlflow.set_tag("tulip.model_card", "model/MODEL_CARD.md")
             mlflow.log_params({"distill.lr": lr, "distill.loss_type": "cosine"})
             mlflow.log_metric("final/distill_loss", float(lr) * 100)
             mlflow.log_metric("recall/urban1k_demo/tulip_expanded/i2t_r1", r1)
@@ -34,6 +36,10 @@ def test_compare_keeps_differing_params_and_results(store):
     by_lr = result.table.set_index("params.distill.lr")
     assert by_lr.loc["5e-4", "recall/urban1k_demo/tulip_expanded/i2t_r1"] == 55.0
     assert list(result.recall_at_1.columns) == ["run_id", "urban1k_demo/tulip_expanded/i2t_r1"]
+    card = by_lr.loc["5e-4", "model_card"]
+    run_id = by_lr.loc["5e-4", "run_id"]
+    assert card == f"{mlflow.get_run(run_id).info.artifact_uri}/model/MODEL_CARD.md"
+    assert pd.isna(by_lr.loc["1e-4", "model_card"])
 
 
 def test_cli_writes_markdown_csv_and_plot(store, tmp_path, capsys):

@@ -13,7 +13,7 @@ from tests.conftest import DS_FP32
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
-from tulip_pipelines.tracking import flatten, lineage, stage_run
+from tulip_pipelines.tracking import flatten, lineage, log_model_card, stage_run
 
 TRAIN = {
     "max_steps": 3,
@@ -138,3 +138,37 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     with open(config_path) as f:
         config = json.load(f)
     assert config["kind"] == "rope" and config["extra"]["mlflow_run_id"] == exp["run_id"]
+
+    # the model card travels with the model: it names the parent run, the data and the losses
+    assert "model/MODEL_CARD.md" in model_files
+    assert exp["tags.tulip.model_card"] == "model/MODEL_CARD.md"
+    card = open(client.download_artifacts(exp["run_id"], "model/MODEL_CARD.md",
+                                          str(tmp_path / "dl"))).read()
+    assert f"Parent model: the `distill` model (TULIP-Tiny) from MLflow run `{dist['run_id']}`" \
+        in card
+    assert f"MLflow run: `{exp['run_id']}`, within the `kedro run` MLflow run " \
+           f"`{parent.info.run_id}`" in card
+    assert "| train records | 8 |" in card and "| val records | 0 |" in card
+    assert "3 optimizer steps of 4 samples (global batch): 12 samples seen, 1.5 epochs" in card
+    assert f"| train/loss | {history['loss'].iloc[-1]:.4g} |" in card
+    assert "| long_weight | 0.8 |" in card and "run_dir" not in card
+    training = expanded.spec.extra["training"]
+    assert training["records"] == {"train": 8, "val": 0} and training["steps"] == 3
+    assert expanded.spec.extra["parent"]["mlflow_run_id"] == dist["run_id"]
+    assert distilled.spec.extra["parent"]["source"] == "TULIP-Tiny:untracked"
+
+
+def test_an_updated_model_card_replaces_the_one_in_the_runs_model_artifact(
+    tracking_uri, tmp_path, caplog
+):
+    with mlflow.start_run(run_name="expand") as run:
+        mlflow.log_text("first card", "model/MODEL_CARD.md")
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("card with retrieval rows")
+    assert log_model_card(card, run.info.run_id)
+    path = mlflow.MlflowClient().download_artifacts(run.info.run_id, "model/MODEL_CARD.md",
+                                                    str(tmp_path / "dl"))
+    assert open(path).read() == "card with retrieval rows"
+    assert not log_model_card(card, None)
+    assert not log_model_card(card, "0" * 32)  # not a run of this store: a log line, no error
+    assert "not logged to run" in caplog.text

@@ -1,8 +1,9 @@
 """Compare MLflow runs of this project: ``tulip-compare`` (``python -m tulip_pipelines.compare``).
 
 Reads runs from the tracking store with :func:`mlflow.search_runs` and writes, for the selected
-runs, one table with the parameters that differ between them, their final losses and every recall
-figure, as Markdown and CSV, plus a bar chart of recall@1 per run. Nothing here needs Kedro.
+runs, one table with the parameters that differ between them, their final losses, every recall
+figure and, for a run that exported a model, where its model card is, as Markdown and CSV, plus
+a bar chart of recall@1 per run. Nothing here needs Kedro.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ DEFAULT_EXPERIMENT = "tulip_pipelines"
 RUN_COLUMNS = ["run_id", "tags.mlflow.runName", "start_time", "status"]
 # Metrics worth putting side by side: the final losses of the training stages and the recalls.
 METRIC_PREFIXES = ("final", "recall/")
+MODEL_CARD_TAG = "tags.tulip.model_card"  # set by tracking.StageTracker.log_model
 
 
 @dataclass
@@ -64,6 +66,10 @@ def compare_runs(runs: pd.DataFrame) -> Comparison:
     base = [c for c in RUN_COLUMNS if c in runs.columns]
     table = runs[base + differing + sorted(metrics)].copy()
     table.columns = [c.removeprefix("tags.").removeprefix("metrics.") for c in table.columns]
+    if MODEL_CARD_TAG in runs.columns and "artifact_uri" in runs.columns:
+        cards = [f"{uri}/{card}" if isinstance(card, str) else None
+                 for uri, card in zip(runs["artifact_uri"], runs[MODEL_CARD_TAG])]
+        table.insert(len(base), "model_card", cards)
     r1 = [c for c in metrics if c.startswith("metrics.recall/") and c.endswith("_r1")]
     recall = runs[["run_id"] + r1].copy()
     recall.columns = ["run_id"] + [c.removeprefix("metrics.recall/") for c in r1]

@@ -37,10 +37,12 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class StageTracker:
-    """What a stage logs into its MLflow run (a no-op when ``run_id`` is None)."""
+    """What a stage logs into its MLflow run (a no-op when ``run_id`` is None);
+    ``parent_run_id``: the run it is nested in (kedro-mlflow's run of the ``kedro run``)."""
 
-    def __init__(self, run_id: str | None):
+    def __init__(self, run_id: str | None, parent_run_id: str | None = None):
         self.run_id = run_id
+        self.parent_run_id = parent_run_id
 
     @property
     def client(self):
@@ -74,14 +76,38 @@ class StageTracker:
         self.log({f"final/{Path(name).stem}": float(len(frame))}, step=0)
 
     def log_model(self, model_bundle, artifact_path: str = "model") -> None:
-        """The exported model (safetensors + config) as an artifact of this run."""
+        """The exported model (safetensors, config and model card) as an artifact of this run;
+        the tag ``tulip.model_card`` names the card's artifact path (``tulip-compare`` links
+        it)."""
         if not self.run_id:
             return
         from tulip_pipelines.models import save_model
+        from tulip_pipelines.models.card import CARD
 
         with tempfile.TemporaryDirectory() as tmp:
             save_model(model_bundle, Path(tmp) / artifact_path)
             self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
+        self.client.set_tag(self.run_id, MODEL_CARD_TAG, f"{artifact_path}/{CARD}")
+
+
+MODEL_CARD_TAG = "tulip.model_card"
+
+
+def log_model_card(card: str | Path, run_id: str | None, artifact_path: str = "model") -> bool:
+    """Replace the model card in the ``model/`` artifact of the stage run ``run_id`` (e.g. after
+    the evaluation added its retrieval rows). False, with a log line, when tracking is off or
+    that run is not in this tracking store."""
+    if not run_id or not tracking_enabled():
+        return False
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().log_artifact(run_id, str(card), artifact_path)
+    except MlflowException as err:
+        logger.warning("model card %s not logged to run %s: %s", card, run_id, err)
+        return False
+    return True
 
 
 def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
@@ -117,22 +143,24 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
         return
     import mlflow
 
-    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None) as run:
+    outer = mlflow.active_run()
+    with mlflow.start_run(run_name=stage, nested=outer is not None) as run:
         mlflow.set_tags({"tulip.stage": stage, **dict(tags or {})})
         mlflow.log_params(flatten({stage: dict(params)}))
         if ds_config:
             mlflow.log_params(flatten({"deepspeed": dict(ds_config)}))
             mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
         logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
-        yield StageTracker(run.info.run_id)
+        yield StageTracker(run.info.run_id, outer.info.run_id if outer else None)
 
 
 def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent=None):
     """Train ``stage`` (a name in :data:`tulip_pipelines.training.stages.STAGES`) in its own
     MLflow run: parameters, lineage to ``parent`` (the model it starts from), per-step metrics,
     final metrics, the exported model, the loss curve and the unreadable samples skipped.
-    Returns ``(model, history, figure, skipped)``; the model's spec records the stage and its
-    MLflow run."""
+    Returns ``(model, history, figure, skipped)``; the model's spec records the stage, its MLflow
+    run, its parent and what it was trained on (what the model card shows:
+    :mod:`tulip_pipelines.models.card`)."""
     import dataclasses
 
     from tulip_pipelines.training.plots import loss_figure
@@ -142,8 +170,12 @@ def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent
     with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags) as tracker:
         model, result = run_job(STAGES[stage], params, inputs, ds_config, log_fn=tracker.log)
         # a new spec: the input model (e.g. expand's distilled one) keeps its own provenance
-        provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id}
-        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance))
+        provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id,
+                      "kedro_run_id": tracker.parent_run_id,
+                      "parent": parent_reference(parent) if parent is not None else None,
+                      "training": training_summary(params, inputs, ds_config, result)}
+        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance),
+                                    source_dir=None)
         tracker.log_final(result.final_metrics)
         tracker.log_model(model)
         figure = loss_figure(result.history, stage)
@@ -152,3 +184,37 @@ def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent
     logger.info("%s: %d steps in %.1f s, final %s", stage, result.final_step, result.wall_time_s,
                 result.final_metrics)
     return model, result.history, figure, result.skipped
+
+
+def parent_reference(bundle) -> dict[str, Any]:
+    """What a model card says of the model a stage started from."""
+    extra = bundle.spec.extra
+    return {"stage": extra.get("stage"), "mlflow_run_id": extra.get("mlflow_run_id"),
+            "model_name": bundle.spec.model_name, "source": lineage(bundle)[1]["init_model"]}
+
+
+# Parameters that change how a stage runs, not what it learns: left out of the model card.
+_HOUSEKEEPING = ("run_dir", "launcher", "train.log_every", "train.val_every",
+                 "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers",
+                 "train.resume")
+
+
+def training_summary(params, inputs, ds_config: Mapping[str, Any], result) -> dict[str, Any]:
+    """Data counts, key parameters and final metrics of a finished stage (for its model card)."""
+    flat = flatten(params.to_dict())
+    key_params = {k: v for k, v in flat.items() if k not in _HOUSEKEEPING}
+    accumulation = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+    key_params["deepspeed.gradient_accumulation_steps"] = str(accumulation)
+    key_params["deepspeed.zero_stage"] = str(ds_config.get("zero_optimization", {}).get("stage", 0))
+    key_params["deepspeed.bf16"] = str(ds_config.get("bf16", {}).get("enabled", False))
+    batch = int(params.train_params().batch_size) * int(params.num_processes) * accumulation
+    return {
+        "records": {role: len(frame) for role, frame in inputs.frames.items()},
+        "images": inputs.images.to_dict(),
+        "skipped_samples": 0 if result.skipped is None else len(result.skipped),
+        "steps": int(result.final_step),
+        "global_batch": batch,
+        "resumed_from": result.resumed_from,
+        "params": key_params,
+        "final_metrics": {k: float(v) for k, v in result.final_metrics.items()},
+    }

@@ -56,6 +56,7 @@ def setup(tmp_path_factory):
     teacher = create_teacher("TULIP-Tiny")
     save_model(teacher, root / "teacher")
     teacher = load_bundle(root / "teacher")  # as the catalog would give it
+    assert "Not evaluated yet" in (root / "teacher" / "MODEL_CARD.md").read_text()
     student = build_student(teacher, 248)
     models = {
         "teacher_model": teacher,
@@ -75,7 +76,8 @@ def setup(tmp_path_factory):
         },
         "ks": [1, 5], "batch_size": 4, "chunk_size": 3,
     }
-    return {"models": models, "val": val, "params": params, "image_root": str(root / "images")}
+    return {"models": models, "val": val, "params": params, "image_root": str(root / "images"),
+            "teacher_dir": root / "teacher"}
 
 
 def _catalog(setup) -> DataCatalog:
@@ -199,6 +201,11 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     assert {"retrieval_report.md", "retrieval_report.png", "retrieval_metrics.parquet",
             "recall_by_tokens_read.png", "recall_by_tokens_read.parquet",
             "recall_by_caption_length.parquet"} <= artifacts
+
+    # the teacher was loaded from its model directory: its card now holds its retrieval rows
+    card = (setup["teacher_dir"] / "MODEL_CARD.md").read_text()
+    assert "## Retrieval" in card and "| urban_tiny" in card and "| teacher " in card
+    assert "tulip_expanded" not in card  # only its own rows
 
 
 def test_models_sharing_an_image_tower_share_the_fingerprint(setup):

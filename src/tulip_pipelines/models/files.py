@@ -1,6 +1,6 @@
-"""Model files: an exported model is a directory with ``model.safetensors`` and ``config.json``
-(a :class:`ModelSpec`). :func:`load_bundle` also reads the TULIP authors' ``epoch_N.pt``
-checkpoints (:mod:`.original`)."""
+"""Model files: an exported model is a directory with ``model.safetensors``, ``config.json``
+(a :class:`ModelSpec`) and ``MODEL_CARD.md`` (for readers; loading ignores it).
+:func:`load_bundle` also reads the TULIP authors' ``epoch_N.pt`` checkpoints (:mod:`.original`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tulip_pipelines.models.card import CARD, render_model_card
 from tulip_pipelines.models.clip import bundle, new_clip, set_text_activation
 from tulip_pipelines.models.configs import check_model_name
 from tulip_pipelines.models.longclip import stretch_position_embedding
@@ -26,7 +27,8 @@ CONFIG = "config.json"
 
 
 def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
-    """Write ``path/`` atomically: a temporary sibling directory renamed into place."""
+    """Write ``path/`` atomically (a temporary sibling directory renamed into place): the
+    weights, ``config.json`` and the model card ``MODEL_CARD.md`` (:mod:`.card`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -35,6 +37,7 @@ def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(model_bundle.spec.to_dict(), indent=2) + "\n")
+        (tmp / CARD).write_text(render_model_card(model_bundle.spec), encoding="utf-8")
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -64,7 +67,9 @@ def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> Mod
     spec = ModelSpec.from_dict(json.loads((path / CONFIG).read_text()))
     model = build_architecture(spec)
     model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
-    return _to(bundle(model, spec), device)
+    loaded = bundle(model, spec)
+    loaded.source_dir = path
+    return _to(loaded, device)
 
 
 def load_model(path: str | Path, device: str = "cpu", **original_kwargs):

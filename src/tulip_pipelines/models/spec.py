@@ -4,6 +4,7 @@ evaluation code, and the JSON written beside every checkpoint."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -54,13 +55,16 @@ class ModelBundle:
     ``model`` follows open_clip's CLIP interface: ``encode_image(images, normalize=False)``,
     ``encode_text(tokens, normalize=False)``, ``forward(image, text)`` and ``logit_scale``.
     ``tokenizer(list[str]) -> LongTensor[N, spec.context_length]``; ``preprocess(PIL.Image)``
-    returns the image tensor the model expects.
+    returns the image tensor the model expects. ``source_dir``: the model directory it was
+    loaded from (where the evaluation adds its retrieval rows to the model card); ``None`` for a
+    model built or trained in memory.
     """
 
     model: torch.nn.Module
     spec: ModelSpec
     preprocess: Callable[[Any], torch.Tensor]
     tokenizer: Callable[[list[str]], torch.Tensor]
+    source_dir: Path | None = field(default=None, compare=False)
 
     def as_tuple(self):
         return self.model, self.preprocess, self.tokenizer

@@ -22,7 +22,8 @@ from tulip_pipelines.evaluation.report import (
     tokens_read_figure,
 )
 from tulip_pipelines.models import ModelBundle, stretch_position_embedding
-from tulip_pipelines.tracking import stage_run
+from tulip_pipelines.models.card import add_retrieval
+from tulip_pipelines.tracking import log_model_card, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ def evaluate_retrieval(
     ShareGPT4V-format benchmarks read ``val_captions``' images from ``prepared_images``.
     Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown),
     ``retrieval_report_plot``, ``recall_by_tokens_read``, ``recall_by_caption_length`` and
-    ``recall_by_tokens_read_plot``; logs them to MLflow when tracking is on.
+    ``recall_by_tokens_read_plot``; logs them to MLflow when tracking is on. The model card of
+    every model loaded from a model directory gets its retrieval rows (there, and in the model
+    artifact of the run that trained it).
     """
     cfg = EvaluateParams.from_params(params)
     benchmarks = load_benchmarks(cfg, val_captions, prepared_images)
@@ -76,5 +79,7 @@ def evaluate_retrieval(
                       {"retrieval_report.png": figure, "recall_by_tokens_read.png": tokens_figure},
                       {"benchmark_issues": issues, "recall_by_tokens_read": by_tokens,
                        "recall_by_caption_length": by_length})
+    for card, names in add_retrieval(models, metrics).items():
+        log_model_card(card, models[names[0]].spec.extra.get("mlflow_run_id"))
     logger.info("retrieval results:\n%s", report)
     return metrics, issues, report, figure, by_tokens, by_length, tokens_figure
