@@ -85,3 +85,54 @@ def test_default_run_prepares_the_images_and_trains_and_evaluates_on_the_shards(
     assert readers == {"train_teacher", "distill_relative_positions", "expand_context",
                        "finetune_longclip_authors", "finetune_longclip_equal_budget",
                        "evaluate_retrieval"}
+
+
+def test_default_run_shows_the_teacher_flat_past_77_tokens_and_tulip_still_rising(default_run):
+    reporting = default_run / "data/08_reporting"
+    by_tokens = pd.read_parquet(reporting / "recall_by_tokens_read.parquet")
+    assert list(by_tokens.columns) == ["benchmark", "model", "direction", "tokens", "recall",
+                                       "n_queries"]
+    assert set(by_tokens["benchmark"]) == {"urban1k_demo", "sharegpt4v_val"}  # the long ones
+    assert set(by_tokens["tokens"]) == {20, 40, 77, 120, 160, 200, 248}
+    r1 = by_tokens[by_tokens["benchmark"] == "urban1k_demo"].set_index(
+        ["model", "direction", "tokens"])["recall"].sort_index()
+    for direction in ("i2t", "t2i"):
+        teacher = r1["teacher", direction]
+        assert (teacher.loc[77:] == teacher[77]).all(), teacher.to_dict()  # reads 77 at most
+        student = r1["tulip_expanded", direction]
+        assert student[120] > student[77], student.to_dict()
+        assert student[248] >= student[77] + 25, student.to_dict()
+    assert (reporting / "recall_by_tokens_read.png").stat().st_size > 0
+
+    by_length = pd.read_parquet(reporting / "recall_by_caption_length.parquet")
+    assert by_length.groupby(["benchmark", "model", "direction"])["bin"].nunique().le(4).all()
+    metrics = pd.read_parquet(reporting / "retrieval_metrics.parquet")
+    assert ((metrics["ci_low"] <= metrics["recall"]) & (metrics["recall"] <= metrics["ci_high"])
+            ).all()
+    report = (reporting / "retrieval_report.md").read_text()
+    assert "## Recall@1 against the tokens read" in report and "by caption length" in report
+
+
+def test_every_model_directory_has_a_card_naming_its_parent_run(default_run):
+    models = default_run / "data/06_models"
+    directories = sorted(p.parent for p in models.rglob("model.safetensors"))
+    assert {"teacher_model", "distilled_model", "expanded_model"} <= {d.name for d in directories}
+    run_of = {}
+    for directory in directories:
+        card = (directory / "MODEL_CARD.md").read_text()
+        extra = json.loads((directory / "config.json").read_text())["extra"]
+        run_of[directory.name] = extra["mlflow_run_id"]
+        assert f"MLflow run: `{extra['mlflow_run_id']}`" in card
+        if extra.get("parent"):
+            assert f"Parent MLflow run: `{extra['parent']['mlflow_run_id']}`" in card
+        else:
+            assert "Parent model: none, trained from scratch. Parent MLflow run: none." in card
+        assert "| urban1k_demo" in card, f"{directory}: no retrieval rows in its card"
+    parents = {d.name: json.loads((d / "config.json").read_text())["extra"]["parent"]
+               for d in directories}
+    assert parents["expanded_model"]["mlflow_run_id"] == run_of["distilled_model"]
+    assert parents["distilled_model"]["mlflow_run_id"] == run_of["teacher_model"]
+    # the model artifact of the expand run holds the card with its retrieval rows too
+    logged = [p.read_text() for p in (default_run / "mlartifacts").rglob("model/MODEL_CARD.md")]
+    expand = [c for c in logged if f"MLflow run: `{run_of['expanded_model']}`" in c]
+    assert len(expand) == 1 and "| urban1k_demo" in expand[0]
