@@ -167,7 +167,7 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
                                        "n_queries"]
     cuts = [20, 40, 77, 120, 160, 200, 248]
     assert set(by_tokens["benchmark"]) == {"urban_tiny", "val"}  # kind long (sharegpt4v: long)
-    assert len(by_tokens) == 2 * 5 * 2 * len(cuts)
+    assert len(by_tokens) == 2 * len(models) * 2 * len(cuts)
     assert list(dict.fromkeys(by_tokens["model"])) == models
     assert by_tokens.groupby(["benchmark", "model", "direction"])["tokens"].apply(list).map(
         lambda t: t == cuts).all()

@@ -35,6 +35,12 @@ STAGES = {
     "expand": "TULIP stage 2, relative position expansion: contrastive fine-tuning of the "
               "distilled student at its full context, on long captions and their first sentence",
     "longclip": "the Long-CLIP baseline: the teacher's positions stretched, then fine-tuned",
+    "longclip_authors": "the Long-CLIP baseline with its authors' recipe: the teacher's positions "
+                        "stretched (the first rows kept and frozen), fine-tuned with Long-CLIP's "
+                        "own loss and optimiser",
+    "longclip_equal_budget": "the Long-CLIP baseline at TULIP's stage-2 budget: the teacher's "
+                             "positions stretched, fine-tuned with expand's loss, budget and data "
+                             "(only the position scheme differs)",
 }
 
 
