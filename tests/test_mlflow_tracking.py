@@ -149,7 +149,8 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     assert f"MLflow run: `{exp['run_id']}`, within the `kedro run` MLflow run " \
            f"`{parent.info.run_id}`" in card
     assert "| train records | 8 |" in card and "| val records | 0 |" in card
-    assert "3 optimizer steps of 4 samples (global batch): 12 samples seen, 1.5 epochs" in card
+    assert ("3 optimizer steps of 4 samples (global batch): 12 samples seen "
+            "(1.5 x the train records)") in card
     assert f"| train/loss | {history['loss'].iloc[-1]:.4g} |" in card
     assert "| long_weight | 0.8 |" in card and "run_dir" not in card
     training = expanded.spec.extra["training"]

@@ -46,8 +46,8 @@ def test_card_names_stage_runs_data_params_and_losses(expanded):
     assert f"Parent model: the `distill` model (TULIP-Tiny) from MLflow run `{PARENT_RUN}`" in card
     assert f"Parent MLflow run: `{PARENT_RUN}`" in card
     assert "| train records | 2,600 |" in card and "| val records | 200 |" in card
-    assert ("150 optimizer steps of 64 samples (global batch): 9,600 samples seen, 3.7 epochs"
-            in card)
+    assert ("150 optimizer steps of 64 samples (global batch): 9,600 samples seen "
+            "(3.7 x the train records)") in card
     assert "| long_weight | 0.8 |" in card and "| train/loss | 0.1235 |" in card
     assert "Images: the `folder` source `data/imgs`." in card
     assert "3 unreadable samples skipped" in card

@@ -128,9 +128,10 @@ def _data(training: Mapping[str, Any]) -> list[str]:
     steps, batch = training.get("steps"), training.get("global_batch")
     if steps is not None and batch:
         seen = steps * batch
-        epochs = f", {seen / records['train']:.1f} epochs" if records.get("train") else ""
+        times = f" ({seen / records['train']:.1f} x the train records)" if records.get("train") \
+            else ""
         out.append(f"{steps:,} optimizer steps of {batch:,} samples (global batch): "
-                   f"{seen:,} samples seen{epochs}.")
+                   f"{seen:,} samples seen{times}.")
     if training.get("resumed_from") is not None:
         out.append(f"Resumed from the checkpoint of step {training['resumed_from']:,}.")
     if training.get("skipped_samples"):
