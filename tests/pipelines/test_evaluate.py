@@ -20,6 +20,8 @@ from tulip_pipelines.models import (
     stretch_position_embedding,
 )
 from tulip_pipelines.pipelines.evaluate import create_pipeline
+from tulip_pipelines.pipelines.evaluate.pipeline import SKIPPED_FROM
+from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
 
 COLORS = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250), (250, 0, 250)]
 
@@ -81,7 +83,11 @@ def setup(tmp_path_factory):
 
 
 def _catalog(setup) -> DataCatalog:
+    """The evaluate pipeline's inputs (the training stages met no unreadable sample) and
+    in-memory outputs."""
     catalog = DataCatalog()
+    for stage in SKIPPED_FROM[:-1]:
+        catalog[f"{stage}_skipped_samples"] = pd.DataFrame(columns=SKIPPED_COLUMNS)
     for name, bundle in setup["models"].items():
         catalog[name] = MemoryDataset(bundle, copy_mode="assign")
     catalog["val_captions"] = setup["val"]
@@ -95,6 +101,8 @@ def _catalog(setup) -> DataCatalog:
         "recall_by_tokens_read",
         "recall_by_caption_length",
         "recall_by_tokens_read_plot",
+        "evaluate_skipped_samples",
+        "skipped_samples",
     ):
         catalog[name] = MemoryDataset(copy_mode="assign")
     return catalog
@@ -157,6 +165,7 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
         and "1 caption_without_image" in report
     )
     assert "retrieval results:" in caplog.text
+    assert catalog.load("skipped_samples").empty  # every image was readable
     assert len(catalog.load("retrieval_report_plot").axes) == 6  # 3 benchmarks x 2 directions
     assert "## Recall@1 against the tokens read" in report
     assert "## Recall@1 by caption length" in report

@@ -3,6 +3,7 @@ training and validation images are skipped (the next readable record takes their
 recorded with stage, split, record id, path and error; beyond max_bad_fraction the run stops,
 listing the first offenders."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -75,3 +76,67 @@ def test_a_batch_keeps_its_size_and_a_resumed_run_reads_the_same_substitute(data
     assert sample["skipped"][0]["record_id"] == "rec-5"
     assert torch.equal(sample["image"], dataset[6]["image"])
     assert sample["long"] == dataset[6]["long"]
+
+
+def test_unreadable_benchmark_images_are_left_out_with_their_texts_and_counted(tmp_path):
+    """A truncated and a zero-byte JPEG in an Urban1k-layout benchmark and among ShareGPT4V-1k's
+    validation images: the evaluate pipeline scores the rest, counts them in benchmark_issues
+    (unreadable_image), lists them in skipped_samples and says so in the report."""
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.runner import SequentialRunner
+
+    from tulip_pipelines.data.images import FolderImages
+    from tulip_pipelines.models import build_student, stretch_position_embedding
+    from tulip_pipelines.pipelines.evaluate import create_pipeline
+    from tulip_pipelines.pipelines.evaluate.pipeline import SKIPPED_FROM
+    from tulip_pipelines.training.skipped import COLUMNS
+
+    urban = tmp_path / "urban"
+    frame = write_images(urban, 8)
+    (urban / "sub").rename(urban / "image")
+    (urban / "caption").mkdir()
+    for i in range(8):
+        (urban / "caption" / f"{i}.txt").write_text(f"Caption of image {i}. " + "Words. " * 30)
+    corrupt(urban / "image", frame.assign(image=frame["image"].str[4:]), truncated=2, empty=5)
+    val_root = tmp_path / "val"
+    val = write_images(val_root, 4)
+    corrupt(val_root, val, truncated=0, empty=3)
+
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    catalog = DataCatalog()
+    models = {"teacher_model": teacher, "distilled_model": build_student(teacher, 248),
+              "expanded_model": build_student(teacher, 248)}
+    for name in ("longclip_authors_model", "longclip_equal_budget_model"):
+        models[name] = stretch_position_embedding(teacher, 248, 20)
+    for name, bundle in models.items():
+        catalog[name] = MemoryDataset(bundle, copy_mode="assign")
+    for stage in SKIPPED_FROM[:-1]:
+        catalog[f"{stage}_skipped_samples"] = pd.DataFrame(columns=COLUMNS)
+    catalog["val_captions"] = val
+    catalog["prepared_images"] = FolderImages(val_root)
+    catalog["params:evaluate"] = {
+        "benchmarks": {"urban": {"format": "urban1k", "root": str(urban)},
+                       "val": {"format": "sharegpt4v", "n": 4}},
+        "ks": [1], "batch_size": 3, "bootstrap_resamples": 10, "tokens_read": [77]}
+    for name in create_pipeline().outputs():
+        catalog[name] = MemoryDataset(copy_mode="assign")
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    issues = catalog.load("benchmark_issues")
+    unreadable = issues[issues["reason"] == "unreadable_image"]
+    assert sorted(unreadable["item"]) == sorted(
+        [str(urban / "image/2.jpg"), str(urban / "image/5.jpg"),
+         str(val_root / "sub/0.jpg"), str(val_root / "sub/3.jpg")])
+    assert unreadable["detail"].str.contains("1 texts left out").all()
+    metrics = catalog.load("retrieval_metrics")
+    n = metrics.groupby("benchmark")["n_queries"].unique()
+    assert n["urban"].tolist() == [6] and n["val"].tolist() == [2]  # recall on the rest
+    skipped = catalog.load("skipped_samples")
+    assert len(skipped) == 4 and set(skipped["stage"]) == {"evaluate"}
+    assert set(skipped["split"]) == {"urban", "val"}
+    assert skipped.set_index("path").loc[str(urban / "image/2.jpg"), "error"].lower().count(
+        "truncat") == 1
+    report = catalog.load("retrieval_report")
+    assert "- urban: 6 image queries, 6 text queries; left out: 2 unreadable_image" in report
+    assert "recall is over the queries that remain" in report

@@ -33,6 +33,7 @@ from tulip_pipelines.evaluation.metrics import (
 from tulip_pipelines.evaluation.readers import (
     READERS,
     BenchmarkMissing,
+    IssueReason,
     RetrievalBenchmark,
     build_dci_long,
     read_sharegpt4v,
@@ -40,6 +41,7 @@ from tulip_pipelines.evaluation.readers import (
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.params import Params, Problems, is_int
 from tulip_pipelines.progress import track
+from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +226,8 @@ def prepare_dci_long(cfg: EvaluateParams) -> pd.DataFrame:
 
 class _Images(Dataset):
     """Image files (decoded in full, as the benchmarks' reference code does), or the handles of
-    an image source (ShareGPT4V-1k: decoded at the size the preprocess needs)."""
+    an image source (ShareGPT4V-1k: decoded at the size the preprocess needs). An image that
+    cannot be read is ``(index, None, error)``, never an exception."""
 
     def __init__(self, items: Sequence[Any], preprocess, source: ImageSource | None = None):
         self.items, self.preprocess, self.source = items, preprocess, source
@@ -233,11 +236,22 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if self.source is not None:
-            return self.preprocess(self.source.open(self.items[index], self.min_size))
-        with Image.open(self.items[index]) as image:
-            return self.preprocess(image.convert("RGB"))
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            if self.source is not None:
+                image = self.source.open(self.items[index], self.min_size)
+                return index, self.preprocess(image), ""
+            with Image.open(self.items[index]) as image:
+                return index, self.preprocess(image.convert("RGB")), ""
+        except Exception as err:  # noqa: BLE001 - any decoder or storage failure: left out, recorded
+            return index, None, f"{type(err).__name__}: {err}"
+
+
+def _collate_images(items):
+    """(indices of the readable images, their pixels or None, {index: error} of the others)."""
+    readable = [(i, x) for i, x, _ in items if x is not None]
+    pixels = torch.stack([x for _, x in readable]) if readable else None
+    return [i for i, _ in readable], pixels, {i: e for i, x, e in items if x is None}
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -246,16 +260,29 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, num_workers: int = 0,
-                  desc: str = "images", source: ImageSource | None = None) -> torch.Tensor:
+                  desc: str = "images", source: ImageSource | None = None,
+                  unreadable: dict[int, str] | None = None) -> torch.Tensor:
     """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower, of
-    image files ``paths``, or of the handles ``paths`` of ``source``."""
+    image files ``paths``, or of the handles ``paths`` of ``source``. The row of an image that
+    cannot be read is zero, and its index and error go into ``unreadable``."""
     model = bundle.model.eval()
-    loader = DataLoader(
-        _Images(paths, bundle.preprocess, source), batch_size=batch_size, num_workers=num_workers
-    )
-    out = [model.encode_image(batch.to(_device(model)), normalize=True).float().cpu()
-           for batch in track(loader, desc, "batch")]
-    return torch.cat(out)
+    loader = DataLoader(_Images(paths, bundle.preprocess, source), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate_images)
+    out: torch.Tensor | None = None
+    for indices, pixels, errors in track(loader, desc, "batch"):
+        if unreadable is not None:
+            unreadable.update(errors)
+        for index, error in errors.items():
+            logger.warning("%s: left out image %s: %s", desc, paths[index], error)
+        if pixels is None:
+            continue
+        features = model.encode_image(pixels.to(_device(model)), normalize=True).float().cpu()
+        if out is None:
+            out = torch.zeros(len(paths), features.shape[1])
+        out[indices] = features
+    if out is None:  # not one image could be read: no feature width to give
+        raise RuntimeError(f"{desc}: none of the {len(paths)} images could be read")
+    return out
 
 
 def tokenize(bundle: ModelBundle, texts: Sequence[str], batch_size: int = 4096) -> torch.Tensor:
@@ -300,11 +327,39 @@ def image_tower_fingerprint(bundle: ModelBundle) -> str:
 @dataclass
 class Scores:
     """What :func:`score` measures: ``retrieval_metrics``, ``recall_by_tokens_read`` and
-    ``recall_by_caption_length`` (recall in percent, 0-100)."""
+    ``recall_by_caption_length`` (recall in percent, 0-100), and the benchmarks as scored (less
+    the images that could not be read, with their texts, each recorded as an issue)."""
 
     metrics: pd.DataFrame
     by_tokens_read: pd.DataFrame
     by_caption_length: pd.DataFrame
+    benchmarks: dict[str, RetrievalBenchmark] = field(default_factory=dict)
+
+
+def _encode_benchmark_images(
+    models: Mapping[str, ModelBundle], fingerprints: Mapping[str, str], name: str,
+    bench: RetrievalBenchmark, cfg: EvaluateParams,
+) -> tuple[RetrievalBenchmark, dict[str, torch.Tensor]]:
+    """Image features of ``bench`` for every distinct image tower, and the benchmark that is
+    scored: an image that any tower could not read is left out with its texts (recall is over
+    the queries that remain)."""
+    features: dict[str, torch.Tensor] = {}
+    unreadable: dict[int, str] = {}
+    in_source = bench.image_source is not None
+    for model_name, bundle in models.items():
+        key = fingerprints[model_name]
+        if key not in features:
+            features[key] = encode_images(
+                bundle, bench.image_handles if in_source else bench.image_paths, cfg.batch_size,
+                cfg.num_workers, desc=f"{name}/{model_name} images", source=bench.image_source,
+                unreadable=unreadable)
+    if not unreadable:
+        return bench, features
+    logger.warning("%s: %d of %d images could not be read; scored without them and their texts "
+                   "(benchmark_issues, reason unreadable_image)", name, len(unreadable),
+                   len(bench.image_paths))
+    keep = torch.tensor([i not in unreadable for i in range(len(bench.image_paths))])
+    return bench.without_images(unreadable), {k: f[keep] for k, f in features.items()}
 
 
 def score(
@@ -315,25 +370,19 @@ def score(
     """Every model on every benchmark: recall@k with its bootstrap interval, R@1 by caption
     length, and, on long-caption benchmarks, R@1 against the tokens read."""
     fingerprints = {name: image_tower_fingerprint(b) for name, b in models.items()}
-    rows, by_tokens, by_length = [], [], []
+    rows, by_tokens, by_length, scored = [], [], [], {}
     for bench_name, bench in benchmarks.items():
-        image_cache: dict[str, torch.Tensor] = {}
+        bench, image_features = _encode_benchmark_images(models, fingerprints, bench_name, bench,
+                                                         cfg)
+        scored[bench_name] = bench
+        if not bench.texts:
+            logger.warning("%s: no readable image with a text left; not scored", bench_name)
+            continue
         lengths = analysis.caption_token_counts(bench.texts)
         for model_name, bundle in models.items():
             logger.info("scoring %s on %s", model_name, bench_name)
-            key = fingerprints[model_name]
-            if key not in image_cache:
-                in_source = bench.image_source is not None
-                image_cache[key] = encode_images(
-                    bundle,
-                    bench.image_handles if in_source else bench.image_paths,
-                    cfg.batch_size,
-                    cfg.num_workers,
-                    desc=f"{bench_name}/{model_name} images",
-                    source=bench.image_source,
-                )
-            rank = partial(_rank_texts, bundle, image_cache[key], bench, cfg=cfg,
-                           desc=f"{bench_name}/{model_name} texts")
+            rank = partial(_rank_texts, bundle, image_features[fingerprints[model_name]], bench,
+                           cfg=cfg, desc=f"{bench_name}/{model_name} texts")
             tokens = tokenize(bundle, bench.texts)
             ranks = rank(tokens, cap=max(cfg.ks))
             for d in analysis.DIRECTIONS:
@@ -351,7 +400,17 @@ def score(
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype(
         {"k": "int64", "n_queries": "int64", "recall": "float64"})
     return Scores(metrics, analysis.frame(by_tokens, analysis.TOKENS_READ_COLUMNS),
-                  analysis.frame(by_length, analysis.CAPTION_LENGTH_COLUMNS))
+                  analysis.frame(by_length, analysis.CAPTION_LENGTH_COLUMNS), scored)
+
+
+def unreadable_images_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:
+    """The images left out at scoring time as rows of ``skipped_samples`` (stage ``evaluate``,
+    split = the benchmark; no step)."""
+    rows = [{"stage": "evaluate", "split": name, "step": None, "record_id": issue.item,
+             "path": issue.item, "error": issue.detail}
+            for name, bench in benchmarks.items() for issue in bench.issues
+            if issue.reason == IssueReason.UNREADABLE_IMAGE]
+    return pd.DataFrame(rows, columns=SKIPPED_COLUMNS).astype({"step": "Int64"})
 
 
 def _rank_texts(bundle: ModelBundle, images: torch.Tensor, bench: RetrievalBenchmark,

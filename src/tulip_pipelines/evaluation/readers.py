@@ -47,6 +47,7 @@ class IssueReason(str, Enum):
     IMAGE_WITHOUT_CAPTION = "image_without_caption"
     EMPTY_CAPTION = "empty_caption"
     MALFORMED_ROW = "malformed_row"
+    UNREADABLE_IMAGE = "unreadable_image"  # found at scoring time: it would not open or decode
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,24 @@ class RetrievalBenchmark:
             raise ValueError(
                 f"{self.name}: text_to_image points outside the {len(self.image_paths)} images"
             )
+
+    def without_images(self, unreadable: dict[int, str]) -> "RetrievalBenchmark":
+        """This benchmark less the images ``unreadable`` (index -> error) and their texts, each
+        image recorded as an ``unreadable_image`` issue."""
+        keep = np.array([i not in unreadable for i in range(len(self.image_paths))], dtype=bool)
+        new_index = np.cumsum(keep) - 1
+        kept_texts = keep[self.text_to_image]
+        issues = self.issues + [
+            BenchmarkIssue(self.image_paths[i], IssueReason.UNREADABLE_IMAGE,
+                           f"{error} ({int((self.text_to_image == i).sum())} texts left out)")
+            for i, error in sorted(unreadable.items())
+        ]
+        handles = self.image_handles
+        return RetrievalBenchmark(
+            self.name, self.kind, [p for p, k in zip(self.image_paths, keep) if k],
+            [t for t, k in zip(self.texts, kept_texts) if k],
+            new_index[self.text_to_image[kept_texts]], issues, self.image_source,
+            None if handles is None else [h for h, k in zip(handles, keep) if k])
 
     def issues_frame(self) -> pd.DataFrame:
         return pd.DataFrame(

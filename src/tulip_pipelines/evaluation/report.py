@@ -60,6 +60,10 @@ def report_markdown(metrics: pd.DataFrame, issues: pd.DataFrame | None = None,
             left_out = ", ".join(f"{c} {r}" for r, c in counts.items())
         lines.append(f"- {bench}: {n.get('i2t', 0)} image queries, {n.get('t2i', 0)} text queries; "
                      f"left out: {left_out or 'none'}")
+    if issues is not None and (issues["reason"] == "unreadable_image").any():
+        lines += ["", "Images that could not be read (unreadable_image) were left out with their "
+                  "captions: recall is over the queries that remain (they are listed in "
+                  "benchmark_issues and skipped_samples)."]
     if by_tokens_read is not None and not by_tokens_read.empty:
         lines += ["", "## Recall@1 against the tokens read", "",
                   "Captions of the long-caption benchmarks cut at n tokens (start and end token "

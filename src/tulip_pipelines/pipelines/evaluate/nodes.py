@@ -14,6 +14,7 @@ from tulip_pipelines.evaluation.evaluate import (
     load_benchmarks,
     prepare_dci_long,
     score,
+    unreadable_images_table,
 )
 from tulip_pipelines.evaluation.report import (
     log_to_mlflow,
@@ -50,7 +51,9 @@ def evaluate_retrieval(
     ShareGPT4V-format benchmarks read ``val_captions``' images from ``prepared_images``.
     Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown),
     ``retrieval_report_plot``, ``recall_by_tokens_read``, ``recall_by_caption_length`` and
-    ``recall_by_tokens_read_plot``; logs them to MLflow when tracking is on. The model card of
+    ``recall_by_tokens_read_plot`` and ``evaluate_skipped_samples`` (benchmark images that could
+    not be read: left out with their texts, recall is over the rest); logs them to MLflow when
+    tracking is on. The model card of
     every model loaded from a model directory gets its retrieval rows (there, and in the model
     artifact of the run that trained it).
     """
@@ -72,14 +75,28 @@ def evaluate_retrieval(
         scores = score(models, benchmarks, cfg)
         metrics, by_tokens, by_length = (
             scores.metrics, scores.by_tokens_read, scores.by_caption_length)
-        issues = issues_table(benchmarks)
+        issues = issues_table(scores.benchmarks)
+        unreadable = unreadable_images_table(scores.benchmarks)
         report = report_markdown(metrics, issues, by_tokens, by_length)
         figure, tokens_figure = report_figure(metrics), tokens_read_figure(by_tokens)
         log_to_mlflow(tracker, metrics, report,
                       {"retrieval_report.png": figure, "recall_by_tokens_read.png": tokens_figure},
                       {"benchmark_issues": issues, "recall_by_tokens_read": by_tokens,
-                       "recall_by_caption_length": by_length})
+                       "recall_by_caption_length": by_length,
+                       **({"skipped_samples": unreadable} if len(unreadable) else {})})
     for card, names in add_retrieval(models, metrics).items():
         log_model_card(card, models[names[0]].spec.extra.get("mlflow_run_id"))
     logger.info("retrieval results:\n%s", report)
-    return metrics, issues, report, figure, by_tokens, by_length, tokens_figure
+    return metrics, issues, report, figure, by_tokens, by_length, tokens_figure, unreadable
+
+
+def collect_skipped_samples(*tables: pd.DataFrame) -> pd.DataFrame:
+    """Every unreadable sample the TULIP and Long-CLIP stages and the evaluation met, in one
+    table (``skipped_samples``; the demo teacher's stays in ``teacher_skipped_samples``)."""
+    frames = [t for t in tables if t is not None and len(t)]
+    columns = list(tables[0].columns) if tables else []
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    if len(out):
+        logger.warning("%d unreadable samples were skipped: %s", len(out),
+                       out.groupby("stage").size().to_dict())
+    return out

@@ -2,7 +2,11 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import build_dci_long_csv, evaluate_retrieval
+from .nodes import build_dci_long_csv, collect_skipped_samples, evaluate_retrieval
+
+# Stages whose unreadable samples go into `skipped_samples` (the demo teacher is not one:
+# at real scale it is loaded, not trained).
+SKIPPED_FROM = ("distill", "expand", "longclip_authors", "longclip_equal_budget", "evaluate")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -36,8 +40,16 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "recall_by_tokens_read",
                     "recall_by_caption_length",
                     "recall_by_tokens_read_plot",
+                    "evaluate_skipped_samples",
                 ],
                 name="evaluate_retrieval",
+                tags=["evaluate"],
+            ),
+            Node(
+                collect_skipped_samples,
+                inputs=[f"{stage}_skipped_samples" for stage in SKIPPED_FROM],
+                outputs="skipped_samples",
+                name="collect_skipped_samples",
                 tags=["evaluate"],
             ),
         ]
