@@ -55,17 +55,14 @@ def original(root: Path):
     return read
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=100, help="images per size")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
-    args = parser.parse_args()
+def measure(n_images: int, workdir: Path) -> tuple[pd.DataFrame, float]:
+    """Images/s per core of each path on ``n_images`` large and small JPEGs written under
+    ``workdir``, and the preparation's own images per CPU-second."""
     torch.set_num_threads(1)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_path_"))
     root = workdir / "images"
     start = time.perf_counter()
-    names = {kind: write_photos(root, kind, args.images) for kind in ("large", "small")}
-    print(f"generated {2 * args.images} JPEGs under {root} in {time.perf_counter() - start:.0f} s")
+    names = {kind: write_photos(root, kind, n_images) for kind in ("large", "small")}
+    print(f"generated {2 * n_images} JPEGs under {root} in {time.perf_counter() - start:.0f} s")
     preprocess = image_transform_v2(PreprocessCfg(size=SIZE), is_train=False)
 
     frame = pd.DataFrame({"image": names["large"] + names["small"]})
@@ -75,7 +72,7 @@ def main() -> None:
     start = time.process_time()
     source = prepare_images(frame, frame.iloc[:0], root, params,
                             Encoding(SIZE, params.quality, params.subsampling)).source
-    prepare_s = time.process_time() - start
+    prepare_rate = len(frame) / (time.process_time() - start)
     handles = dict(zip(frame["id"], source.locate(frame["id"].tolist(), frame["image"].tolist())))
     folder = FolderImages(root)
 
@@ -91,13 +88,24 @@ def main() -> None:
             "prepared shards": rate(lambda h: source.open(h, SIZE), prepared, preprocess,
                                     repeat=3),
         })
-    table = pd.DataFrame(rows).set_index("images")
+    return pd.DataFrame(rows).set_index("images"), prepare_rate
+
+
+def print_table(table: pd.DataFrame, prepare_rate: float) -> None:
     print(f"\nimages/s per core (images per CPU-second, one thread; preprocess at {SIZE}):")
     print(table.round(1).to_string())
     print("\nspeed-up over the original files:")
     print((table.div(table["original"], axis=0)).round(1).to_string())
-    print(f"\npreparation: {len(frame)} images in {prepare_s:.1f} CPU-seconds in one process "
-          f"({len(frame) / prepare_s:.1f} images per CPU-second)")
+    print(f"\npreparation: {prepare_rate:.1f} images per CPU-second in one process")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=100, help="images per size")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    args = parser.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_path_"))
+    print_table(*measure(args.images, workdir))
     if args.workdir is None:
         shutil.rmtree(workdir)
 

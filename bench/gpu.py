@@ -8,7 +8,9 @@ dense bf16 peak), and the peak device and host memory.
   expand:  the whole student (ViT-L-14 image tower at 224 px, RoPE text tower at 248 tokens),
            0.8/0.2 long/short contrastive loss over the batch.
 Batches are made in memory (random pixels, real tokenised captions), so that the step measures
-the GPU; the data path's own rate is ``bench/data_path.py``'s.
+the GPU. Then the data path: images/s per core of the prepared shards against the original files
+(``bench/data_path.py``'s measurement, on ``--data-images`` generated JPEGs per size), and how
+many cores per GPU would feed the expand step at that rate.
 
     .venv/bin/python bench/gpu.py [--batch-size 64 --steps 20]   # on a GPU machine
     .venv/bin/python bench/gpu.py --smoke                        # CPU: TULIP-Tiny, 2 steps
@@ -21,6 +23,7 @@ import os
 import resource
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -28,6 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
+import data_path  # noqa: E402
 from timing import PHASES, make_engine, time_phases  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -79,12 +83,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak (default: from its name)")
+    parser.add_argument("--data-images", type=int, default=50,
+                        help="generated JPEGs per size for the data path's rate (0: skip)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU fallback: TULIP-Tiny, batch 4, 2 steps, fp32 (CI)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     if args.smoke:
         args.model, args.batch_size, args.steps, args.warmup = "TULIP-Tiny", 4, 2, 1
+        args.data_images = min(args.data_images, 4)
     device = "cuda" if cuda else "cpu"
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAKS.items() if k in name), None)
@@ -97,6 +104,7 @@ def main() -> None:
           + f"{'TFLOP/s':>9}{'MFU':>7}{'GPU GiB':>9}{'host GiB':>9}")
     torch.manual_seed(0)
     teacher = create_teacher(args.model)
+    rates = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         for kind in ("distill", "expand"):
             student = build_student(teacher, 248)
@@ -120,9 +128,18 @@ def main() -> None:
             shares = "".join(f"{100 * phases[k] / total:>9.0f}%" for k in PHASES)
             print(f"{kind:<9}{args.batch_size / total:>10.1f}{1000 * total:>9.1f}{shares}"
                   f"{tflops:>9.2f}{mfu}{gpu_gib:>9.2f}{host_gib:>9.2f}")
+            rates[kind] = args.batch_size / total
             del task, engine, student
             if cuda:
                 torch.cuda.empty_cache()
+        if args.data_images:
+            print("\ndata path:")
+            table, prepare_rate = data_path.measure(args.data_images, Path(tmp) / "data")
+            data_path.print_table(table, prepare_rate)
+            need = rates["expand"] / table.loc[table.index[0]]
+            print(f"\ncores to feed one GPU's expand step ({rates['expand']:.0f} images/s) with "
+                  f"{table.index[0]} images: " + ", ".join(
+                      f"{path} {cores:.1f}" for path, cores in need.items()))
     sys.stdout.flush()
 
 
