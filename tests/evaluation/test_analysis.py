@@ -19,7 +19,7 @@ from tulip_pipelines.evaluation.analysis import (
     recall_by_tokens_read,
     token_lengths,
 )
-from tulip_pipelines.evaluation.evaluate import encode_texts, encode_tokens, tokenize
+from tulip_pipelines.evaluation.encode import encode_texts, encode_tokens, tokenize
 from tulip_pipelines.evaluation.metrics import RetrievalRanks, bootstrap_interval
 from tulip_pipelines.models import build_student, create_teacher
 

@@ -11,7 +11,8 @@ from kedro.runner import SequentialRunner
 from PIL import Image
 
 from tulip_pipelines.data.images import FolderImages
-from tulip_pipelines.evaluation.evaluate import EvaluateParams, image_tower_fingerprint
+from tulip_pipelines.evaluation.encode import image_tower_fingerprint
+from tulip_pipelines.evaluation.evaluate import EvaluateParams
 from tulip_pipelines.models import (
     build_student,
     create_teacher,
