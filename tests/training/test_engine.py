@@ -1,5 +1,6 @@
 """The training engine on a toy regression task, in this process (one gloo rank)."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -118,6 +119,22 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert state["global_steps"] == 3
     assert (state["epoch"], state["batch_offset"]) == (0, 6)  # 3 steps x 2 micro batches
     assert not torch.equal(state["module"]["head.weight"], RegressionTask().head.weight)
+
+
+def test_an_epoch_budget_resolves_to_steps_and_trains_them(tmp_path):
+    """``epochs`` (and ``schedule_epochs``) become steps of this run's data: 256 samples, batch
+    16 x accumulation 2 = 8 optimizer steps an epoch; 1.5 epochs of a 3-epoch schedule."""
+    cfg = _cfg(tmp_path, max_steps=None, epochs=1.5, schedule_epochs=3, warmup_steps=2,
+               log_every=1)
+    resolved = cfg.resolved(steps_per_epoch=8)
+    assert (resolved.max_steps, resolved.schedule_steps) == (12, 24)
+    assert (resolved.epochs, resolved.schedule_epochs) == (None, None)
+    assert TrainParams.from_params(dataclasses.asdict(resolved)) == resolved  # as a rank reads it
+    result = train(RegressionTask(), RegressionData(256), cfg,
+                   dict(DS_FP32, gradient_accumulation_steps=2))
+    assert result.final_step == 12
+    expected = [_warmup_cosine_lr(0.05, s, 2, 24, 0.1) for s in range(12)]
+    assert result.history["lr"].tolist() == pytest.approx(expected, rel=1e-9)
 
 
 def test_finished_run_rerun_returns_at_once_with_its_weights(tmp_path):

@@ -103,7 +103,9 @@ class TrainParams(Params):
         schedule = self.schedule_steps
         if schedule is None:
             schedule = steps(self.schedule_epochs) if self.schedule_epochs else max_steps
-        out = dataclasses.replace(self, max_steps=max_steps, schedule_steps=schedule)
+        # in steps only from here on (a resolved budget is valid TrainParams: ranks rebuild it)
+        out = dataclasses.replace(self, max_steps=max_steps, schedule_steps=schedule,
+                                  epochs=None, schedule_epochs=None)
         if out.warmup_steps > schedule:
             raise ValueError(f"train ({self.run_name}).warmup_steps ({self.warmup_steps}) exceeds "
                              f"the schedule's {schedule} steps")
