@@ -37,7 +37,9 @@ def default_run(project_root, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.chdir(project)
     mp.setenv("KEDRO_DISABLE_TELEMETRY", "true")
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the project's own store, by absolute path: mlflow caches one store per URI in a process,
+    # so the relative default (sqlite:///mlflow.db) would reuse an earlier test project's file
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
     try:
         bootstrap_project(project)
         with KedroSession.create(project_path=project, runtime_params=RUNTIME_PARAMS) as session:
