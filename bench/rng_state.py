@@ -24,18 +24,16 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
-import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from timing import make_engine  # noqa: E402
+from train_step import demo_dataset  # noqa: E402
 
-from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data  # noqa: E402
 from tulip_pipelines.models import create_teacher  # noqa: E402
 from tulip_pipelines.training.checkpoints import (  # noqa: E402
     RNG_FILE,
     atomic_write,
     rng_state,
 )
-from tulip_pipelines.training.data import CaptionImageDataset  # noqa: E402
 from tulip_pipelines.training.sampler import SeededSamples  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask  # noqa: E402
 
@@ -58,17 +56,8 @@ def main() -> None:
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
     with tempfile.TemporaryDirectory(prefix="bench-rng-") as tmp:
-        demo = generate_demo_data(DemoDataParams(n_groups=max(2, args.samples // 4),
-                                                 n_benchmark_groups=0, n_short_benchmark_images=0))
-        root = Path(tmp) / "images"
-        for key, image in demo.images.items():
-            (root / key).parent.mkdir(parents=True, exist_ok=True)
-            image.save(root / f"{key}.png")
-        frame = pd.DataFrame({"id": [r["id"] for r in demo.records],
-                              "image": [r["image"] for r in demo.records],
-                              "caption": [r["conversations"][1]["value"] for r in demo.records]})
-        variants = demo.shuffled_captions.groupby("id")["caption"].apply(list).to_dict()
-        plain = CaptionImageDataset(frame, root, teacher.preprocess, variants=variants)
+        plain = demo_dataset(Path(tmp) / "images", args.samples, teacher.preprocess,
+                             variants=True)
         seeded = SeededSamples(plain, seed=0)
         n = len(plain)
         t_plain = median_seconds(lambda: [plain[i] for i in range(n)], args.repeats) / n

@@ -43,8 +43,9 @@ from tulip_pipelines.training.targets import TargetsRequest, WithTargets, embed_
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 
 
-def demo_dataset(root: Path, n: int, preprocess) -> CaptionImageDataset:
-    """``n`` demo images on disk with their long captions, read the way training reads them."""
+def demo_dataset(root: Path, n: int, preprocess, variants: bool = False) -> CaptionImageDataset:
+    """``n`` demo images on disk with their long captions, read the way training reads them
+    (with ``variants``, a shuffled-sentence caption drawn at random each read, as the teacher's)."""
     demo = generate_demo_data(DemoDataParams(n_groups=max(2, n // 4), n_benchmark_groups=0,
                                              n_short_benchmark_images=0))
     for key, image in demo.images.items():
@@ -53,7 +54,8 @@ def demo_dataset(root: Path, n: int, preprocess) -> CaptionImageDataset:
     frame = pd.DataFrame({"id": [r["id"] for r in demo.records],
                           "image": [r["image"] for r in demo.records],
                           "caption": [r["conversations"][1]["value"] for r in demo.records]})
-    return CaptionImageDataset(frame, root, preprocess)
+    drawn = demo.shuffled_captions.groupby("id")["caption"].apply(list).to_dict()
+    return CaptionImageDataset(frame, root, preprocess, drawn if variants else None)
 
 
 def time_steps(task: torch.nn.Module, dataset: Dataset, collate: Collate,

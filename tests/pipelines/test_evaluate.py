@@ -94,17 +94,7 @@ def _catalog(setup) -> DataCatalog:
     catalog["val_captions"] = setup["val"]
     catalog["params:evaluate"] = setup["params"]
     catalog["prepared_images"] = FolderImages(setup["image_root"])
-    for name in (
-        "retrieval_metrics",
-        "benchmark_issues",
-        "retrieval_report",
-        "retrieval_report_plot",
-        "recall_by_tokens_read",
-        "recall_by_caption_length",
-        "recall_by_tokens_read_plot",
-        "evaluate_skipped_samples",
-        "skipped_samples",
-    ):
+    for name in create_pipeline().outputs():
         catalog[name] = MemoryDataset(copy_mode="assign")
     return catalog
 
