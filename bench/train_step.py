@@ -144,7 +144,8 @@ def main() -> None:
     student = build_student(teacher, 248)
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         images = demo_dataset(Path(tmp), 4 * args.batch_size, student.preprocess)
-        texts = CaptionImageDataset(pd.DataFrame({"id": images.ids, "image": images.images,
+        # the same records as text only (no preprocess: no image is located or read)
+        texts = CaptionImageDataset(pd.DataFrame({"id": images.ids, "image": images.ids,
                                                   "caption": images.captions}), tmp, None)
         distill_live_vs_cached("tiny", teacher, texts, args, tmp)
         print_row("tiny expand", time_steps(ContrastiveTask(student.model, 0.8, 0.2), images,
