@@ -62,3 +62,23 @@ def test_a_mistake_is_named_with_its_file(project_root):
     assert len(problems) == 2
     assert "parameters_distill.yml" in problems[0] and "loss_type" in problems[0]
     assert "parameters_expand.yml" in problems[1] and "lr" in problems[1]
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+def test_every_stage_budget_resolves_to_steps(project_root, env):
+    """Each training stage's budget (steps, or epochs of a longer schedule) becomes a valid step
+    budget, as the engine resolves it at the start of training (and each rank rebuilds it)."""
+    import dataclasses
+
+    from tulip_pipelines.training.config import TrainParams
+    from tulip_pipelines.training.stages.longclip import RECIPES, LongclipParams
+
+    params = _parameters(project_root, env)
+    stages = [params_classes()[name].from_all(params) for name in ("teacher", "distill", "expand")]
+    longclip = LongclipParams.from_params(params["longclip"])
+    stages += [longclip.recipe(name, params["expand"]) for name in RECIPES]
+    for stage in stages:
+        train = stage.train_params()
+        resolved = train.resolved(steps_per_epoch=10_000)
+        assert resolved.max_steps >= 1 and resolved.schedule_steps >= resolved.max_steps
+        assert TrainParams.from_params(dataclasses.asdict(resolved)) == resolved, stage.section
