@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from tulip_pipelines.data.decode import open_image_file
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"  # the wids shard index
@@ -41,16 +43,6 @@ RECORDS_FILE = "records.parquet"  # id, image, split, row, position, sample (-1:
 
 class StaleImagesError(RuntimeError):
     """The prepared images do not match the caption tables being read."""
-
-
-def open_image_file(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
-    """The decoded RGB image at ``path``. With ``min_size`` a JPEG is decoded in draft mode at
-    the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``min_size``: what a
-    preprocess that resizes the shortest side to ``min_size`` needs, at a fraction of the work."""
-    with Image.open(path) as image:
-        if min_size and image.format == "JPEG":
-            image.draft("RGB", (min_size, min_size))
-        return image.convert("RGB")
 
 
 def preprocess_size(preprocess: Callable | None) -> int | None:

@@ -198,13 +198,10 @@ def claim_id(index: int, row: CaptionRow, seen_ids: dict[str, int]) -> Rejection
 def decode_error(path: str) -> str | None:
     """Why the image at ``path`` cannot be decoded, or ``None``. JPEGs are decoded in draft mode
     (every coefficient is still read: a truncated or corrupt file fails)."""
-    from PIL import Image
+    from tulip_pipelines.data.decode import open_image_file
 
     try:
-        with Image.open(path) as image:
-            if image.format == "JPEG":
-                image.draft("RGB", (64, 64))
-            image.load()
+        open_image_file(path, 64)
         return None
     except Exception as err:  # noqa: BLE001 - any decoder failure quarantines the record
         return f"{type(err).__name__}: {err}"

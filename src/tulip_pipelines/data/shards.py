@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from tulip_pipelines.data.decode import open_image_file
 from tulip_pipelines.data.paths import check_image_path
 
 SHARD_PATTERN = "images-{:06d}"
@@ -94,10 +95,7 @@ def shard_path(folder: str | os.PathLike, number: int, suffix: str) -> Path:
 def encode_image(path: Path, encoding: Encoding) -> bytes:
     """The image at ``path`` as JPEG bytes, its shortest side resized to ``encoding.size``
     (aspect kept; a smaller image keeps its size). JPEGs are decoded in draft mode first."""
-    with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft("RGB", (encoding.size, encoding.size))
-        rgb = image.convert("RGB")  # decodes everything: a broken file fails here
+    rgb = open_image_file(path, encoding.size)  # decodes everything: a broken file fails here
     width, height = rgb.size
     short = min(width, height)
     if short > encoding.size:
