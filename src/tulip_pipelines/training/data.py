@@ -158,14 +158,12 @@ class Collate:
         if "target" in samples[0]:  # cached teacher targets: no teacher input needed
             batch["target"] = torch.stack([s["target"] for s in samples])
         if self.teacher_tokenizer is not None:
-            if self.windows and "target" in samples[0]:
-                pass  # the student reads `long`; the teacher's windows are in the cache
-            elif self.windows:
+            if not self.windows:  # the student reads the teacher's tokens too
+                batch["teacher_long"] = self.teacher_tokenizer(longs)
+            elif "target" not in samples[0]:  # windows: only a live teacher reads them
                 batch["windows"], batch["window_mask"] = window_tokens(
                     longs, self.teacher_tokenizer, self.overlap, self.windows
                 )
-            else:
-                batch["teacher_long"] = self.teacher_tokenizer(longs)
         return batch
 
 

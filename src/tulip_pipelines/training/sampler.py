@@ -30,7 +30,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_size = batch_size
-        self.skip_batches = 0
+        self.epoch, self.skip_batches = 0, 0
 
     def start(self, position: DataPosition) -> None:
         self.base.set_epoch(position.epoch)
@@ -38,7 +38,7 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         self.skip_batches = position.offset
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = getattr(self, "epoch", 0)
+        epoch = self.epoch  # this iteration's epoch, even if start() is called meanwhile
         order = itertools.islice(iter(self.base), self.skip_batches * self.batch_size, None)
         return ((index, epoch) for index in order)
 
