@@ -4,7 +4,7 @@ For each step: samples/s, the step time split into data / forward / backward / o
 FLOPs utilisation (FLOPs of one step counted with ``torch.utils.flop_counter`` over the device's
 dense bf16 peak), and the peak device and host memory.
   distill: the RoPE student's text tower at 248 tokens learns cached teacher targets (the
-           teacher's forward is not in the step, as with ``teacher_targets: cached``).
+           teacher's forward is not in the step, as with ``teacher_embeddings: cached``).
   expand:  the whole student (ViT-L-14 image tower at 224 px, RoPE text tower at 248 tokens),
            0.8/0.2 long/short contrastive loss over the batch.
 Batches are made in memory (random pixels, real tokenised captions), so that the step measures
@@ -55,7 +55,8 @@ def batches(kind: str, student, teacher, batch_size: int, device: str):
     if kind == "distill":
         texts = captions(batch_size, 60, 0)
         batch = {"teacher_long": teacher.tokenizer(texts), "long": student.tokenizer(texts),
-                 "target": torch.randn(batch_size, student.model.text_projection.shape[1])}
+                 "teacher_embedding": torch.randn(batch_size,
+                                                  student.model.text_projection.shape[1])}
     else:
         size = student.model.visual.image_size
         size = size[0] if isinstance(size, tuple) else size

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from tulip_pipelines.training.batches import to_device
-from tulip_pipelines.training.config import TrainParams
 from tulip_pipelines.training.deepspeed_setup import (
     compute_dtype,
     initialize_engine,
     prepare_ds_config,
 )
 from tulip_pipelines.training.distributed import init_distributed
+from tulip_pipelines.training.train_params import TrainParams
 
 PHASES = ("data", "forward", "backward", "optimizer")
 

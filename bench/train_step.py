@@ -6,7 +6,8 @@
    ``ContrastiveTask``, ``CaptionImageDataset`` + ``Collate`` over demo images written to a
    temporary directory) run through the engine's DeepSpeed setup.
      distill (live):   the frozen teacher encodes the 77-token caption at every step.
-     distill (cached): the teacher's targets come from the cache (``training/targets.py``).
+     distill (cached): the teacher text embeddings come from their cache
+                       (``training/teacher_embeddings.py``).
      expand:           0.8 x CLIP loss (image, long caption) + 0.2 x (image, first sentence).
 2. The same distill comparison with a ViT-B-16-size text tower (``--no-vit-b16`` skips it).
 3. The contrastive step through the engine's own loop (``train``): the loss over the global batch
@@ -36,11 +37,15 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data  # noqa: E402
 from tulip_pipelines.models import build_student, create_teacher  # noqa: E402
-from tulip_pipelines.training.config import TrainParams  # noqa: E402
-from tulip_pipelines.training.data import CaptionImageDataset, Collate  # noqa: E402
+from tulip_pipelines.training.datasets import CaptionImageDataset, Collate  # noqa: E402
 from tulip_pipelines.training.engine import train  # noqa: E402
-from tulip_pipelines.training.targets import TargetsRequest, WithTargets, embed_texts  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
+from tulip_pipelines.training.teacher_embeddings import (  # noqa: E402
+    TeacherEmbeddingsRequest,
+    WithTeacherEmbeddings,
+    embed_texts,
+)
+from tulip_pipelines.training.train_params import TrainParams  # noqa: E402
 
 
 def demo_dataset(root: Path, n: int, preprocess, variants: bool = False) -> CaptionImageDataset:
@@ -81,20 +86,21 @@ def print_row(name: str, phases: dict[str, float], batch_size: int) -> float:
 
 def distill_live_vs_cached(label: str, teacher, texts: CaptionImageDataset,
                            args: argparse.Namespace, tmp: str) -> None:
-    """The distill step with the live teacher and with cached targets, same student start."""
+    """The distill step with the live teacher and with the cached teacher text embeddings,
+    same student start."""
     student = build_student(teacher, 248)
-    request = TargetsRequest(teacher, {"train": texts.captions})
-    targets = embed_texts(request, teacher.model.eval(), texts.captions).half()
+    request = TeacherEmbeddingsRequest(teacher, {"train": texts.captions})
+    embeddings = embed_texts(request, teacher.model.eval(), texts.captions).half()
     collate = Collate(student.tokenizer, teacher_tokenizer=teacher.tokenizer)
     totals = {}
     for mode in ("live", "cached"):
         model = copy.deepcopy(student.model)
         task = DistillTask(model, teacher.model if mode == "live" else None, "cosine")
-        dataset = texts if mode == "live" else WithTargets(texts, targets)
+        dataset = texts if mode == "live" else WithTeacherEmbeddings(texts, embeddings)
         totals[mode] = print_row(f"{label} distill ({mode})",
                                  time_steps(task, dataset, collate, args, f"{tmp}/{label}{mode}"),
                                  args.batch_size)
-    print(f"{'':<22}cached targets: {totals['live'] / totals['cached']:.2f}x the live "
+    print(f"{'':<22}cached embeddings: {totals['live'] / totals['cached']:.2f}x the live "
           f"teacher's speed")
 
 

@@ -42,6 +42,19 @@ DS_FP32 = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False},
            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9}
 
 
+def kept_memory_dataset():
+    """An in-memory catalog entry that keeps its data after the run (Kedro's runner releases
+    intermediate MemoryDatasets once their last reader has run): for tests that read a
+    pipeline's intermediate results."""
+    from kedro.io import MemoryDataset
+
+    class Kept(MemoryDataset):
+        def _release(self) -> None:
+            pass
+
+    return Kept(copy_mode="assign")
+
+
 @pytest.fixture
 def ds_fp32() -> dict:
     return copy.deepcopy(DS_FP32)

@@ -8,7 +8,7 @@ import yaml
 from kedro.config import OmegaConfigLoader
 
 from tulip_pipelines import settings
-from tulip_pipelines.config_checks import check_parameters, params_classes
+from tulip_pipelines.params_checks import check_parameters, params_classes
 from tulip_pipelines.pipeline_registry import DEFAULT_ORDER
 
 ENVIRONMENTS = ["base", "sharegpt4v"]
@@ -70,8 +70,8 @@ def test_every_stage_budget_resolves_to_steps(project_root, env):
     budget, as the engine resolves it at the start of training (and each rank rebuilds it)."""
     import dataclasses
 
-    from tulip_pipelines.training.config import TrainParams
     from tulip_pipelines.training.stages.longclip import RECIPES, LongclipParams
+    from tulip_pipelines.training.train_params import TrainParams
 
     params = _parameters(project_root, env)
     stages = [params_classes()[name].from_all(params) for name in ("teacher", "distill", "expand")]

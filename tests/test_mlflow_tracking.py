@@ -80,7 +80,7 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
     distill_params = {"run_dir": str(tmp_path / "distill"), "train": TRAIN, "loss_type": "mse",
-                      "teacher_targets": "live"}
+                      "teacher_embeddings": "live"}
     expand_params = {"run_dir": str(tmp_path / "expand"), "train": TRAIN}
     no_val = captions.iloc[:0]
     with mlflow.start_run(run_name="kedro-run") as parent:  # what kedro-mlflow opens around a run

@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from tulip_pipelines.config_checks import check_parameters, params_classes
+from tulip_pipelines.params_checks import check_parameters, params_classes
 from tulip_pipelines.tracking_check import check_tracking_server
 from tulip_pipelines.training import run_lock
 

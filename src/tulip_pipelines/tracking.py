@@ -1,5 +1,5 @@
-"""MLflow tracking of training and evaluation stages, and the tracked training of a stage that the
-Kedro nodes call (:func:`train_stage`).
+"""MLflow tracking of training and evaluation stages (this module only talks to MLflow; running a
+stage is :mod:`tulip_pipelines.training.stages.run`).
 
 ``kedro run`` opens one MLflow run (kedro-mlflow); each stage opens a *nested* run named after it
 with its parameters, the DeepSpeed config, per-step metrics, final metrics and its exported model.
@@ -152,69 +152,3 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
             mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
         logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
         yield StageTracker(run.info.run_id, outer.info.run_id if outer else None)
-
-
-def train_stage(stage: str, params, inputs, ds_config: Mapping[str, Any], parent=None):
-    """Train ``stage`` (a name in :data:`tulip_pipelines.training.stages.STAGES`) in its own
-    MLflow run: parameters, lineage to ``parent`` (the model it starts from), per-step metrics,
-    final metrics, the exported model, the loss curve and the unreadable samples skipped.
-    Returns ``(model, history, figure, skipped)``; the model's spec records the stage, its MLflow
-    run, its parent and what it was trained on (what the model card shows:
-    :mod:`tulip_pipelines.models.card`)."""
-    import dataclasses
-
-    from tulip_pipelines.training.plots import loss_figure
-    from tulip_pipelines.training.stages import STAGES, run_job
-
-    tags, source = lineage(parent) if parent is not None else ({}, {})
-    with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags) as tracker:
-        model, result = run_job(STAGES[stage], params, inputs, ds_config, log_fn=tracker.log)
-        # a new spec: the input model (e.g. expand's distilled one) keeps its own provenance
-        provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id,
-                      "kedro_run_id": tracker.parent_run_id,
-                      "parent": parent_reference(parent) if parent is not None else None,
-                      "training": training_summary(params, inputs, ds_config, result)}
-        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance),
-                                    source_dir=None)
-        tracker.log_final(result.final_metrics)
-        tracker.log_model(model)
-        figure = loss_figure(result.history, stage)
-        tracker.log_figure(figure, f"{stage}_loss.png")
-        tracker.log_table(result.skipped, "skipped_samples.parquet")
-    logger.info("%s: %d steps in %.1f s, final %s", stage, result.final_step, result.wall_time_s,
-                result.final_metrics)
-    return model, result.history, figure, result.skipped
-
-
-def parent_reference(bundle) -> dict[str, Any]:
-    """What a model card says of the model a stage started from."""
-    extra = bundle.spec.extra
-    return {"stage": extra.get("stage"), "mlflow_run_id": extra.get("mlflow_run_id"),
-            "model_name": bundle.spec.model_name, "source": lineage(bundle)[1]["init_model"]}
-
-
-# Parameters that change how a stage runs, not what it learns: left out of the model card.
-_HOUSEKEEPING = ("run_dir", "launcher", "train.log_every", "train.val_every",
-                 "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers",
-                 "train.resume")
-
-
-def training_summary(params, inputs, ds_config: Mapping[str, Any], result) -> dict[str, Any]:
-    """Data counts, key parameters and final metrics of a finished stage (for its model card)."""
-    flat = flatten(params.to_dict())
-    key_params = {k: v for k, v in flat.items() if k not in _HOUSEKEEPING}
-    accumulation = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
-    key_params["deepspeed.gradient_accumulation_steps"] = str(accumulation)
-    key_params["deepspeed.zero_stage"] = str(ds_config.get("zero_optimization", {}).get("stage", 0))
-    key_params["deepspeed.bf16"] = str(ds_config.get("bf16", {}).get("enabled", False))
-    batch = int(params.train_params().batch_size) * int(params.num_processes) * accumulation
-    return {
-        "records": {role: len(frame) for role, frame in inputs.frames.items()},
-        "images": inputs.images.to_dict(),
-        "skipped_samples": 0 if result.skipped is None else len(result.skipped),
-        "steps": int(result.final_step),
-        "global_batch": batch,
-        "resumed_from": result.resumed_from,
-        "params": key_params,
-        "final_metrics": {k: float(v) for k, v in result.final_metrics.items()},
-    }

@@ -70,7 +70,8 @@ def test_rope_attention_matches_explicit_computation():
     width, heads, length = 32, 4, 9
     mha = torch.nn.MultiheadAttention(width, heads, batch_first=True)
     rotary = RotaryEmbedding(width // heads)
-    attn = RopeSelfAttention.from_multihead(mha, rotary)
+    attn = RopeSelfAttention(width, heads, rotary)
+    attn.load_state_dict(mha.state_dict())  # the same weights under the same names
     x = torch.randn(2, length, width)
     q, k, v = (x @ w.T + b for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)))
     split = lambda t: t.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # noqa: E731

@@ -10,8 +10,9 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
+from tests.conftest import kept_memory_dataset
 from tulip_pipelines.data.images import FolderImages
-from tulip_pipelines.evaluation.encode import image_tower_fingerprint
+from tulip_pipelines.evaluation.encode import image_tower_key
 from tulip_pipelines.evaluation.evaluate import EvaluateParams
 from tulip_pipelines.models import (
     build_student,
@@ -94,8 +95,8 @@ def _catalog(setup) -> DataCatalog:
     catalog["val_captions"] = setup["val"]
     catalog["params:evaluate"] = setup["params"]
     catalog["prepared_images"] = FolderImages(setup["image_root"])
-    for name in create_pipeline().outputs():
-        catalog[name] = MemoryDataset(copy_mode="assign")
+    for name in create_pipeline().all_outputs():
+        catalog[name] = kept_memory_dataset()
     return catalog
 
 
@@ -208,12 +209,12 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     assert "tulip_expanded" not in card  # only its own rows
 
 
-def test_models_sharing_an_image_tower_share_the_fingerprint(setup):
+def test_models_sharing_an_image_tower_share_the_key(setup):
     models = setup["models"]
-    teacher = image_tower_fingerprint(models["teacher_model"])
-    assert image_tower_fingerprint(models["longclip_authors_model"]) == teacher
-    assert image_tower_fingerprint(models["distilled_model"]) == teacher
-    assert image_tower_fingerprint(models["expanded_model"]) != teacher
+    teacher = image_tower_key(models["teacher_model"])
+    assert image_tower_key(models["longclip_authors_model"]) == teacher
+    assert image_tower_key(models["distilled_model"]) == teacher
+    assert image_tower_key(models["expanded_model"]) != teacher
 
 
 def test_parameter_mistakes_name_the_field():

@@ -14,7 +14,10 @@ from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 from tulip_pipelines.data.images import PreparedImages
 from tulip_pipelines.io.images import ImageSourceDataset
 from tulip_pipelines.io.models import ModelDataset
-from tulip_pipelines.io.targets import TeacherTargetsDataset
+from tulip_pipelines.io.teacher_embeddings import (
+    EmbeddingsProgressDataset,
+    TeacherTextEmbeddingsDataset,
+)
 from tulip_pipelines.models import stretch_position_embedding
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.pipelines.distill.nodes import distill
@@ -84,7 +87,9 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
         for name in ("teacher", "distilled", "expanded", "longclip_authors",
                      "longclip_equal_budget")})
     catalog["prepared_images"] = ImageSourceDataset(str(tmp_path / "prepared_images.json"))
-    catalog["teacher_text_embeddings"] = TeacherTargetsDataset(str(tmp_path / "targets"))
+    cache = str(tmp_path / "teacher_text_embeddings")
+    catalog["teacher_text_embeddings"] = TeacherTextEmbeddingsDataset(cache)
+    catalog["teacher_text_embeddings_progress"] = EmbeddingsProgressDataset(cache)
     catalog["train_captions"] = data["train"]
     catalog["val_captions"] = data["val"]
     catalog["demo_shuffled_captions"] = data["shuffled"]

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import DS_FP32
+from tests.conftest import DS_FP32, kept_memory_dataset
 from tests.image_helpers import write_images
 from tulip_pipelines.models import create_teacher
-from tulip_pipelines.training.config import TrainParams
-from tulip_pipelines.training.data import CaptionImageDataset, Collate
+from tulip_pipelines.training.datasets import CaptionImageDataset, Collate
 from tulip_pipelines.training.engine import train
 from tulip_pipelines.training.skipped import TooManyBadSamples
 from tulip_pipelines.training.tasks import ContrastiveTask
+from tulip_pipelines.training.train_params import TrainParams
 
 
 def corrupt(root, frame, truncated: int, empty: int) -> None:
@@ -119,8 +119,8 @@ def test_unreadable_benchmark_images_are_left_out_with_their_texts_and_counted(t
         "benchmarks": {"urban": {"format": "urban1k", "root": str(urban)},
                        "val": {"format": "sharegpt4v", "n": 4}},
         "ks": [1], "batch_size": 3, "bootstrap_resamples": 10, "tokens_read": [77]}
-    for name in create_pipeline().outputs():
-        catalog[name] = MemoryDataset(copy_mode="assign")
+    for name in create_pipeline().all_outputs():
+        catalog[name] = kept_memory_dataset()
     SequentialRunner().run(create_pipeline(), catalog)
 
     issues = catalog.load("benchmark_issues")

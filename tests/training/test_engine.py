@@ -12,10 +12,10 @@ import torch
 from tests.conftest import DS_FP32
 from tests.training.toy_tasks import RegressionData, RegressionTask
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
-from tulip_pipelines.training.config import TrainParams
 from tulip_pipelines.training.deepspeed_setup import prepare_ds_config
 from tulip_pipelines.training.engine import train
 from tulip_pipelines.training.schedule import lr_lambda
+from tulip_pipelines.training.train_params import TrainParams
 
 
 def _cfg(tmp_path: Path, **overrides) -> TrainParams:

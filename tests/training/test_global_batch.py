@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.training.toy_tasks import PairData, contrastive_task
-from tulip_pipelines.training.config import TrainParams
 from tulip_pipelines.training.engine import train
 from tulip_pipelines.training.launch import run_distributed
+from tulip_pipelines.training.train_params import TrainParams
 
 N = 16
 # AdamW's first step is about lr * sign(gradient); eps = 1 makes it scale with the gradient, so
@@ -58,12 +58,12 @@ def test_per_micro_batch_loss_does_not(one_batch, tmp_path):
 def test_two_processes_train_like_one_batch(one_batch, tmp_path, project_root, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(project_root))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    spec = {
+    plan = {
         "builder": "tests.training.toy_tasks:build_contrastive_job",
         "n": N,
         "train": dict(run_name="2x4x2", run_dir=str(tmp_path / "run"), batch_size=4, **TRAIN),
-        "deepspeed": {**DS, "gradient_accumulation_steps": 2},
+        "ds_config": {**DS, "gradient_accumulation_steps": 2},
     }
     task = contrastive_task()
-    result = run_distributed(spec, nproc=2, module=task, timeout_s=300)
+    result = run_distributed(plan, nproc=2, module=task, timeout_s=300)
     _assert_same(one_batch, (result.history["loss"].iloc[0], task.state_dict()))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tulip_pipelines.models import build_student, create_teacher
-from tulip_pipelines.training.data import trim_padding, window_tokens
+from tulip_pipelines.training.datasets import trim_padding, window_tokens
 from tulip_pipelines.training.losses import clip_loss, distill_loss
-from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask, teacher_target
+from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask, teacher_text_embedding
 
 
 def test_distill_losses_by_hand():
@@ -73,7 +73,8 @@ def test_windows_overlap_and_target_is_their_mean(tiny):
     assert windows[0, 1, 1:21].tolist() == ids[55:75]  # second window starts 55 tokens later
     assert windows[0, 0, 56:76].tolist() == windows[0, 1, 1:21].tolist()  # 20 shared tokens
     assert mask[1].sum().item() == 1
-    target = teacher_target(teacher.model, {"windows": windows, "window_mask": mask}, "windows")
+    target = teacher_text_embedding(teacher.model, {"windows": windows, "window_mask": mask},
+                                    "windows")
     with torch.no_grad():
         expected = teacher.model.encode_text(windows[0][mask[0]]).mean(0)
     assert torch.allclose(target[0], expected, atol=1e-5)

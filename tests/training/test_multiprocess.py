@@ -7,16 +7,16 @@ import torch
 
 from tests.training.toy_tasks import RegressionTask
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
-from tulip_pipelines.training.launch import job_from_spec, launcher_command, run_distributed
+from tulip_pipelines.training.launch import job_from_plan, launcher_command, run_distributed
 
 
-def _spec(run_dir: Path) -> dict:
+def _plan(run_dir: Path) -> dict:
     return {
         "builder": "tests.training.toy_tasks:build_job",
         "n": 256,
         "train": dict(run_name="zero2", run_dir=str(run_dir), max_steps=6, batch_size=8,
                       lr=0.05, log_every=2, checkpoint_every=3),
-        "deepspeed": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
+        "ds_config": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
     }
 
 
@@ -28,7 +28,7 @@ def test_two_process_zero2_run_writes_a_loadable_checkpoint(tmp_path, project_ro
     logged = []
     task = RegressionTask()
     initial = task.head.weight.detach().clone()
-    result = run_distributed(_spec(tmp_path / "run"), nproc=2, launcher="deepspeed", module=task,
+    result = run_distributed(_plan(tmp_path / "run"), nproc=2, launcher="deepspeed", module=task,
                              log_fn=lambda metrics, step: logged.append(step), timeout_s=300)
 
     assert result.final_step == 6
@@ -47,7 +47,7 @@ def test_two_process_zero2_run_writes_a_loadable_checkpoint(tmp_path, project_ro
 
     # DeepSpeed itself loads the sharded checkpoint on a rerun (here started by torchrun)
     again = RegressionTask()
-    rerun = run_distributed(_spec(tmp_path / "run"), nproc=2, launcher="torchrun", module=again,
+    rerun = run_distributed(_plan(tmp_path / "run"), nproc=2, launcher="torchrun", module=again,
                             timeout_s=300)
     assert rerun.resumed_from == 6 and rerun.final_step == 6
     assert rerun.history.equals(result.history)
@@ -64,8 +64,8 @@ def test_launcher_commands_run_this_module(tmp_path):
         launcher_command("mpirun", 2, tmp_path / "s.json", tmp_path / "r", 29500)
 
 
-def test_job_from_spec_names_a_bad_builder():
+def test_job_from_plan_names_a_bad_builder():
     with pytest.raises(ValueError, match="builder"):
-        job_from_spec({"builder": "no_colon_here"})
+        job_from_plan({"builder": "no_colon_here"})
     with pytest.raises(ValueError, match="nothing_here"):
-        job_from_spec({"builder": "tests.training.toy_tasks:nothing_here"})
+        job_from_plan({"builder": "tests.training.toy_tasks:nothing_here"})

@@ -1,5 +1,5 @@
 """Training on prepared images: the per-rank data order (no duplicates across ranks, identical
-after a resume), the launcher's spec carrying the image source, and a two-process run that
+after a resume), the launch plan carrying the image source, and a two-process run that
 resumes exactly."""
 
 import os
@@ -18,11 +18,11 @@ from tulip_pipelines.data.prepare import PrepareImagesParams, prepare_images
 from tulip_pipelines.data.shards import Encoding
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.checkpoints import complete_checkpoints
-from tulip_pipelines.training.data import CaptionImageDataset
+from tulip_pipelines.training.datasets import CaptionImageDataset
 from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
-from tulip_pipelines.training.stages import STAGES, StageInputs, build_job, run_job
-from tulip_pipelines.training.stages.base import _launch_spec
+from tulip_pipelines.training.stages import STAGES, StageInputs
 from tulip_pipelines.training.stages.longclip import LongclipEqualBudgetParams
+from tulip_pipelines.training.stages.run import build_job, run_stage, write_launch_plan
 
 STAGE = "longclip_equal_budget"  # the Long-CLIP baseline at TULIP's budget: images and captions
 N_VAL, N_TRAIN = 8, 40
@@ -71,18 +71,18 @@ def test_rank_order_on_prepared_data_has_no_duplicates_and_resumes_identically(p
     assert rank_order(dataset, 0, DataPosition(0, 0)) == expected
 
 
-def test_the_launch_spec_carries_the_image_source(prepared, tmp_path, monkeypatch):
+def test_the_launch_plan_carries_the_image_source(prepared, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative folder, as the catalog entry gives it
     source = PreparedImages(os.path.relpath(prepared["source"].folder), prepared["source"].info)
     params = LongclipEqualBudgetParams(run_dir=str(tmp_path / "run"), num_processes=2,
                             train={"max_steps": 2, "batch_size": 4, "lr": 1e-3})
     inputs = StageInputs({"teacher": create_teacher("TULIP-Tiny")},
                          {"train": prepared["train"], "val": prepared["val"]}, source)
-    spec = _launch_spec(STAGE, params, inputs, DS_FP32)
-    assert spec["images"]["kind"] == "prepared"
-    assert spec["images"]["folder"] == str(prepared["source"].folder.resolve())
-    job = build_job(spec)  # what every launched rank does
-    local, _ = STAGES[STAGE].job(params, inputs, DS_FP32)
+    plan = write_launch_plan(STAGE, params, inputs, DS_FP32)
+    assert plan["images"]["kind"] == "prepared"
+    assert plan["images"]["folder"] == str(prepared["source"].folder.resolve())
+    job = build_job(plan)  # what every launched rank does
+    local = STAGES[STAGE].build(params, inputs)
     assert isinstance(job.train_dataset.source, PreparedImages)
     assert job.fingerprint == local.fingerprint
     for i in (0, 17, N_TRAIN - 1):
@@ -90,10 +90,10 @@ def test_the_launch_spec_carries_the_image_source(prepared, tmp_path, monkeypatc
     # the original files, for a run that skipped the preparation
     folder = StageInputs({"teacher": inputs.models["teacher"]}, inputs.frames,
                          str(prepared["root"] / "images"))
-    spec = _launch_spec(STAGE, params, folder, DS_FP32)
-    assert spec["images"] == {"kind": "folder",
+    plan = write_launch_plan(STAGE, params, folder, DS_FP32)
+    assert plan["images"] == {"kind": "folder",
                               "root": str((prepared["root"] / "images").resolve())}
-    assert isinstance(build_job(spec).train_dataset.source, FolderImages)
+    assert isinstance(build_job(plan).train_dataset.source, FolderImages)
 
 
 @pytest.mark.slow
@@ -114,16 +114,17 @@ def test_two_processes_on_prepared_data_resume_exactly(prepared, tmp_path, proje
         inputs = StageInputs({"teacher": teacher},
                              {"train": prepared["train"], "val": prepared["val"]},
                              prepared["source"])
-        return run_job(STAGES[STAGE], params, inputs, DS_FP32)[1]
+        model, history, _, _ = run_stage(STAGE, params, inputs, DS_FP32)
+        return model.spec.extra["training"], history
 
-    straight = run()
-    assert straight.final_step == 6 and straight.resumed_from is None
+    straight, straight_history = run()
+    assert straight["steps"] == 6 and straight["resumed_from"] is None
     checkpoints = Path(params.stage_run_dir) / "checkpoints"
     assert [s for s, _, _ in complete_checkpoints(checkpoints)] == [3, 6]
     shutil.rmtree(checkpoints / "step_00000006")
 
-    resumed = run()
-    assert resumed.resumed_from == 3 and resumed.final_step == 6
-    assert resumed.history["step"].tolist() == list(range(1, 7))
-    assert resumed.history["loss"].tolist() == pytest.approx(
-        straight.history["loss"].tolist(), rel=1e-5)
+    resumed, resumed_history = run()
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
+    assert resumed_history["step"].tolist() == list(range(1, 7))
+    assert resumed_history["loss"].tolist() == pytest.approx(
+        straight_history["loss"].tolist(), rel=1e-5)

@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import DS_FP32
 from tests.training.toy_tasks import RegressionData, RegressionTask
 from tulip_pipelines.training.checkpoints import complete_checkpoints
-from tulip_pipelines.training.config import TrainParams
 from tulip_pipelines.training.engine import train
+from tulip_pipelines.training.train_params import TrainParams
 
 CHILD = """
 import json, sys

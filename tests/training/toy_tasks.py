@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from tulip_pipelines.training.config import TrainParams
-from tulip_pipelines.training.launch import TrainJob
+from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.train_params import TrainParams
 
 N_FEATURES = 8
 
@@ -66,16 +66,15 @@ class RegressionTask(torch.nn.Module):
         return {"loss": (err**2).mean(), "mae": err.abs().mean()}
 
 
-def build_job(spec: dict[str, Any]) -> TrainJob:
-    """Builder for ``launch.py``: a spec with ``n``, ``delay_s``, ``train`` (TrainParams) and
-    ``deepspeed`` (config dict)."""
+def build_job(plan: dict[str, Any]) -> TrainJob:
+    """Builder for ``launch.py``: a launch plan with ``n``, ``delay_s`` and ``train``
+    (TrainParams)."""
     return TrainJob(
-        task=RegressionTask(delay_s=spec.get("delay_s", 0.0)),
-        train_dataset=RegressionData(spec.get("n", 256)),
+        task=RegressionTask(delay_s=plan.get("delay_s", 0.0)),
+        train_dataset=RegressionData(plan.get("n", 256)),
         val_dataset=RegressionData(64, seed=1),
         collate_fn=None,
-        params=TrainParams.from_params(spec["train"]),
-        ds_config=spec["deepspeed"],
+        params=TrainParams.from_params(plan["train"]),
     )
 
 
@@ -112,13 +111,12 @@ def contrastive_task(seed: int = 0, **options):
     return ContrastiveTask(create_teacher("TULIP-Tiny").model, 0.8, 0.2, **options)
 
 
-def build_contrastive_job(spec: dict[str, Any]) -> TrainJob:
+def build_contrastive_job(plan: dict[str, Any]) -> TrainJob:
     """Builder for ``launch.py``: ``contrastive_task`` (``task`` options) on ``PairData(n)``."""
     return TrainJob(
-        task=contrastive_task(**spec.get("task", {})),
-        train_dataset=PairData(spec["n"]),
+        task=contrastive_task(**plan.get("task", {})),
+        train_dataset=PairData(plan["n"]),
         val_dataset=None,
         collate_fn=None,
-        params=TrainParams.from_params(spec["train"]),
-        ds_config=spec["deepspeed"],
+        params=TrainParams.from_params(plan["train"]),
     )

@@ -211,7 +211,7 @@ def _random_cell(rng: np.random.Generator) -> Cell:
 
 
 def _draw_group(
-    rng: np.random.Generator, cfg: DemoDataParams, size: int, taken: set
+    rng: np.random.Generator, params: DemoDataParams, size: int, taken: set
 ) -> list[tuple[int, tuple[Cell, ...]]]:
     """Cells of ``size`` images that share the background and the first cells.
 
@@ -221,17 +221,17 @@ def _draw_group(
     n_cells = GRID * GRID
     for _ in range(1000):
         background = int(rng.integers(len(BACKGROUNDS)))
-        shared = tuple(_random_cell(rng) for _ in range(cfg.shared_cells))
+        shared = tuple(_random_cell(rng) for _ in range(params.shared_cells))
         members: list[tuple[Cell, ...]] = []
         attempts = 0
         while len(members) < size and attempts < 200:
             attempts += 1
-            cells = shared + tuple(_random_cell(rng) for _ in range(n_cells - cfg.shared_cells))
+            cells = shared + tuple(_random_cell(rng) for _ in range(n_cells - params.shared_cells))
             if (background, cells) in taken:
                 continue
             if all(
-                sum(a != b for a, b in zip(cells[cfg.shared_cells :], m[cfg.shared_cells :]))
-                >= cfg.min_differing_cells
+                sum(a != b for a, b in zip(cells[params.shared_cells :], m[params.shared_cells :]))
+                >= params.min_differing_cells
                 for m in members
             ):
                 members.append(cells)
@@ -241,7 +241,7 @@ def _draw_group(
     raise RuntimeError("could not draw a group of distinct images; lower demo_data.group_size")
 
 
-def check_group_prefixes(images: list[DemoImage], cfg: DemoDataParams) -> dict[str, float]:
+def check_group_prefixes(images: list[DemoImage], params: DemoDataParams) -> dict[str, float]:
     """Verify the demo's defining property with open_clip's tokenizer; return token statistics.
 
     Raises ``ValueError`` if a sentence that describes a varying cell starts within the first
@@ -270,10 +270,10 @@ def check_group_prefixes(images: list[DemoImage], cfg: DemoDataParams) -> dict[s
     lengths = []
     for image in images:
         per_sentence = [n_tokens(s) for s in caption_sentences(image.background, image.cells)]
-        shared_len = sum(per_sentence[: 1 + cfg.shared_cells])
+        shared_len = sum(per_sentence[: 1 + params.shared_cells])
         if shared_len < TEACHER_TEXT_TOKENS:
             raise ValueError(
-                f"demo image {image.name}: the summary and the {cfg.shared_cells} shared cells "
+                f"demo image {image.name}: the summary and the {params.shared_cells} shared cells "
                 f"take only {shared_len} tokens, so a 77-token text tower also reads a varying "
                 "cell; raise demo_data.shared_cells"
             )
@@ -287,7 +287,7 @@ def check_group_prefixes(images: list[DemoImage], cfg: DemoDataParams) -> dict[s
 
 def _make_images(
     rng: np.random.Generator,
-    cfg: DemoDataParams,
+    params: DemoDataParams,
     n_groups: int,
     group_size: int,
     prefix: str,
@@ -297,31 +297,32 @@ def _make_images(
     """``n_groups`` groups of distinct images, named ``<prefix><running number>``."""
     out = []
     for g in range(n_groups):
-        for background, cells in _draw_group(rng, cfg, group_size, taken):
+        for background, cells in _draw_group(rng, params, group_size, taken):
             name = f"{prefix}{len(out) + 1:06d}"
             out.append(DemoImage(name, group_offset + g, background, cells))
     return out
 
 
-def generate_demo_data(cfg: DemoDataParams) -> DemoData:
+def generate_demo_data(params: DemoDataParams) -> DemoData:
     """Draw the training set and the two held-out benchmarks, deterministically from the seed."""
     train_rng, long_rng, short_rng, shuffle_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)
+        np.random.default_rng(s) for s in np.random.SeedSequence(params.seed).spawn(4)
     )
     taken: set = set()
-    train = _make_images(train_rng, cfg, cfg.n_groups, cfg.group_size, "", 0, taken)
+    train = _make_images(train_rng, params, params.n_groups, params.group_size, "", 0, taken)
     long_bench = _make_images(
-        long_rng, cfg, cfg.n_benchmark_groups, cfg.group_size, "demo_long_", cfg.n_groups, taken
+        long_rng, params, params.n_benchmark_groups, params.group_size, "demo_long_",
+        params.n_groups, taken,
     )
     short_bench = _make_images(
-        short_rng, cfg, cfg.n_short_benchmark_images, 1, "demo_short_",
-        cfg.n_groups + cfg.n_benchmark_groups, taken,
+        short_rng, params, params.n_short_benchmark_images, 1, "demo_short_",
+        params.n_groups + params.n_benchmark_groups, taken,
     )  # fmt: skip
-    stats = check_group_prefixes(train + long_bench, cfg)
+    stats = check_group_prefixes(train + long_bench, params)
     logger.info(
         "demo data: %d training images in %d groups of %d, %d long-caption and %d short-caption "
         "benchmark images; caption tokens min %.0f mean %.1f max %.0f",
-        len(train), cfg.n_groups, cfg.group_size, len(long_bench), len(short_bench),
+        len(train), params.n_groups, params.group_size, len(long_bench), len(short_bench),
         stats.get("min_tokens", 0), stats.get("mean_tokens", 0), stats.get("max_tokens", 0),
     )  # fmt: skip
 
@@ -338,18 +339,19 @@ def generate_demo_data(cfg: DemoDataParams) -> DemoData:
                 ],
             }
         )
-        images[path] = draw_image(item.background, item.cells, cfg.image_size)
+        images[path] = draw_image(item.background, item.cells, params.image_size)
         sentences = caption_sentences(item.background, item.cells)
-        for variant in range(cfg.shuffled_variants):
+        for variant in range(params.shuffled_variants):
             caption = shuffle_sentences(sentences, shuffle_rng)
             shuffled.append((f"demo_{item.name}", variant, caption))
     splits = {"train": train, "long_benchmark": long_bench, "short_benchmark": short_bench}
     for split, items in splits.items():
         manifest += [(i.name, split, i.group, list(BACKGROUNDS)[i.background]) for i in items]
 
-    long_images = {i.name: draw_image(i.background, i.cells, cfg.image_size) for i in long_bench}
+    long_images = {i.name: draw_image(i.background, i.cells, params.image_size) for i in long_bench}
     long_captions = {i.name: i.caption + "\n" for i in long_bench}
-    short_images = {i.name: draw_image(i.background, i.cells, cfg.image_size) for i in short_bench}
+    short_images = {i.name: draw_image(i.background, i.cells, params.image_size)
+                    for i in short_bench}
     rows = [f"{i.name}.jpg| 0| {i.short_caption}" for i in short_bench]
     results_csv = "\n".join(["image_name| comment_number| comment", *rows]) + "\n"
     return DemoData(

@@ -8,7 +8,7 @@ Decisions:
     * parallel: a process pool, each worker writes whole shards (``data/shards.py``); at most
       two shards per worker are in flight, so memory stays bounded whatever the dataset size;
     * restartable: a shard is written under a temporary name and renamed when complete; a
-      rerun skips every complete shard whose inputs and encoding match (a fingerprint) and
+      rerun skips every complete shard whose inputs and encoding match (a cache key) and
       rewrites the others;
     * across nodes: with ``num_nodes > 1`` node ``node_rank`` writes the shards ``k`` with
       ``k % num_nodes == node_rank`` into the shared folder; a last run with ``num_nodes: 1``
@@ -154,7 +154,7 @@ def input_records(train: pd.DataFrame, val: pd.DataFrame) -> pd.DataFrame:
     return records
 
 
-def _fingerprint(encoding: Encoding, ids: list[str], images: list[str]) -> str:
+def _cache_key(encoding: Encoding, ids: list[str], images: list[str]) -> str:
     digest = hashlib.sha256(json.dumps([FORMAT_VERSION, encoding.to_dict()]).encode())
     for record_id, image in zip(ids, images):
         digest.update(f"{record_id}\0{image}\n".encode())
@@ -168,7 +168,7 @@ def plan_shards(records: pd.DataFrame, root: str | os.PathLike, folder: Path, en
     for number, start in enumerate(range(0, len(records), shard_size)):
         part_ids, part_images = ids[start:start + shard_size], images[start:start + shard_size]
         yield ShardTask(number, start, part_ids, part_images, str(root), str(folder), encoding,
-                        _fingerprint(encoding, part_ids, part_images))
+                        _cache_key(encoding, part_ids, part_images))
 
 
 def _remove_leftovers(folder: Path, n_shards: int, params: PrepareImagesParams) -> None:

@@ -2,7 +2,7 @@
 (no Kedro). What a worker process of ``prepare_images`` runs (``data/prepare.py`` plans).
 
 A shard is written under a temporary name and renamed when complete; its manifest (``.json``
-beside the tar: the inputs' fingerprint, the samples kept and the images left out with their
+beside the tar: the inputs' cache key, the samples kept and the images left out with their
 reason) is renamed last, so a shard whose manifest exists and matches is complete. Samples are
 named by the record's *position* in the preparation's input order (``000001234.jpg`` +
 ``000001234.json``), so a reader can check that it got the sample it asked for.
@@ -61,7 +61,7 @@ class ShardTask:
     root: str
     folder: str
     encoding: Encoding
-    fingerprint: str
+    cache_key: str
 
     @property
     def tar_path(self) -> Path:
@@ -78,7 +78,7 @@ class ShardResult:
     ``[position, reason, detail]``, and the tar's size."""
 
     number: int
-    fingerprint: str
+    cache_key: str
     kept: list[int] = field(default_factory=list)
     rejected: list[list[Any]] = field(default_factory=list)
     filesize: int = 0
@@ -139,7 +139,7 @@ def tar_writer() -> type:
 
 def write_shard(task: ShardTask) -> ShardResult:
     """Write shard ``task.number`` (temporary names, renamed when complete); its result."""
-    result = ShardResult(task.number, task.fingerprint)
+    result = ShardResult(task.number, task.cache_key)
     root = Path(task.root)
     tar_tmp = task.tar_path.with_name(task.tar_path.name + PARTIAL)
     with open(tar_tmp, "wb") as stream:
@@ -169,10 +169,12 @@ def complete_shard(task: ShardTask) -> ShardResult | None:
     from the same inputs and encoding; ``None`` otherwise."""
     try:
         data = json.loads(task.manifest_path.read_text())
+        if "fingerprint" in data:  # a shard written before "fingerprint" became "cache_key"
+            data["cache_key"] = data.pop("fingerprint")
         result = ShardResult(**data)
         size = task.tar_path.stat().st_size
     except (OSError, ValueError, TypeError):
         return None
-    if result.fingerprint != task.fingerprint or result.filesize != size:
+    if result.cache_key != task.cache_key or result.filesize != size:
         return None
     return result

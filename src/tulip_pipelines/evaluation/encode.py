@@ -115,7 +115,7 @@ def encode_texts(
     return encode_tokens(bundle, tokenize(bundle, texts), batch_size, desc)
 
 
-def image_tower_fingerprint(bundle: ModelBundle) -> str:
+def image_tower_key(bundle: ModelBundle) -> str:
     """A hash of the image tower's weights and preprocessing: equal towers encode images alike."""
     digest = hashlib.sha1(repr(bundle.preprocess).encode())
     for key, tensor in bundle.model.visual.state_dict().items():

@@ -25,7 +25,7 @@ from tulip_pipelines.evaluation import analysis
 from tulip_pipelines.evaluation.encode import (
     encode_images,
     encode_tokens,
-    image_tower_fingerprint,
+    image_tower_key,
     tokenize,
 )
 from tulip_pipelines.evaluation.metrics import (
@@ -156,19 +156,19 @@ class EvaluateParams(Params):
 
 
 def load_benchmarks(
-    cfg: EvaluateParams, val_captions: pd.DataFrame | None, images: ImageSource | str | Path
+    params: EvaluateParams, val_captions: pd.DataFrame | None, images: ImageSource | str | Path
 ) -> dict[str, RetrievalBenchmark]:
     """Read every configured benchmark (``sharegpt4v`` ones read ``val_captions``' images from
     ``images``, the ``prepared_images`` source). One whose files are absent (or that has no
     usable pair) is skipped with a log line naming the path, and gets no rows in the results."""
     out = {}
-    for name, bc in cfg.benchmarks.items():
-        options = {k: v for k, v in bc.options.items() if k not in DCI_BUILD_OPTIONS}
+    for name, entry in params.benchmarks.items():
+        options = {k: v for k, v in entry.options.items() if k not in DCI_BUILD_OPTIONS}
         try:
-            if bc.format == "sharegpt4v":
-                bench = read_sharegpt4v(val_captions, images, name=name, kind=bc.kind, **options)
+            if entry.format == "sharegpt4v":
+                bench = read_sharegpt4v(val_captions, images, name=name, kind=entry.kind, **options)
             else:
-                bench = READERS[bc.format](bc.root, name=name, kind=bc.kind, **options)
+                bench = READERS[entry.format](entry.root, name=name, kind=entry.kind, **options)
         except BenchmarkMissing as err:
             logger.warning("skipping %s: %s not found", name, err.path)
             continue
@@ -179,7 +179,7 @@ def load_benchmarks(
             )
         if not bench.texts:
             logger.warning(
-                "skipping %s: no usable image-text pair under %s", name, bc.root or images
+                "skipping %s: no usable image-text pair under %s", name, entry.root or images
             )
             continue
         out[name] = bench
@@ -192,23 +192,23 @@ def issues_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ISSUE_COLUMNS)
 
 
-def prepare_dci_long(cfg: EvaluateParams) -> pd.DataFrame:
+def prepare_dci_long(params: EvaluateParams) -> pd.DataFrame:
     """Write ``<root>/dci_long.csv`` for each dci_long entry with ``annotations`` (the folder of
     DCI's per-image JSON files, relative to root) whose CSV does not exist yet; returns a
     summary."""
     rows = []
-    for name, bc in cfg.benchmarks.items():
-        if bc.format != "dci_long" or "annotations" not in bc.options:
+    for name, entry in params.benchmarks.items():
+        if entry.format != "dci_long" or "annotations" not in entry.options:
             continue
-        root = Path(bc.root)
-        csv_path = root / bc.options.get("csv_name", "dci_long.csv")
+        root = Path(entry.root)
+        csv_path = root / entry.options.get("csv_name", "dci_long.csv")
         if csv_path.exists():
             logger.info("%s: %s exists, kept as it is", name, csv_path)
             rows.append((name, str(csv_path), "kept", None, None))
             continue
         try:
             frame, without_long = build_dci_long(
-                root / bc.options["annotations"], bc.options.get("photos_prefix", "photos"))
+                root / entry.options["annotations"], entry.options.get("photos_prefix", "photos"))
         except BenchmarkMissing as err:
             logger.warning("%s: cannot build %s: %s not found", name, csv_path, err.path)
             rows.append((name, str(csv_path), "missing", None, None))
@@ -235,8 +235,8 @@ class Scores:
 
 
 def _encode_benchmark_images(
-    models: Mapping[str, ModelBundle], fingerprints: Mapping[str, str], name: str,
-    bench: RetrievalBenchmark, cfg: EvaluateParams,
+    models: Mapping[str, ModelBundle], tower_keys: Mapping[str, str], name: str,
+    bench: RetrievalBenchmark, params: EvaluateParams,
 ) -> tuple[RetrievalBenchmark, dict[str, torch.Tensor]]:
     """Image features of ``bench`` for every distinct image tower, and the benchmark that is
     scored: an image that any tower could not read is left out with its texts (recall is over
@@ -245,11 +245,11 @@ def _encode_benchmark_images(
     unreadable: dict[int, str] = {}
     in_source = bench.image_source is not None
     for model_name, bundle in models.items():
-        key = fingerprints[model_name]
+        key = tower_keys[model_name]
         if key not in features:
             features[key] = encode_images(
-                bundle, bench.image_handles if in_source else bench.image_paths, cfg.batch_size,
-                cfg.num_workers, desc=f"{name}/{model_name} images", source=bench.image_source,
+                bundle, bench.image_handles if in_source else bench.image_paths, params.batch_size,
+                params.num_workers, desc=f"{name}/{model_name} images", source=bench.image_source,
                 unreadable=unreadable)
     if not unreadable:
         return bench, features
@@ -263,15 +263,15 @@ def _encode_benchmark_images(
 def score(
     models: Mapping[str, ModelBundle],
     benchmarks: Mapping[str, RetrievalBenchmark],
-    cfg: EvaluateParams,
+    params: EvaluateParams,
 ) -> Scores:
     """Every model on every benchmark: recall@k with its bootstrap interval, R@1 by caption
     length, and, on long-caption benchmarks, R@1 against the tokens read."""
-    fingerprints = {name: image_tower_fingerprint(b) for name, b in models.items()}
+    tower_keys = {name: image_tower_key(b) for name, b in models.items()}
     rows, by_tokens, by_length, scored = [], [], [], {}
     for bench_name, bench in benchmarks.items():
-        bench, image_features = _encode_benchmark_images(models, fingerprints, bench_name, bench,
-                                                         cfg)
+        bench, image_features = _encode_benchmark_images(models, tower_keys, bench_name, bench,
+                                                         params)
         scored[bench_name] = bench
         if not bench.texts:
             logger.warning("%s: no readable image with a text left; not scored", bench_name)
@@ -279,22 +279,22 @@ def score(
         lengths = analysis.caption_token_counts(bench.texts)
         for model_name, bundle in models.items():
             logger.info("scoring %s on %s", model_name, bench_name)
-            rank = partial(_rank_texts, bundle, image_features[fingerprints[model_name]], bench,
-                           cfg=cfg, desc=f"{bench_name}/{model_name} texts")
+            rank = partial(_rank_texts, bundle, image_features[tower_keys[model_name]], bench,
+                           params=params, desc=f"{bench_name}/{model_name} texts")
             tokens = tokenize(bundle, bench.texts)
-            ranks = rank(tokens, cap=max(cfg.ks))
+            ranks = rank(tokens, cap=max(params.ks))
             for d in analysis.DIRECTIONS:
-                for k in cfg.ks:
+                for k in params.ks:
                     low, high = bootstrap_interval(
-                        ranks.hits(d, k), cfg.bootstrap_resamples, cfg.bootstrap_seed)
+                        ranks.hits(d, k), params.bootstrap_resamples, params.bootstrap_seed)
                     rows.append((bench_name, model_name, d, int(k), ranks.recall(d, k),
                                  ranks.n(d), low, high))
             by_length += analysis.recall_by_caption_length(
                 bench_name, model_name, ranks, lengths, bench.text_to_image,
-                cfg.caption_length_bins)
+                params.caption_length_bins)
             if bench.kind == "long":
                 by_tokens += analysis.recall_by_tokens_read(
-                    bench_name, model_name, tokens, ranks, partial(rank, cap=1), cfg.tokens_read)
+                    bench_name, model_name, tokens, ranks, partial(rank, cap=1), params.tokens_read)
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype(
         {"k": "int64", "n_queries": "int64", "recall": "float64"})
     return Scores(metrics, analysis.frame(by_tokens, analysis.TOKENS_READ_COLUMNS),
@@ -312,7 +312,8 @@ def unreadable_images_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.
 
 
 def _rank_texts(bundle: ModelBundle, images: torch.Tensor, bench: RetrievalBenchmark,
-                tokens: torch.Tensor, cap: int, cfg: EvaluateParams, desc: str) -> RetrievalRanks:
+                tokens: torch.Tensor, cap: int, params: EvaluateParams,
+                desc: str) -> RetrievalRanks:
     """Per-query ranks of the benchmark when its texts are ``tokens`` (encoded by ``bundle``)."""
-    texts = encode_tokens(bundle, tokens, cfg.batch_size, desc=desc)
-    return retrieval_ranks(images, texts, bench.text_to_image, cap, cfg.chunk_size)
+    texts = encode_tokens(bundle, tokens, params.batch_size, desc=desc)
+    return retrieval_ranks(images, texts, bench.text_to_image, cap, params.chunk_size)

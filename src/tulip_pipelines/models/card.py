@@ -4,9 +4,9 @@ A card is rendered from the model's :class:`~tulip_pipelines.models.spec.ModelSp
 that it always agrees with ``config.json``: ``spec.extra`` holds the provenance a training stage
 records (``stage``, ``mlflow_run_id``, the enclosing ``kedro_run_id``, ``parent`` and
 ``training``: data counts, key parameters, final metrics; see
-:func:`tulip_pipelines.tracking.train_stage`). :func:`~tulip_pipelines.models.files.save_model`
-writes it with every model; the evaluation rewrites it with the model's retrieval rows
-(:func:`add_retrieval`). Loading ignores it.
+:func:`tulip_pipelines.training.stages.run.run_stage`).
+:func:`~tulip_pipelines.models.files.save_model` writes it with every model; the evaluation
+rewrites it with the model's retrieval rows (:func:`add_retrieval`). Loading ignores it.
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@ every model here, and the teachers."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.model import set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
@@ -82,30 +85,39 @@ class AbsoluteCLIP(open_clip.CLIP):
         return self.transformer(x, attn_mask=self.attn_mask[:length, :length])
 
 
-class _NoRandomInitWarning(logging.Filter):
-    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" warning: this
-    project builds an architecture first and loads its weights itself (or trains it from
-    scratch, which the teacher stage says)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No pretrained weights loaded")
-
-
-def new_clip(model_name: str, **kwargs) -> AbsoluteCLIP:
-    """open_clip's CLIP of ``model_name`` (random weights), as an :class:`AbsoluteCLIP`."""
-    quiet = _NoRandomInitWarning()
-    logging.getLogger().addFilter(quiet)  # open_clip warns through the root logger
-    try:
-        model = open_clip.create_model(model_name, **kwargs)
-    finally:
-        logging.getLogger().removeFilter(quiet)
-    if type(model) is not open_clip.CLIP:
-        raise ValueError(
-            f"{model_name} is not a plain open_clip CLIP ({type(model).__name__}); not supported"
-        )
-    model.__class__ = AbsoluteCLIP
+def new_clip(model_name: str, cls: type[AbsoluteCLIP] = AbsoluteCLIP,
+             context_length: int | None = None, **cls_kwargs) -> AbsoluteCLIP:
+    """A randomly initialised ``cls`` (:class:`AbsoluteCLIP` or a subclass) of open_clip's
+    ``model_name`` config, built through its constructor as open_clip's ``create_model`` builds
+    a plain CLIP, with the same preprocess config attached. ``context_length`` overrides the
+    config's text context (e.g. a stretched position table); ``cls_kwargs`` go to ``cls``."""
+    register_tiny_configs()
+    config = copy.deepcopy(open_clip.get_model_config(model_name))
+    if config is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    text_cfg, vision_cfg = config.get("text_cfg", {}), config.get("vision_cfg", {})
+    if (config.pop("custom_text", False) or "hf_model_name" in text_cfg
+            or "timm_model_name" in vision_cfg or "multimodal_cfg" in config):
+        raise ValueError(f"{model_name} is not a plain open_clip CLIP; not supported")
+    if context_length is not None:
+        text_cfg["context_length"] = context_length
+    preprocess = merge_preprocess_dict(asdict(PreprocessCfg()), config.pop("preprocess_cfg", {}))
+    model = cls(**config, **cls_kwargs)
+    preprocess["size"] = model.visual.image_size
+    set_model_preprocess_cfg(model, preprocess)
     return model
 
+
+def derived_clip(source: nn.Module, spec: ModelSpec, cls: type[AbsoluteCLIP] = AbsoluteCLIP,
+                 state: dict[str, torch.Tensor] | None = None, **cls_kwargs) -> AbsoluteCLIP:
+    """A ``cls`` of ``spec``'s architecture holding ``state`` (default: ``source``'s weights),
+    with ``spec``'s text activation. Built without touching the global random state, so that
+    deriving a model (a student, a stretched baseline) changes no later random draw."""
+    with torch.random.fork_rng(devices=[]):
+        model = new_clip(spec.model_name, cls, spec.context_length, **cls_kwargs)
+    set_text_activation(model, spec.activation)
+    model.load_state_dict(source.state_dict() if state is None else state, strict=True)
+    return model
 
 def create_teacher(
     model_name: str,

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tulip_pipelines.models.card import CARD, render_model_card
-from tulip_pipelines.models.clip import bundle, new_clip, set_text_activation
+from tulip_pipelines.models.clip import AbsoluteCLIP, bundle, new_clip, set_text_activation
 from tulip_pipelines.models.configs import check_model_name
-from tulip_pipelines.models.longclip import stretch_position_embedding
+from tulip_pipelines.models.original import load_original_checkpoint
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
-from tulip_pipelines.models.student import to_rope
+from tulip_pipelines.models.student import RopeCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +47,11 @@ def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
 
 
 def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> ModelBundle:
-    """Load a checkpoint directory written by :func:`save_model`, or an original TULIP file
+    """Load a model directory written by :func:`save_model`, or an original TULIP file
     (``original_kwargs`` such as ``teacher="ViT-L-14"``, ``pretrained=...`` go to
     :func:`load_original_checkpoint`)."""
     path = Path(path)
     if path.is_file():
-        from tulip_pipelines.models.original import load_original_checkpoint
-
         return _to(load_original_checkpoint(path, **original_kwargs), device)
     if original_kwargs:
         raise TypeError(
@@ -73,7 +71,7 @@ def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> Mod
 
 
 def load_model(path: str | Path, device: str = "cpu", **original_kwargs):
-    """One call: ``(model, preprocess, tokenizer)`` from a checkpoint directory or epoch_N.pt
+    """One call: ``(model, preprocess, tokenizer)`` from a model directory or epoch_N.pt
     (for a stage-1 file name its teacher: ``load_model(p, teacher="ViT-L-14",
     pretrained="openai")``)."""
     return load_bundle(path, device, **original_kwargs).as_tuple()
@@ -87,12 +85,10 @@ def _to(model_bundle: ModelBundle, device: str) -> ModelBundle:
 def build_architecture(spec: ModelSpec) -> nn.Module:
     """A randomly initialised model of the architecture ``spec`` describes (for loading weights)."""
     check_model_name(spec.model_name)
-    model = new_clip(spec.model_name)
-    set_text_activation(model, spec.activation)
     if spec.kind == "rope":
-        return to_rope(model, spec.context_length, spec.rope_theta)
-    if spec.context_length != model.context_length:
-        base_spec = ModelSpec(spec.model_name, context_length=model.context_length)
-        base = ModelBundle(model, base_spec, None, None)
-        return stretch_position_embedding(base, spec.context_length).model
+        model = new_clip(spec.model_name, RopeCLIP, spec.context_length,
+                         rope_theta=spec.rope_theta)
+    else:
+        model = new_clip(spec.model_name, AbsoluteCLIP, spec.context_length)
+    set_text_activation(model, spec.activation)
     return model

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from torch import nn
 
-from tulip_pipelines.models.clip import AbsoluteCLIP, bundle
+from tulip_pipelines.models.clip import AbsoluteCLIP, bundle, derived_clip
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
 
 
@@ -43,18 +42,16 @@ def stretch_position_embedding(
     ``new_length``."""
     if teacher.spec.kind != "absolute":
         raise ValueError("Long-CLIP stretching needs a model with absolute position embeddings")
-    model = copy.deepcopy(teacher.model)
+    state = teacher.model.state_dict()
+    positions = state["positional_embedding"]
     with torch.no_grad():
-        stretched = stretch_positions(model.positional_embedding.detach().float(), new_length, keep)
-    model.positional_embedding = nn.Parameter(stretched.to(model.positional_embedding.dtype))
-    mask = torch.full((new_length, new_length), float("-inf")).triu_(1)
-    model.attn_mask = mask
-    model.context_length = new_length
+        stretched = stretch_positions(positions.detach().float(), new_length, keep)
+    state["positional_embedding"] = stretched.to(positions.dtype)
     spec = ModelSpec(
         teacher.spec.model_name, "absolute", new_length, activation=teacher.spec.activation,
         extra={"origin": "longclip-stretch", "keep": keep, "teacher": teacher.spec.to_dict()},
     )  # fmt: skip
-    return bundle(model, spec)
+    return bundle(derived_clip(teacher.model, spec, state=state), spec)
 
 
 class KeptPositionsCLIP(AbsoluteCLIP):
@@ -64,6 +61,12 @@ class KeptPositionsCLIP(AbsoluteCLIP):
     bit-identical. :func:`merge_kept_positions` turns it back into one table for export."""
 
     frozen_parameters = ("positional_embedding",)
+
+    def __init__(self, *args, keep_positions: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keep_positions = keep_positions
+        self.positional_embedding_res = nn.Parameter(self.positional_embedding.detach().clone())
+        self.positional_embedding.requires_grad_(False)
 
     def text_transformer(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[1]
@@ -76,11 +79,10 @@ class KeptPositionsCLIP(AbsoluteCLIP):
 
 def freeze_kept_positions(stretched: ModelBundle, keep: int) -> ModelBundle:
     """A copy of a stretched model whose first ``keep`` position rows cannot train."""
-    model = copy.deepcopy(stretched.model)
-    model.__class__ = KeptPositionsCLIP
-    model.keep_positions = keep
-    model.positional_embedding_res = nn.Parameter(model.positional_embedding.detach().clone())
-    model.positional_embedding.requires_grad_(False)
+    state = stretched.model.state_dict()
+    state["positional_embedding_res"] = state["positional_embedding"].detach().clone()
+    model = derived_clip(stretched.model, stretched.spec, KeptPositionsCLIP, state,
+                         keep_positions=keep)
     return dataclasses.replace(stretched, model=model)
 
 
@@ -90,12 +92,11 @@ def merge_kept_positions(trained: ModelBundle) -> ModelBundle:
     model = trained.model
     if not isinstance(model, KeptPositionsCLIP):
         return trained
-    model = copy.deepcopy(model)
+    state = model.state_dict()
     with torch.no_grad():
         rows = torch.arange(len(model.positional_embedding))[:, None] < model.keep_positions
-        merged = torch.where(rows, model.positional_embedding, model.positional_embedding_res)
-    del model.positional_embedding_res
-    model.positional_embedding = nn.Parameter(merged)
-    model.__class__ = AbsoluteCLIP
-    del model.keep_positions
-    return dataclasses.replace(trained, model=model)
+        state["positional_embedding"] = torch.where(rows, state["positional_embedding"],
+                                                    state.pop("positional_embedding_res"))
+    merged = derived_clip(model, trained.spec, state=state)
+    merged.train(model.training)
+    return dataclasses.replace(trained, model=merged)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tulip_pipelines.models.clip import bundle, create_teacher
-from tulip_pipelines.models.files import build_architecture
+from tulip_pipelines.models.clip import bundle, create_teacher, new_clip
 from tulip_pipelines.models.pretrained import load_weights_file, teacher_architecture
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
 from tulip_pipelines.models.student import build_student
@@ -44,7 +43,7 @@ def load_original_checkpoint(
     state.pop("positional_embedding", None)
     if whole:
         name = teacher_architecture(teacher, pretrained)
-        base = bundle(build_architecture(ModelSpec(name)), ModelSpec(name))
+        base = bundle(new_clip(name), ModelSpec(name))
     else:
         base = create_teacher(teacher, pretrained, cache_dir=cache_dir)
     student = build_student(base, context_length, rope_theta, activation)

@@ -82,17 +82,6 @@ class RopeSelfAttention(nn.Module):
         # shared by every layer; not a submodule so it appears once and holds no state to save
         object.__setattr__(self, "rotary", rotary)
 
-    @classmethod
-    def from_multihead(
-        cls, mha: nn.MultiheadAttention, rotary: RotaryEmbedding
-    ) -> "RopeSelfAttention":
-        attn = cls(mha.embed_dim, mha.num_heads, rotary, batch_first=mha.batch_first)
-        with torch.no_grad():
-            attn.in_proj_weight.copy_(mha.in_proj_weight)
-            attn.in_proj_bias.copy_(mha.in_proj_bias)
-            attn.out_proj.load_state_dict(mha.out_proj.state_dict())
-        return attn
-
     def project_qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (rotated) and v as [batch, heads, L, head_dim] from x [batch, L, width]."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)

@@ -6,32 +6,36 @@ import copy
 
 import torch
 
-from tulip_pipelines.models.clip import AbsoluteCLIP, bundle, set_text_activation
+from tulip_pipelines.models.clip import AbsoluteCLIP, bundle, derived_clip
 from tulip_pipelines.models.rope import RopeSelfAttention, RotaryEmbedding, ntk_scaled_theta
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
 
 
 class RopeCLIP(AbsoluteCLIP):
-    """open_clip's CLIP whose text tower uses RoPE in every attention layer, no absolute
-    position embedding, and any input length up to ``context_length``."""
+    """open_clip's CLIP whose text tower uses RoPE in every attention layer (one
+    :class:`RotaryEmbedding` of base ``rope_theta`` shared by all), no absolute position
+    embedding, and any input length up to ``context_length``."""
+
+    def __init__(self, *args, rope_theta: float = 10000.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        heads = self.transformer.resblocks[0].attn.num_heads
+        self.rotary = RotaryEmbedding(self.transformer.width // heads, rope_theta)
+        for block in self.transformer.resblocks:
+            mha = block.attn
+            block.attn = RopeSelfAttention(mha.embed_dim, mha.num_heads, self.rotary,
+                                           batch_first=mha.batch_first)
+        del self.positional_embedding
+        self.attn_mask = torch.empty(0)
 
     def text_transformer(self, x: torch.Tensor) -> torch.Tensor:
         """No absolute positions: RoPE and the causal mask act inside every attention layer."""
         return self.transformer(x, attn_mask=None)
 
 
-def to_rope(model: AbsoluteCLIP, context_length: int, rope_theta: float) -> RopeCLIP:
-    """Turn a CLIP into a RopeCLIP in place (shared weights): swap attention, drop positions."""
-    heads = model.transformer.resblocks[0].attn.num_heads
-    rotary = RotaryEmbedding(model.transformer.width // heads, rope_theta)
-    for block in model.transformer.resblocks:
-        block.attn = RopeSelfAttention.from_multihead(block.attn, rotary)
-    del model.positional_embedding
-    model.attn_mask = torch.empty(0)
-    model.context_length = context_length
-    model.__class__ = RopeCLIP
-    model.rotary = rotary
-    return model
+def rope_state(absolute: AbsoluteCLIP) -> dict[str, torch.Tensor]:
+    """An absolute-position CLIP's weights as a :class:`RopeCLIP` holds them (the same tensors
+    less the position table: attention keeps its projection weights)."""
+    return {k: v for k, v in absolute.state_dict().items() if k != "positional_embedding"}
 
 
 def build_student(
@@ -47,13 +51,13 @@ def build_student(
             f"student context_length {context_length} is shorter than the teacher's "
             f"{teacher.spec.context_length}; TULIP only lengthens the context"
         )
-    model = to_rope(copy.deepcopy(teacher.model), context_length, rope_theta)
-    set_text_activation(model, activation)
     spec = ModelSpec(
         teacher.spec.model_name, "rope", context_length, rope_theta,
         activation or teacher.spec.activation,
         extra={"teacher": teacher.spec.to_dict()},
     )  # fmt: skip
+    model = derived_clip(teacher.model, spec, RopeCLIP, rope_state(teacher.model),
+                         rope_theta=rope_theta)
     return bundle(model, spec)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tulip_pipelines.training.config import TrainParams
+from tulip_pipelines.training.train_params import TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def config_fingerprint(params: TrainParams, ds_config: Mapping[str, Any], world_size: int,
+def run_fingerprint(params: TrainParams, ds_config: Mapping[str, Any], world_size: int,
                        n_train: int, extra: Mapping[str, Any] | None) -> str:
     """Short hash of everything that determines the trained weights."""
     payload = {

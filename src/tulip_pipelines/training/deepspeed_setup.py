@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from tulip_pipelines.training.config import TrainParams
 from tulip_pipelines.training.schedule import warmup_cosine
+from tulip_pipelines.training.train_params import TrainParams
 
 WHERE = "DeepSpeed config (params:deepspeed, conf/*/parameters_deepspeed.yml)"
 

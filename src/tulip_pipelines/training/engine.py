@@ -32,7 +32,6 @@ from tulip_pipelines.progress import on_terminal, progress
 from tulip_pipelines.training import checkpoints
 from tulip_pipelines.training.accumulation import StepCache
 from tulip_pipelines.training.batches import count_samples, scalar, to_device
-from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.deepspeed_setup import (
     compute_dtype,
     export_fp32_weights,
@@ -42,6 +41,7 @@ from tulip_pipelines.training.deepspeed_setup import (
 from tulip_pipelines.training.distributed import init_distributed
 from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
 from tulip_pipelines.training.skipped import SkippedSamples
+from tulip_pipelines.training.train_params import TrainParams, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def train(
         )
     gas = ds_config["gradient_accumulation_steps"]
     params = params.resolved(max(1, len(sampler.base) // params.batch_size // gas))
-    run_hash = checkpoints.config_fingerprint(params, ds_config, world_size, len(train_dataset),
+    run_hash = checkpoints.run_fingerprint(params, ds_config, world_size, len(train_dataset),
                                               fingerprint)
 
     engine, task_state = initialize_engine(task, params, ds_config)

@@ -1,14 +1,16 @@
 """Multi-process training: the per-rank entry point for DeepSpeed's launcher (or torchrun), and
 ``run_distributed`` that starts it from a parent process (a Kedro node) and reads the result back.
 
-A *spec* is a JSON-able dict with ``"builder": "package.module:function"``; the builder gets the
-whole spec and returns a ``TrainJob`` (every rank builds the same job; relative paths resolve
-against the working directory, which the ranks inherit from the caller). Run it by hand with::
+A *launch plan* is a JSON-able dict with ``"builder": "package.module:function"`` and
+``"ds_config"`` (DeepSpeed's config); the builder gets the whole plan and returns a
+:class:`~tulip_pipelines.training.job.TrainJob` (every rank builds the same job; relative paths
+resolve against the working directory, which the ranks inherit from the caller). Run it by hand
+with::
 
-    deepspeed --num_gpus 4 --module tulip_pipelines.training.launch --spec s.json --result-dir out
+    deepspeed --num_gpus 4 --module tulip_pipelines.training.launch --plan p.json --result-dir out
     # several nodes: add --hostfile hosts (passwordless ssh; run_dir on a shared filesystem,
     # since rank 0 marks a checkpoint complete only after every rank wrote its shards there)
-    torchrun --nproc_per_node 2 -m tulip_pipelines.training.launch --spec spec.json --result-dir out
+    torchrun --nproc_per_node 2 -m tulip_pipelines.training.launch --plan plan.json --result-dir out
 
 Rank 0 writes into ``--result-dir``: ``history.parquet``, ``result.json`` (final step, resumed
 from, checkpoint dir, wall time, final metrics) and ``model.safetensors`` (the task's trained
@@ -29,18 +31,18 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
 
-from tulip_pipelines.training.config import TrainParams, TrainResult
 from tulip_pipelines.training.distributed import free_port
 from tulip_pipelines.training.engine import LogFn, row_to_metrics, train
+from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.train_params import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -50,28 +52,19 @@ _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "M
              "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
 
-class TrainJob(NamedTuple):
-    """Everything ``train`` needs, as a builder returns it (a plain 6-tuple in this order works)."""
-
-    task: torch.nn.Module
-    train_dataset: Dataset
-    val_dataset: Dataset | None
-    collate_fn: Callable | None
-    params: TrainParams
-    ds_config: dict[str, Any]
-    fingerprint: dict[str, Any] | None = None
-
-
-def job_from_spec(spec: Mapping[str, Any]) -> TrainJob:
-    """Import the spec's ``builder`` (``"module:function"``) and call it with the spec."""
-    ref = spec.get("builder")
+def job_from_plan(plan: Mapping[str, Any]) -> TrainJob:
+    """Import the plan's ``builder`` (``"module:function"``) and call it with the plan."""
+    ref = plan.get("builder")
     if not isinstance(ref, str) or ":" not in ref:
-        raise ValueError(f"training spec: 'builder' must be 'package.module:function', got {ref!r}")
+        raise ValueError(f"launch plan: 'builder' must be 'package.module:function', got {ref!r}")
     module_name, func_name = ref.split(":", 1)
     builder = getattr(importlib.import_module(module_name), func_name, None)
     if builder is None:
-        raise ValueError(f"training spec: {module_name!r} has no function {func_name!r}")
-    return TrainJob(*builder(dict(spec)))
+        raise ValueError(f"launch plan: {module_name!r} has no function {func_name!r}")
+    job = builder(dict(plan))
+    if not isinstance(job, TrainJob):
+        raise TypeError(f"launch plan: {ref} returned {type(job).__name__}, not a TrainJob")
+    return job
 
 
 def write_result(result: TrainResult, task: torch.nn.Module, result_dir: Path) -> None:
@@ -101,10 +94,10 @@ def read_result(result_dir: Path, module: torch.nn.Module | None = None) -> Trai
                        skipped=pd.read_parquet(result_dir / "skipped.parquet"), **summary)
 
 
-def launcher_command(launcher: str, nproc: int, spec_path: Path, result_dir: Path,
+def launcher_command(launcher: str, nproc: int, plan_path: Path, result_dir: Path,
                      port: int) -> list[str]:
     """The command line that runs this module on ``nproc`` local processes."""
-    entry = ["tulip_pipelines.training.launch", "--spec", str(spec_path),
+    entry = ["tulip_pipelines.training.launch", "--plan", str(plan_path),
              "--result-dir", str(result_dir)]
     common = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
     if launcher == "deepspeed":
@@ -117,7 +110,7 @@ def launcher_command(launcher: str, nproc: int, spec_path: Path, result_dir: Pat
 
 
 def run_distributed(
-    spec: Mapping[str, Any],
+    plan: Mapping[str, Any],
     nproc: int,
     launcher: str = "deepspeed",
     *,
@@ -126,7 +119,7 @@ def run_distributed(
     result_dir: str | Path | None = None,
     timeout_s: float | None = None,
 ) -> TrainResult:
-    """Train ``spec``'s job on ``nproc`` local processes through ``launcher`` and wait.
+    """Train ``plan``'s job on ``nproc`` local processes through ``launcher`` and wait.
 
     ``module``: load the trained weights into it (the caller's own copy of the task).
     ``log_fn``: replay the logged history rows into it afterwards (the ranks do not log).
@@ -136,9 +129,9 @@ def run_distributed(
         raise ValueError(f"nproc must be >= 1, got {nproc}")
     with tempfile.TemporaryDirectory(prefix="tulip-launch-") as tmp:
         out_dir = Path(result_dir) if result_dir is not None else Path(tmp) / "result"
-        spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(dict(spec)))
-        cmd = launcher_command(launcher, nproc, spec_path, out_dir, free_port())
+        plan_path = Path(tmp) / "plan.json"
+        plan_path.write_text(json.dumps(dict(plan)))
+        cmd = launcher_command(launcher, nproc, plan_path, out_dir, free_port())
         env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
         if env.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
@@ -158,15 +151,17 @@ def run_distributed(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Per-rank entry point: build the job from the spec, train, rank 0 writes the result."""
+    """Per-rank entry point: build the job from the launch plan, train, rank 0 writes the
+    result."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, type=Path, help="training spec (JSON)")
+    parser.add_argument("--plan", required=True, type=Path, help="launch plan (JSON)")
     parser.add_argument("--result-dir", required=True, type=Path, help="where rank 0 writes")
     parser.add_argument("--local_rank", type=int, default=None, help="set by deepspeed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    job = job_from_spec(json.loads(args.spec.read_text()))
-    result = train(job.task, job.train_dataset, job.params, job.ds_config,
+    plan = json.loads(args.plan.read_text())
+    job = job_from_plan(plan)
+    result = train(job.task, job.train_dataset, job.params, plan["ds_config"],
                    collate_fn=job.collate_fn, val_dataset=job.val_dataset,
                    fingerprint=job.fingerprint)
     if dist.get_rank() == 0:

@@ -119,7 +119,8 @@ class DistillTask(nn.Module):
     ``teacher_input="windows"``: the teacher embeds overlapping windows of the long caption and
     their mean is the target for the student reading the whole caption at its own context.
     The student's token embedding, image tower and logit scale stay frozen. A batch that
-    carries ``target`` (the cached teacher targets, ``training/targets.py``) needs no teacher.
+    carries ``teacher_embedding`` (the cached teacher text embeddings,
+    ``training/teacher_embeddings.py``) needs no teacher.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, loss_type: str = "cosine",
@@ -131,7 +132,7 @@ class DistillTask(nn.Module):
             raise ValueError(f"teacher_input must be 'tokens' or 'windows', got {teacher_input!r}")
         self.student = student
         self.loss_type, self.teacher_input = loss_type, teacher_input
-        if teacher is not None:  # None: every batch carries its cached "target"
+        if teacher is not None:  # None: every batch carries its cached embedding
             teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # frozen, not a submodule: not checkpointed
         for name, param in student.named_parameters():
@@ -140,19 +141,19 @@ class DistillTask(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = batch["teacher_long"] if self.teacher_input == "tokens" else batch["long"]
         student = self.student.encode_text(tokens).float()
-        if "target" in batch:  # cached (training/targets.py)
-            target = batch["target"].float()
+        if "teacher_embedding" in batch:  # cached (training/teacher_embeddings.py)
+            target = batch["teacher_embedding"].float()
         else:
             self.teacher.to(tokens.device)
-            target = teacher_target(self.teacher, batch, self.teacher_input)
+            target = teacher_text_embedding(self.teacher, batch, self.teacher_input)
         loss = distill_loss(student, target, self.loss_type)
         cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
         return {"loss": loss, "cosine": cosine}
 
 
 @torch.no_grad()
-def teacher_target(teacher: nn.Module, batch: dict[str, torch.Tensor],
-                   teacher_input: str) -> torch.Tensor:
+def teacher_text_embedding(teacher: nn.Module, batch: dict[str, torch.Tensor],
+                           teacher_input: str) -> torch.Tensor:
     """The frozen teacher's text embedding (float32): of ``teacher_long`` tokens, or the mean
     over the windows a caption fills (``windows``/``window_mask``)."""
     if teacher_input == "tokens":

@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "demo_short_benchmark_index",
                 ],
                 name="generate_demo_data",
-                tags=["demo_data"],
             )
-        ]
+        ],
+        tags="demo_data",
     )

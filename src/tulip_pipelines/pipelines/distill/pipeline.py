@@ -1,5 +1,5 @@
-"""distill pipeline: TULIP stage 1, relative position distillation (the teacher's targets cached
-once, then the student trained on them)."""
+"""distill pipeline: TULIP stage 1, relative position distillation (the teacher text embeddings
+computed once and cached, then the student trained on them)."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -10,10 +10,10 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(
             embed_teacher_texts,
-            inputs=["teacher_model", "train_captions", "val_captions", "params:distill"],
+            inputs=["teacher_model", "train_captions", "val_captions", "params:distill",
+                    "teacher_text_embeddings_progress"],
             outputs="teacher_text_embeddings",
             name="embed_teacher_texts",
-            tags=["distill"],
         ),
         Node(
             distill,
@@ -22,6 +22,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             outputs=["distilled_model", "distill_history", "distill_loss_plot",
                      "distill_skipped_samples"],
             name="distill_relative_positions",
-            tags=["distill"],
         ),
-    ])
+    ], tags="distill")

@@ -34,33 +34,14 @@ def build_dci_long_csv(params: dict[str, Any]) -> pd.DataFrame:
     return prepare_dci_long(EvaluateParams.from_params(params))
 
 
-def evaluate_retrieval(
-    teacher_model: ModelBundle,
-    longclip_authors_model: ModelBundle,
-    longclip_equal_budget_model: ModelBundle,
-    distilled_model: ModelBundle,
-    expanded_model: ModelBundle,
-    val_captions: pd.DataFrame,
-    dci_long_prepared: pd.DataFrame,
-    params: dict[str, Any],
-    prepared_images: ImageSource,
-):
-    """Score the teacher, Long-CLIP (stretched only; fine-tuned by its authors' recipe and at
-    TULIP's budget) and TULIP (distilled / expanded).
-
-    ShareGPT4V-format benchmarks read ``val_captions``' images from ``prepared_images``.
-    Returns ``retrieval_metrics``, ``benchmark_issues``, ``retrieval_report`` (Markdown),
-    ``retrieval_report_plot``, ``recall_by_tokens_read``, ``recall_by_caption_length`` and
-    ``recall_by_tokens_read_plot`` and ``evaluate_skipped_samples`` (benchmark images that could
-    not be read: left out with their texts, recall is over the rest); logs them to MLflow when
-    tracking is on. The model card of
-    every model loaded from a model directory gets its retrieval rows (there, and in the model
-    artifact of the run that trained it).
-    """
-    cfg = EvaluateParams.from_params(params)
-    benchmarks = load_benchmarks(cfg, val_captions, prepared_images)
+def gather_models(teacher_model: ModelBundle, longclip_authors_model: ModelBundle,
+                  longclip_equal_budget_model: ModelBundle, distilled_model: ModelBundle,
+                  expanded_model: ModelBundle) -> dict[str, ModelBundle]:
+    """The scored models by name, side by side: the teacher, Long-CLIP (stretched only, as the
+    authors' run stretched it; fine-tuned by its authors' recipe and at TULIP's budget) and
+    TULIP (distilled / expanded)."""
     stretch = longclip_authors_model.spec
-    models = {
+    return {
         "teacher": teacher_model,
         "longclip_stretched": stretch_position_embedding(
             teacher_model, stretch.context_length, stretch.extra.get("keep", 20)),
@@ -69,25 +50,67 @@ def evaluate_retrieval(
         "tulip_distilled": distilled_model,
         "tulip_expanded": expanded_model,
     }
-    parent = expanded_model.spec.extra.get("mlflow_run_id")
-    with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(cfg.ks)},
-                   tags={"tulip.parent_run_id": parent} if parent else None) as tracker:
-        scores = score(models, benchmarks, cfg)
-        metrics, by_tokens, by_length = (
-            scores.metrics, scores.by_tokens_read, scores.by_caption_length)
-        issues = issues_table(scores.benchmarks)
-        unreadable = unreadable_images_table(scores.benchmarks)
-        report = report_markdown(metrics, issues, by_tokens, by_length)
-        figure, tokens_figure = report_figure(metrics), tokens_read_figure(by_tokens)
-        log_to_mlflow(tracker, metrics, report,
-                      {"retrieval_report.png": figure, "recall_by_tokens_read.png": tokens_figure},
-                      {"benchmark_issues": issues, "recall_by_tokens_read": by_tokens,
-                       "recall_by_caption_length": by_length,
-                       **({"skipped_samples": unreadable} if len(unreadable) else {})})
-    for card, names in add_retrieval(models, metrics).items():
-        log_model_card(card, models[names[0]].spec.extra.get("mlflow_run_id"))
+
+
+def load_retrieval_benchmarks(val_captions: pd.DataFrame, dci_long_prepared: pd.DataFrame,
+                              params: dict[str, Any], prepared_images: ImageSource):
+    """Every configured benchmark that is present (ShareGPT4V-format ones read ``val_captions``'
+    images from ``prepared_images``); ``dci_long_prepared`` only orders this after the DCI-long
+    file is built."""
+    return load_benchmarks(EvaluateParams.from_params(params), val_captions, prepared_images)
+
+
+def score_retrieval(evaluated_models: dict[str, ModelBundle], retrieval_benchmarks,
+                    params: dict[str, Any]):
+    """Every model on every benchmark. Returns ``retrieval_metrics``,
+    ``recall_by_tokens_read``, ``recall_by_caption_length``, ``benchmark_issues`` and
+    ``evaluate_skipped_samples`` (benchmark images that could not be read: left out with their
+    texts, recall is over the rest)."""
+    scores = score(evaluated_models, retrieval_benchmarks, EvaluateParams.from_params(params))
+    return (scores.metrics, scores.by_tokens_read, scores.by_caption_length,
+            issues_table(scores.benchmarks), unreadable_images_table(scores.benchmarks))
+
+
+def report_retrieval(retrieval_metrics: pd.DataFrame, benchmark_issues: pd.DataFrame,
+                     recall_by_tokens_read: pd.DataFrame,
+                     recall_by_caption_length: pd.DataFrame):
+    """The report (Markdown) and its two charts: recall@1 of every model, R@1 against the
+    tokens read."""
+    report = report_markdown(retrieval_metrics, benchmark_issues, recall_by_tokens_read,
+                             recall_by_caption_length)
     logger.info("retrieval results:\n%s", report)
-    return metrics, issues, report, figure, by_tokens, by_length, tokens_figure, unreadable
+    return report, report_figure(retrieval_metrics), tokens_read_figure(recall_by_tokens_read)
+
+
+def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
+                   retrieval_report: str, retrieval_report_plot, recall_by_tokens_read_plot,
+                   benchmark_issues: pd.DataFrame, recall_by_tokens_read: pd.DataFrame,
+                   recall_by_caption_length: pd.DataFrame,
+                   evaluate_skipped_samples: pd.DataFrame, expanded_model: ModelBundle) -> None:
+    """The evaluation's MLflow run (nested in the ``kedro run``'s, child of the expand run):
+    every recall as a metric, the report, both charts and the tables."""
+    evaluate_params = EvaluateParams.from_params(params)
+    parent = expanded_model.spec.extra.get("mlflow_run_id")
+    tables = {"benchmark_issues": benchmark_issues,
+              "recall_by_tokens_read": recall_by_tokens_read,
+              "recall_by_caption_length": recall_by_caption_length}
+    if len(evaluate_skipped_samples):
+        tables["skipped_samples"] = evaluate_skipped_samples
+    order = list(evaluate_params.benchmarks)
+    benchmarks = sorted(set(retrieval_metrics["benchmark"]), key=order.index)
+    with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(evaluate_params.ks)},
+                   tags={"tulip.parent_run_id": parent} if parent else None) as tracker:
+        log_to_mlflow(tracker, retrieval_metrics, retrieval_report,
+                      {"retrieval_report.png": retrieval_report_plot,
+                       "recall_by_tokens_read.png": recall_by_tokens_read_plot}, tables)
+
+
+def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],
+                                 retrieval_metrics: pd.DataFrame) -> None:
+    """The card of every model loaded from a model directory gets its retrieval rows, there and
+    in the model artifact of the run that trained it."""
+    for card, names in add_retrieval(evaluated_models, retrieval_metrics).items():
+        log_model_card(card, evaluated_models[names[0]].spec.extra.get("mlflow_run_id"))
 
 
 def collect_skipped_samples(*tables: pd.DataFrame) -> pd.DataFrame:

@@ -8,8 +8,8 @@ import pandas as pd
 
 from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.models import ModelBundle
-from tulip_pipelines.tracking import train_stage
 from tulip_pipelines.training.stages import ExpandParams, StageInputs
+from tulip_pipelines.training.stages.run import run_stage
 
 
 def expand(distilled_model: ModelBundle, teacher_model: ModelBundle, train_captions: pd.DataFrame,
@@ -20,4 +20,4 @@ def expand(distilled_model: ModelBundle, teacher_model: ModelBundle, train_capti
     stage_params = ExpandParams.from_params(params)  # before touching any input
     inputs = StageInputs({"distilled": distilled_model, "teacher": teacher_model},
                          {"train": train_captions, "val": val_captions}, images)
-    return train_stage("expand", stage_params, inputs, ds_config, parent=distilled_model)
+    return run_stage("expand", stage_params, inputs, ds_config, parent=distilled_model)

@@ -14,6 +14,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             outputs=["expanded_model", "expand_history", "expand_loss_plot",
                      "expand_skipped_samples"],
             name="expand_context",
-            tags=["expand"],
         )
-    ])
+    ], tags="expand")

@@ -13,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["raw_annotations", "params:ingest", "params:image_root"],
                 outputs=["captions", "rejected_captions"],
                 name="ingest_annotations",
-                tags=["ingest"],
             )
-        ]
+        ],
+        tags="ingest",
     )

@@ -9,8 +9,8 @@ import pandas as pd
 
 from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.models import ModelBundle
-from tulip_pipelines.tracking import train_stage
 from tulip_pipelines.training.stages import LongclipParams, StageInputs
+from tulip_pipelines.training.stages.run import run_stage
 
 
 def finetune_longclip_authors(teacher_model: ModelBundle, train_captions: pd.DataFrame,
@@ -35,4 +35,4 @@ def finetune_longclip_equal_budget(teacher_model: ModelBundle, train_captions: p
 def _finetune(stage, recipe, teacher_model, train_captions, val_captions, ds_config, images):
     inputs = StageInputs({"teacher": teacher_model},
                          {"train": train_captions, "val": val_captions}, images)
-    return train_stage(stage, recipe, inputs, ds_config, parent=teacher_model)
+    return run_stage(stage, recipe, inputs, ds_config, parent=teacher_model)

@@ -15,7 +15,6 @@ def create_pipeline(**kwargs) -> Pipeline:
             outputs=["longclip_authors_model", "longclip_authors_history",
                      "longclip_authors_loss_plot", "longclip_authors_skipped_samples"],
             name="finetune_longclip_authors",
-            tags=["longclip"],
         ),
         Node(
             finetune_longclip_equal_budget,
@@ -23,6 +22,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             outputs=["longclip_equal_budget_model", "longclip_equal_budget_history",
                      "longclip_equal_budget_loss_plot", "longclip_equal_budget_skipped_samples"],
             name="finetune_longclip_equal_budget",
-            tags=["longclip"],
         ),
-    ])
+    ], tags="longclip")

@@ -14,7 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                         "params:image_root", "params:teacher_model_name"],
                 outputs=["prepared_images", "rejected_images"],
                 name="prepare_images",
-                tags=["prepare_images"],
             )
-        ]
+        ],
+        tags="prepare_images",
     )

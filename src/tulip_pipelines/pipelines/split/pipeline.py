@@ -13,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["captions", "params:split"],
                 outputs=["train_captions", "val_captions"],
                 name="split_train_val",
-                tags=["split"],
             )
-        ]
+        ],
+        tags="split",
     )

@@ -7,8 +7,8 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.data.images import ImageSource
-from tulip_pipelines.tracking import train_stage
 from tulip_pipelines.training.stages import StageInputs, TeacherParams
+from tulip_pipelines.training.stages.run import run_stage
 
 
 def train_teacher(train_captions: pd.DataFrame, val_captions: pd.DataFrame,
@@ -17,4 +17,4 @@ def train_teacher(train_captions: pd.DataFrame, val_captions: pd.DataFrame,
     """Train a CLIP from scratch (77-token absolute positions) on sentence-shuffled captions."""
     inputs = StageInputs({}, {"train": train_captions, "val": val_captions,
                               "shuffled": shuffled_captions}, images)
-    return train_stage("teacher", TeacherParams.from_params(params), inputs, ds_config)
+    return run_stage("teacher", TeacherParams.from_params(params), inputs, ds_config)

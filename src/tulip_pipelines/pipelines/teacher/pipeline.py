@@ -14,6 +14,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             outputs=["teacher_model", "teacher_history", "teacher_loss_plot",
                      "teacher_skipped_samples"],
             name="train_teacher",
-            tags=["teacher"],
         )
-    ])
+    ], tags="teacher")

@@ -12,11 +12,16 @@ import pandas as pd
 from tulip_pipelines.data.text import tulip_short_caption
 from tulip_pipelines.models import ModelBundle, build_student, teacher_context_length
 from tulip_pipelines.params import Problems
-from tulip_pipelines.training.data import Collate
+from tulip_pipelines.training.datasets import Collate
+from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.losses import DISTILL_LOSSES
-from tulip_pipelines.training.stages.base import Built, StageInputs, StageParams
-from tulip_pipelines.training.targets import DTYPES, TargetsRequest, WithTargets
+from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
 from tulip_pipelines.training.tasks import TEACHER_INPUTS, DistillTask
+from tulip_pipelines.training.teacher_embeddings import (
+    DTYPES,
+    TeacherEmbeddingsRequest,
+    WithTeacherEmbeddings,
+)
 
 DISTILL_ROWS = ("long", "long_and_short")
 
@@ -33,15 +38,15 @@ class DistillParams(StageParams):
     window_overlap: int = 20
     max_windows: int = 5
     rows: str = "long_and_short"  # TULIP distils the long caption and `caption.split('.')[0] + '.'`
-    teacher_targets: str = "cached"  # cached: teacher_text_embeddings | live: the teacher each step
-    target_dtype: str = "float16"
-    target_batch_size: int = 256
+    teacher_embeddings: str = "cached"  # cached: teacher_text_embeddings | live: each step
+    embedding_dtype: str = "float16"
+    embedding_batch_size: int = 256
 
     def check(self, problems: Problems) -> None:
         problems.one_of("rows", self.rows, DISTILL_ROWS)
-        problems.one_of("teacher_targets", self.teacher_targets, ("cached", "live"))
-        problems.one_of("target_dtype", self.target_dtype, DTYPES)
-        problems.int_at_least("target_batch_size", self.target_batch_size, 1)
+        problems.one_of("teacher_embeddings", self.teacher_embeddings, ("cached", "live"))
+        problems.one_of("embedding_dtype", self.embedding_dtype, DTYPES)
+        problems.int_at_least("embedding_batch_size", self.embedding_batch_size, 1)
         problems.int_at_least("context_length", self.context_length, 2)
         problems.number_in("rope_theta", self.rope_theta, 1, low_open=True)
         problems.one_of("activation", self.activation, (None, "gelu", "quick_gelu"))
@@ -60,7 +65,7 @@ class DistillParams(StageParams):
                                  f"the teacher's {context}")
 
 
-def build(params: DistillParams, inputs: StageInputs) -> Built:
+def build(params: DistillParams, inputs: StageInputs) -> TrainJob:
     teacher = inputs.models["teacher"]
     model = build_student(teacher, params.context_length, params.rope_theta, params.activation)
     windows = params.max_windows if params.teacher_input == "windows" else 0
@@ -68,22 +73,23 @@ def build(params: DistillParams, inputs: StageInputs) -> Built:
                       overlap=params.window_overlap)
     frames = distill_rows(params, inputs.frames)
     train_ds, val_ds = inputs.datasets(None, frames=frames)  # text only
-    targets = inputs.targets
-    if params.teacher_targets == "cached":
-        if targets is None or not targets.cached:
-            raise ValueError("distill.teacher_targets is cached but teacher_text_embeddings holds "
-                             "no cache; run the embed_teacher_texts node first")
-        expected = targets_request(params, teacher, inputs.frames).fingerprint()
-        if targets.fingerprint != expected:
-            raise ValueError(f"teacher_text_embeddings in {targets.folder} are stale (fingerprint "
-                             f"{targets.fingerprint}, this teacher and these captions give "
+    cache = inputs.teacher_embeddings
+    if params.teacher_embeddings == "cached":
+        if cache is None or not cache.cached:
+            raise ValueError("distill.teacher_embeddings is cached but teacher_text_embeddings "
+                             "holds no cache; run the embed_teacher_texts node first")
+        expected = embeddings_request(params, teacher, inputs.frames).cache_key()
+        if cache.cache_key != expected:
+            raise ValueError(f"teacher_text_embeddings in {cache.folder} are stale (cache key "
+                             f"{cache.cache_key}, this teacher and these captions give "
                              f"{expected}); rerun the embed_teacher_texts node")
-        train_ds = WithTargets(train_ds, targets.role("train"))
-        val_ds = val_ds and WithTargets(val_ds, targets.role("val"))
+        train_ds = WithTeacherEmbeddings(train_ds, cache.role("train"))
+        val_ds = val_ds and WithTeacherEmbeddings(val_ds, cache.role("val"))
         task = DistillTask(model.model, None, params.loss_type, params.teacher_input)
     else:
         task = DistillTask(model.model, teacher.model, params.loss_type, params.teacher_input)
-    return Built(task, collate, train_ds, val_ds, model)
+    return stage_job(params, inputs, task=task, collate=collate, train_dataset=train_ds,
+                     val_dataset=val_ds, model=model)
 
 
 def distill_rows(params: DistillParams, frames: Mapping[str, pd.DataFrame]
@@ -94,16 +100,17 @@ def distill_rows(params: DistillParams, frames: Mapping[str, pd.DataFrame]
     return dict(frames)
 
 
-def targets_request(params: DistillParams, teacher: ModelBundle,
-                    frames: Mapping[str, pd.DataFrame]) -> TargetsRequest:
+def embeddings_request(params: DistillParams, teacher: ModelBundle,
+                       frames: Mapping[str, pd.DataFrame]) -> TeacherEmbeddingsRequest:
     """What ``teacher_text_embeddings`` must hold for these parameters, teacher and captions
     (no texts: the live mode, no cache)."""
     texts = None
-    if params.teacher_targets == "cached":
+    if params.teacher_embeddings == "cached":
         texts = {role: frame["caption"].tolist()
                  for role, frame in distill_rows(params, frames).items() if len(frame)}
-    return TargetsRequest(teacher, texts, params.teacher_input, params.window_overlap,
-                          params.max_windows, params.target_dtype, params.target_batch_size)
+    return TeacherEmbeddingsRequest(teacher, texts, params.teacher_input, params.window_overlap,
+                                    params.max_windows, params.embedding_dtype,
+                                    params.embedding_batch_size)
 
 
 def with_short_rows(frame: pd.DataFrame) -> pd.DataFrame:

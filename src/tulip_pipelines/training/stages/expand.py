@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from tulip_pipelines.data.text import SHORT_CAPTIONS
 from tulip_pipelines.models import ModelBundle, expand_rope_context
 from tulip_pipelines.params import Problems
-from tulip_pipelines.training.data import Collate
-from tulip_pipelines.training.stages.base import Built, StageInputs, StageParams
+from tulip_pipelines.training.datasets import Collate
+from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
 from tulip_pipelines.training.tasks import TOWERS, ContrastiveTask
 
 TEXT_PROJECTIONS = ("teacher", "distilled")
@@ -64,7 +65,7 @@ class ExpandParams(ContrastiveParams):
 
 
 def contrastive_build(params: ContrastiveParams, inputs: StageInputs, model: ModelBundle,
-                      finish=None) -> Built:
+                      finish=None) -> TrainJob:
     """Long and short captions against the images, for ``model``."""
     task = ContrastiveTask(model.model, params.long_weight, params.short_weight,
                            params.train_towers, label_smoothing=params.label_smoothing,
@@ -73,7 +74,8 @@ def contrastive_build(params: ContrastiveParams, inputs: StageInputs, model: Mod
     collate = Collate(model.tokenizer, model.tokenizer)
     train_ds, val_ds = inputs.datasets(model.preprocess,
                                        short_caption=SHORT_CAPTIONS[params.short_caption])
-    return Built(task, collate, train_ds, val_ds, model, finish)
+    return stage_job(params, inputs, task=task, collate=collate, train_dataset=train_ds,
+                     val_dataset=val_ds, model=model, finish=finish)
 
 
 def with_teacher_projection(student: ModelBundle, teacher: ModelBundle) -> ModelBundle:
@@ -83,7 +85,7 @@ def with_teacher_projection(student: ModelBundle, teacher: ModelBundle) -> Model
     return dataclasses.replace(student, model=model)
 
 
-def build(params: ExpandParams, inputs: StageInputs) -> Built:
+def build(params: ExpandParams, inputs: StageInputs) -> TrainJob:
     model = inputs.models["distilled"]
     if params.text_projection == "teacher":
         model = with_teacher_projection(model, inputs.models["teacher"])

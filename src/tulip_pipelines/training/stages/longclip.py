@@ -20,7 +20,8 @@ import torch
 from tulip_pipelines.models import stretch_position_embedding
 from tulip_pipelines.models.longclip import freeze_kept_positions, merge_kept_positions
 from tulip_pipelines.params import Params, Problems
-from tulip_pipelines.training.stages.base import Built, StageInputs
+from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.stages.base import StageInputs
 from tulip_pipelines.training.stages.expand import (
     ContrastiveParams,
     ExpandParams,
@@ -106,7 +107,7 @@ class LongclipParams(Params):
         return [recipe.stage_run_dir for recipe in getattr(self, "_recipes", [])]
 
 
-def build(params: LongclipRecipeParams, inputs: StageInputs) -> Built:
+def build(params: LongclipRecipeParams, inputs: StageInputs) -> TrainJob:
     model = stretch_position_embedding(inputs.models["teacher"], params.context_length,
                                        params.keep)
     if params.init_logit_scale is not None:

@@ -10,8 +10,9 @@ import torch
 
 from tulip_pipelines.models import check_model_name, create_teacher
 from tulip_pipelines.params import Problems
-from tulip_pipelines.training.data import Collate
-from tulip_pipelines.training.stages.base import Built, StageInputs, StageParams
+from tulip_pipelines.training.datasets import Collate
+from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
 from tulip_pipelines.training.tasks import ContrastiveTask
 
 CAPTION_SOURCES = ("shuffled", "original")
@@ -34,7 +35,7 @@ class TeacherParams(StageParams):
         problems.one_of("caption_source", self.caption_source, CAPTION_SOURCES)
 
 
-def build(params: TeacherParams, inputs: StageInputs) -> Built:
+def build(params: TeacherParams, inputs: StageInputs) -> TrainJob:
     torch.manual_seed(params.train_params().seed)  # a reproducible initialisation on every rank
     model = create_teacher(params.model_name)
     variants = None
@@ -43,4 +44,5 @@ def build(params: TeacherParams, inputs: StageInputs) -> Built:
     task = ContrastiveTask(model.model, params.long_weight, params.short_weight)
     collate = Collate(model.tokenizer, model.tokenizer if params.short_weight else None)
     train_ds, val_ds = inputs.datasets(model.preprocess, variants)
-    return Built(task, collate, train_ds, val_ds, model)
+    return stage_job(params, inputs, task=task, collate=collate, train_dataset=train_ds,
+                     val_dataset=val_ds, model=model)

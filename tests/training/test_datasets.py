@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tulip_pipelines.training.data import CaptionImageDataset, Collate, UnreadableImage
+from tulip_pipelines.training.datasets import CaptionImageDataset, Collate, UnreadableImage
 
 CAPTIONS = ["A red circle on top. A blue square below it.", "Two cats. One sleeps, one plays."]
 

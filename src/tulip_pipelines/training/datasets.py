@@ -155,12 +155,12 @@ class Collate:
         skipped = [record for s in samples for record in s.get("skipped", ())]
         if skipped:  # unreadable images replaced by readable ones: the engine records them
             batch["skipped"] = skipped
-        if "target" in samples[0]:  # cached teacher targets: no teacher input needed
-            batch["target"] = torch.stack([s["target"] for s in samples])
+        if "teacher_embedding" in samples[0]:  # cached: no teacher input needed
+            batch["teacher_embedding"] = torch.stack([s["teacher_embedding"] for s in samples])
         if self.teacher_tokenizer is not None:
             if not self.windows:  # the student reads the teacher's tokens too
                 batch["teacher_long"] = self.teacher_tokenizer(longs)
-            elif "target" not in samples[0]:  # windows: only a live teacher reads them
+            elif "teacher_embedding" not in samples[0]:  # windows: only a live teacher reads them
                 batch["windows"], batch["window_mask"] = window_tokens(
                     longs, self.teacher_tokenizer, self.overlap, self.windows
                 )
