@@ -25,11 +25,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/kedro run $(ARGS)
 
+# Two workers (CI has two cores), whole modules to a worker: the end-to-end run is collected
+# first and keeps one worker while the other takes every other module (tests/conftest.py).
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
+
 test: lint
-	$(BIN)/python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-fast: lint
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,7 +42,7 @@ lint: $(STAMP)
 viz: $(STAMP)
 	$(BIN)/kedro viz build --include-previews
 
-bench: $(STAMP)
+bench: $(STAMP)  # the benchmark scripts only (their helpers live in bench/lib/)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean-data:

@@ -3,7 +3,7 @@ them before ``prepare_images`` (``Image.open`` + ``convert`` + preprocess), the 
 with JPEG draft decoding (``FolderImages``, what a run without the preparation reads now), and
 the prepared shards (``PreparedImages`` via wids, in a shuffled order as training reads them).
 
-Generated photo-like JPEGs (``bench/images.py``): 1500x2250 (~800 KB, like ShareGPT4V's SAM
+Generated photo-like JPEGs (``bench/lib/images.py``): 1500x2250 (~800 KB, like ShareGPT4V's SAM
 images) and 640x480 (~75 KB, like COCO), quality 90. Preprocess: open_clip's eval transform at
 224 (ViT-B-16's: bicubic shortest-side resize, centre crop, OpenAI mean/std). One process, one
 torch thread, timed in CPU seconds: the figures are per core. Files are read from the page cache
@@ -28,6 +28,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "lib"))  # the helpers: timing, images
 from images import write_photos  # noqa: E402
 
 from tulip_pipelines.data.images import FolderImages  # noqa: E402

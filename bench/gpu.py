@@ -30,6 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).parent / "lib"))  # the helpers: timing, images
 
 import data_path  # noqa: E402
 from timing import PHASES, make_engine, time_phases  # noqa: E402

@@ -1,7 +1,7 @@
 """Scale check of ``prepare_images``: wall time and peak memory of the whole process tree to
 prepare 20,000 generated images with 2 writer processes.
 
-The records point into a pool of distinct photo-like JPEGs (``bench/images.py``; 45% 1500x2250
+The records point into a pool of distinct photo-like JPEGs (``bench/lib/images.py``; 45% 1500x2250
 ~800 KB like SAM, 55% 640x480 ~75 KB like COCO), cycled so that the disk stays small: every record
 is decoded, resized and encoded (the work is real), but its file is read from the page cache. The
 preparation runs in a fresh child process (the ``prepare_images`` node's core call); a thread
@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "lib"))  # the helpers: timing, images
 from images import write_photos  # noqa: E402
 
 LARGE_SHARE = 0.45

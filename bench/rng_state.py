@@ -17,12 +17,14 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).parent / "lib"))  # the helpers: timing, images
 
 import torch  # noqa: E402
 from timing import make_engine  # noqa: E402

@@ -24,11 +24,13 @@ import argparse
 import copy
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).parent / "lib"))  # the helpers: timing, images
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402

@@ -12,6 +12,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, so that neither spins on the
+    # other's core (torch reads this when it is imported, after this file)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +59,17 @@ def kept_memory_dataset():
     return Kept(copy_mode="assign")
 
 
+def small_train_params(tmp_path: Path, **overrides):
+    """A small TrainParams for the engine's toy tasks (8 steps of 16, warmup 2, a log row every
+    2 steps), its run dir under ``tmp_path``; ``overrides`` replace any field."""
+    from tulip_pipelines.training.train_params import TrainParams
+
+    values = dict(run_name="toy", run_dir=str(tmp_path / "run"), max_steps=8, batch_size=16,
+                  lr=0.05, warmup_steps=2, log_every=2, min_lr_ratio=0.1)
+    values.update(overrides)
+    return TrainParams(**values)
+
+
 @pytest.fixture
 def ds_fp32() -> dict:
     return copy.deepcopy(DS_FP32)
@@ -83,3 +98,9 @@ def project_copy(project_root, tmp_path, monkeypatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     bootstrap_project(project)
     return project
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end run first: with two xdist workers (``make test``), one worker spends the
+    run on it while the other takes every other module."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_end_to_end.py")

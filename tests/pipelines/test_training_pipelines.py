@@ -145,7 +145,7 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     assert len(history) >= 5 and history[0].step < history[-1].step
     artifacts = {a.path for a in client.list_artifacts(exp["run_id"], "model")}
     assert {"model/model.safetensors", "model/config.json"} <= artifacts
-    # the artifacts and params in detail: tests/test_mlflow_tracking.py
+    # the artifacts and params in detail: tests/test_tracking.py
 
 
 def test_bad_stage_parameters_fail_before_training(data):

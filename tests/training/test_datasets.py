@@ -9,7 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tulip_pipelines.training.datasets import CaptionImageDataset, Collate, UnreadableImage
+from tulip_pipelines.training.datasets import (
+    CaptionImageDataset,
+    Collate,
+    UnreadableImage,
+    trim_padding,
+)
 
 CAPTIONS = ["A red circle on top. A blue square below it.", "Two cats. One sleeps, one plays."]
 
@@ -94,3 +99,14 @@ def test_collate_tokenises_for_each_task(table, tmp_path):
         pickle.dumps(Collate(student_tok, teacher_tokenizer=teacher_tok))
     )  # DataLoader workers
     assert torch.equal(restored(samples)["long"], distill["long"])
+
+
+def test_trim_padding_keeps_embeddings(tiny):
+    teacher, student = tiny
+    tokens = student.tokenizer(["a red circle", "a much longer caption about a blue square"])
+    trimmed = trim_padding(tokens)
+    assert trimmed.shape[1] < 248 and (tokens[:, trimmed.shape[1]:] == 0).all()
+    with torch.no_grad():
+        assert torch.allclose(
+            student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5
+        )

@@ -83,12 +83,12 @@ def report_retrieval(retrieval_metrics: pd.DataFrame, benchmark_issues: pd.DataF
 
 
 def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
-                   retrieval_report: str, retrieval_report_plot, recall_by_tokens_read_plot,
-                   benchmark_issues: pd.DataFrame, recall_by_tokens_read: pd.DataFrame,
-                   recall_by_caption_length: pd.DataFrame,
+                   retrieval_report: str, benchmark_issues: pd.DataFrame,
+                   recall_by_tokens_read: pd.DataFrame, recall_by_caption_length: pd.DataFrame,
                    evaluate_skipped_samples: pd.DataFrame, expanded_model: ModelBundle) -> None:
     """The evaluation's MLflow run (nested in the ``kedro run``'s, child of the expand run):
-    every recall as a metric, the report, both charts and the tables."""
+    every recall as a metric, the report, both charts and the tables. (The charts are drawn
+    again from the tables: a catalogued figure is a PNG that Kedro cannot load back.)"""
     evaluate_params = EvaluateParams.from_params(params)
     parent = expanded_model.spec.extra.get("mlflow_run_id")
     tables = {"benchmark_issues": benchmark_issues,
@@ -101,8 +101,9 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
     with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(evaluate_params.ks)},
                    tags={"tulip.parent_run_id": parent} if parent else None) as tracker:
         log_to_mlflow(tracker, retrieval_metrics, retrieval_report,
-                      {"retrieval_report.png": retrieval_report_plot,
-                       "recall_by_tokens_read.png": recall_by_tokens_read_plot}, tables)
+                      {"retrieval_report.png": report_figure(retrieval_metrics),
+                       "recall_by_tokens_read.png": tokens_read_figure(recall_by_tokens_read)},
+                      tables)
 
 
 def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],

@@ -6,69 +6,29 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from tests.conftest import DS_FP32
-from tests.image_helpers import decode_index, write_images
+from tests.training.conftest import N_TRAIN
 from tulip_pipelines.data.images import FolderImages, PreparedImages
-from tulip_pipelines.data.prepare import PrepareImagesParams, prepare_images
-from tulip_pipelines.data.shards import Encoding
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.checkpoints import complete_checkpoints
-from tulip_pipelines.training.datasets import CaptionImageDataset
-from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
 from tulip_pipelines.training.stages import STAGES, StageInputs
 from tulip_pipelines.training.stages.longclip import LongclipEqualBudgetParams
 from tulip_pipelines.training.stages.run import build_job, run_stage, write_launch_plan
 
 STAGE = "longclip_equal_budget"  # the Long-CLIP baseline at TULIP's budget: images and captions
-N_VAL, N_TRAIN = 8, 40
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    frame = write_images(root / "images", N_VAL + N_TRAIN)
-    val, train = frame.iloc[:N_VAL], frame.iloc[N_VAL:].reset_index(drop=True)
-    params = PrepareImagesParams(output_dir=str(root / "out"), shard_size=8, num_workers=0)
-    source = prepare_images(train, val, root / "images", params,
-                            Encoding(48, 95, "4:4:4")).source
-    return {"root": root, "train": train, "val": val, "source": source}
 
 
-def as_tensor(image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
 
 
-def record_numbers(samples) -> list[int]:
-    return [decode_index(s["image"]) for s in samples]
 
 
-def rank_order(dataset, rank: int, position: DataPosition) -> list[int]:
-    """Record numbers rank ``rank`` of 2 reads from ``position`` to the end of that epoch, through
-    two DataLoader workers (each opens the shards itself), as the engine reads them."""
-    sampler = ResumableSampler(dataset, world_size=2, rank=rank, seed=3, batch_size=4)
-    sampler.start(position)
-    loader = DataLoader(SeededSamples(dataset, seed=3), batch_size=4, sampler=sampler,
-                        drop_last=True, num_workers=2, collate_fn=record_numbers)
-    return [number for batch in loader for number in batch]
 
 
-def test_rank_order_on_prepared_data_has_no_duplicates_and_resumes_identically(prepared):
-    dataset = CaptionImageDataset(prepared["train"], prepared["source"], as_tensor)
-    for epoch in (0, 1):
-        orders = [rank_order(dataset, rank, DataPosition(epoch, 0)) for rank in (0, 1)]
-        assert len(orders[0]) == len(orders[1]) == N_TRAIN // 2
-        # every training record once per epoch, split between the ranks
-        assert sorted(orders[0] + orders[1]) == list(range(N_VAL, N_VAL + N_TRAIN))
-        for rank in (0, 1):  # resumed after 3 micro batches: the rest of the same order
-            assert rank_order(dataset, rank, DataPosition(epoch, 3)) == orders[rank][12:]
-    # the prepared images are the records the sampler asked for, not merely a permutation
-    expected = [N_VAL + i for i in ResumableSampler(dataset, 2, 0, 3, 4).base]
-    assert rank_order(dataset, 0, DataPosition(0, 0)) == expected
 
 
 def test_the_launch_plan_carries_the_image_source(prepared, tmp_path, monkeypatch):

@@ -1,47 +1,15 @@
 """Losses against hand-computed values; what each task trains and freezes."""
 
 import copy
-import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tulip_pipelines.models import build_student, create_teacher
-from tulip_pipelines.training.datasets import trim_padding, window_tokens
+from tests.training.toy_tasks import PairData, contrastive_task
+from tulip_pipelines.training.datasets import window_tokens
 from tulip_pipelines.training.losses import clip_loss, distill_loss
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask, teacher_text_embedding
-
-
-def test_distill_losses_by_hand():
-    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-    t = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
-    # cosines: 1/sqrt(2) and 1 -> 1 - mean
-    assert distill_loss(s, t, "cosine").item() == pytest.approx(1 - (1 / math.sqrt(2) + 1) / 2)
-    # squared differences: 0, 1, 0, 1 -> mean 0.5
-    assert distill_loss(s, t, "mse").item() == pytest.approx(0.5)
-    # norms of differences: 1 and 1 -> 1
-    assert distill_loss(s, t, "l2").item() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="unknown distillation loss_type 'kl'"):
-        distill_loss(s, t, "kl")
-
-
-def test_clip_loss_by_hand():
-    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    text = torch.tensor([[0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
-    # logits = 10 * image @ text.T = [[6, 0], [8, 10]]; mean of the row and column cross-entropies
-    rows = (math.log(math.exp(6) + 1) - 6) + (math.log(math.exp(8) + math.exp(10)) - 10)
-    cols = (math.log(math.exp(6) + math.exp(8)) - 6) + (math.log(1 + math.exp(10)) - 10)
-    expected = (rows / 2 + cols / 2) / 2
-    assert clip_loss(image, text, torch.tensor(10.0, dtype=torch.float64)).item() == pytest.approx(
-        expected
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    teacher = create_teacher("TULIP-Tiny")
-    return teacher, build_student(teacher, 248)
 
 
 def test_distill_task_trains_only_student_text_tower(tiny):
@@ -101,15 +69,6 @@ def test_contrastive_task_freezes_what_it_is_told(tiny):
         p.requires_grad_(True)
 
 
-def test_trim_padding_keeps_embeddings(tiny):
-    teacher, student = tiny
-    tokens = student.tokenizer(["a red circle", "a much longer caption about a blue square"])
-    trimmed = trim_padding(tokens)
-    assert trimmed.shape[1] < 248 and (tokens[:, trimmed.shape[1]:] == 0).all()
-    with torch.no_grad():
-        assert torch.allclose(
-            student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5
-        )
 
 
 # --- task losses computed by hand from the batch ------------------------------------------------
@@ -221,3 +180,35 @@ def test_distill_task_with_windows_compares_the_whole_caption_with_the_windows_m
 
     out = DistillTask(student.model, teacher.model, "cosine", teacher_input="windows")(batch)
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_authors_loss_by_hand():
+    torch.manual_seed(0)
+    task = contrastive_task(label_smoothing=0.1, short_image_components=2, max_logit_scale=None)
+    task.long_weight = task.short_weight = 1.0
+    with torch.no_grad():
+        task.model.logit_scale.fill_(4.6052)
+    task.eval()
+    batch = PairData(6)[:]  # a dict of stacked tensors
+    out = task(batch)
+    with torch.no_grad():
+        image = task.model.encode_image(batch["image"], normalize=True)
+        long = task.model.encode_text(batch["long"], normalize=True)
+        short = task.model.encode_text(batch["short"], normalize=True)
+        centred = image - image.mean(0)
+        basis = torch.linalg.svd(centred, full_matrices=False)[2][:2].T
+        image_short = centred @ basis @ basis.T + image.mean(0)
+        scale = torch.tensor(4.6052).exp()
+        labels = torch.arange(6)
+
+        def loss(a, b):
+            logits = scale * a @ b.T
+            return (F.cross_entropy(logits, labels, label_smoothing=0.1)
+                    + F.cross_entropy(logits.T, labels, label_smoothing=0.1)) / 2
+
+        expected_long, expected_short = loss(image, long), loss(image_short, short)
+    assert out["loss_long"].item() == pytest.approx(expected_long.item(), abs=1e-5)
+    assert out["loss_short"].item() == pytest.approx(expected_short.item(), abs=1e-5)
+    assert out["loss"].item() == pytest.approx((expected_long + expected_short).item(), abs=1e-5)
+    # the short loss really uses the primary components: with the plain features it differs
+    assert abs(loss(image, short).item() - expected_short.item()) > 1e-4

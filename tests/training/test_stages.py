@@ -1,0 +1,167 @@
+"""Every parameter of every training stage reaches what the stage builds: the task, the model, the
+data and the engine's parameters carry the values asked for (each set away from its default).
+A parameter added to a stage without a check here fails ``test_every_parameter_is_checked``."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.image_helpers import write_images
+from tulip_pipelines.data.text import SHORT_CAPTIONS
+from tulip_pipelines.models import build_student, create_teacher
+from tulip_pipelines.models.longclip import KeptPositionsCLIP
+from tulip_pipelines.training.stages import STAGES, StageInputs
+from tulip_pipelines.training.stages.distill import embeddings_request
+from tulip_pipelines.training.teacher_embeddings import (
+    TeacherEmbeddingsRequest,
+    TeacherTextEmbeddings,
+    compute_teacher_embeddings,
+    write_part,
+)
+from tulip_pipelines.training.train_params import TrainParams
+
+# the engine's parameters, all away from their defaults (what every stage's `train` block gives)
+TRAIN = {"max_steps": 7, "batch_size": 3, "lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.05,
+         "betas": [0.8, 0.9], "eps": 1e-7, "min_lr_ratio": 0.1, "decay_biases_and_norms": True,
+         "schedule_steps": 70, "seed": 5, "num_workers": 1, "log_every": 3, "val_every": 4,
+         "checkpoint_every": 5, "keep_checkpoints": 3, "resume": False,
+         "max_bad_fraction": 0.01}
+# fields every stage has, checked once for all (run_dir, processes, launcher: how it runs)
+COMMON = {"train", "run_dir", "num_processes", "launcher"}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    frame = write_images(root, 12)
+    frame["caption"] = [f"A shape number {i}. It is red. Then blue. " * 3 for i in range(12)]
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    distilled = build_student(teacher, 248)
+    with torch.no_grad():
+        distilled.model.text_projection.mul_(2.0)  # not the teacher's
+    shuffled = pd.DataFrame({"id": list(frame["id"]) * 2,
+                             "caption": [f"variant {i}" for i in range(24)]})
+    return StageInputs({"teacher": teacher, "distilled": distilled},
+                       {"train": frame.iloc[4:], "val": frame.iloc[:4], "shuffled": shuffled},
+                       str(root))
+
+
+@pytest.fixture(scope="module")
+def cached(inputs, tmp_path_factory):
+    """The inputs with the teacher text embeddings distill's defaults ask for."""
+    folder = tmp_path_factory.mktemp("cache")
+    params = STAGES["distill"].params_cls.from_params({"train": TRAIN})
+    request = embeddings_request(params, inputs.models["teacher"], inputs.frames)
+    for part in compute_teacher_embeddings(request, {}):
+        write_part(part, folder)
+    return dataclasses.replace(inputs, teacher_embeddings=TeacherTextEmbeddings(folder))
+
+
+def _build(stage, inputs, **values):
+    params = STAGES[stage].params_cls.from_params({"train": TRAIN, **values})
+    return params, STAGES[stage].build(params, inputs)
+
+
+def _text_trains(task) -> tuple[bool, bool]:
+    grads = {name: p.requires_grad for name, p in task.named_parameters()}
+    text = any(v for k, v in grads.items() if "transformer.resblocks" in k and "visual" not in k)
+    image = any(v for k, v in grads.items() if k.startswith("model.visual."))
+    return text, image
+
+
+# stage -> parameter -> (value away from the default, check of the built job)
+CHECKS = {
+    "teacher": {
+        "model_name": ("TULIP-Tiny", lambda job, _: job.model.spec.model_name == "TULIP-Tiny"),
+        "caption_source": ("original", lambda job, _: job.train_dataset.variants is None),
+        "long_weight": (0.7, lambda job, _: job.task.long_weight == 0.7),
+        "short_weight": (0.3, lambda job, _: job.task.short_weight == 0.3
+                         and job.collate_fn.short_tokenizer is not None),
+    },
+    "distill": {
+        "context_length": (200, lambda job, _: job.model.spec.context_length == 200
+                           and job.model.model.context_length == 200),
+        "rope_theta": (500.0, lambda job, _: job.model.model.rotary.theta == 500.0
+                       and job.model.spec.rope_theta == 500.0),
+        "activation": ("gelu", lambda job, _: job.model.spec.activation == "gelu" and all(
+            isinstance(b.mlp.gelu, torch.nn.GELU)
+            for b in job.model.model.transformer.resblocks)),
+        "loss_type": ("mse", lambda job, _: job.task.loss_type == "mse"),
+        "teacher_input": ("windows", lambda job, _: job.task.teacher_input == "windows"
+                          and job.collate_fn.windows > 0),
+        "window_overlap": (11, lambda job, _: job.collate_fn.overlap == 11),
+        "max_windows": (3, lambda job, _: job.collate_fn.windows == 3),
+        "rows": ("long", lambda job, inputs: len(job.train_dataset) == len(inputs.frames["train"])),
+        "teacher_embeddings": ("live", lambda job, _: job.task.teacher is not None),
+        # these two shape the cache the node writes, not the training job
+        "embedding_dtype": ("float32", lambda _, request: request.dtype == "float32"),
+        "embedding_batch_size": (17, lambda _, request: request.batch_size == 17),
+    },
+    "expand": {
+        "long_weight": (0.6, lambda job, _: job.task.long_weight == 0.6),
+        "short_weight": (0.4, lambda job, _: job.task.short_weight == 0.4),
+        "short_caption": ("longclip", lambda job, _:
+                          job.train_dataset.short_caption is SHORT_CAPTIONS["longclip"]),
+        "train_towers": (["text"], lambda job, _: _text_trains(job.task) == (True, False)),
+        "label_smoothing": (0.1, lambda job, _: job.task.label_smoothing == 0.1),
+        "short_image_components": (4, lambda job, _: job.task.short_image_components == 4),
+        "max_logit_scale": (50.0, lambda job, _: job.task.max_logit_scale == 50.0),
+        "local_loss": (True, lambda job, _: job.task.global_batch is False),
+        "context_length": (300, lambda job, _: job.model.spec.context_length == 300),
+        "ntk_scale": (2.0, lambda job, _: job.model.spec.rope_theta != 10000.0),
+        "text_projection": ("distilled", lambda job, inputs: torch.equal(
+            job.model.model.text_projection, inputs.models["distilled"].model.text_projection)),
+    },
+}
+CHECKS["longclip_authors"] = {
+    **{k: v for k, v in CHECKS["expand"].items()
+       if k not in ("context_length", "ntk_scale", "text_projection")},
+    "context_length": (200, lambda job, _: job.model.model.positional_embedding.shape[0] == 200),
+    "keep": (10, lambda job, _: job.model.model.keep_positions == 10),
+    "freeze_kept": (False, lambda job, _: not isinstance(job.model.model, KeptPositionsCLIP)),
+    "init_logit_scale": (2.5, lambda job, _: float(job.model.model.logit_scale) == 2.5),
+}
+CHECKS["longclip_equal_budget"] = CHECKS["longclip_authors"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_parameter_is_checked(stage):
+    fields = {f.name for f in dataclasses.fields(STAGES[stage].params_cls)} - COMMON
+    assert fields == set(CHECKS[stage])
+
+
+CASES = [(stage, name) for stage in sorted(CHECKS) for name in sorted(CHECKS[stage])]
+
+
+@pytest.mark.parametrize(("stage", "name"), CASES)
+def test_a_parameter_reaches_what_the_stage_builds(stage, name, inputs, cached):
+    value, check = CHECKS[stage][name]
+    extra = {"teacher_input": "windows"} if name in ("window_overlap", "max_windows") else {}
+    if stage == "distill" and name != "teacher_embeddings":
+        extra["teacher_embeddings"] = "live"  # builds without a cache (the cache's own: below)
+    if name == "ntk_scale":
+        extra["context_length"] = 300  # NTK scaling applies when the context grows
+    params, job = _build(stage, inputs, **{**extra, name: value})
+    if name.startswith("embedding_"):
+        request = embeddings_request(dataclasses.replace(params, teacher_embeddings="cached"),
+                                     inputs.models["teacher"], inputs.frames)
+        assert isinstance(request, TeacherEmbeddingsRequest) and check(job, request)
+    else:
+        assert check(job, inputs), f"{stage}.{name}={value!r} did not reach the built job"
+    # and the default does not already pass the check (else the check proves nothing)
+    if not name.startswith("embedding_") and name != "model_name":
+        _, default_job = _build(stage, cached if stage == "distill" else inputs, **extra)
+        assert not check(default_job, inputs), f"{stage}.{name}: the check passes by default"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_the_train_block_reaches_the_engine_parameters(stage, inputs):
+    params, job = _build(stage, inputs, **({"teacher_embeddings": "live"}
+                                          if stage == "distill" else {}))
+    assert job.params == TrainParams.for_stage(TRAIN, stage, params.stage_run_dir)
+    for key, value in TRAIN.items():
+        got = getattr(job.params, key)
+        assert (list(got) if key == "betas" else got) == value, key
