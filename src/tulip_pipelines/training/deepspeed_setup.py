@@ -31,6 +31,17 @@ def prepare_ds_config(ds_config: Mapping[str, Any], params: TrainParams,
                              f"warmup/cosine schedule from the pipeline's parameters")
     if out.get("fp16", {}).get("enabled"):
         raise ValueError(f"{WHERE}: fp16 is not supported by the engine; use bf16 or fp32")
+    if "torch_autocast" in out:
+        raise ValueError(f"{WHERE}: remove 'torch_autocast'; mixed precision is the stage's "
+                         f"train.precision: amp_bf16 (the engine's own autocast)")
+    ds_bf16 = out.get("bf16", {}).get("enabled")
+    if params.precision is not None and ds_bf16 is not None and ds_bf16 != (
+            params.precision == "bf16"):
+        raise ValueError(f"{WHERE}: bf16.enabled={ds_bf16} disagrees with the run's "
+                         f"train.precision={params.precision!r}; leave bf16 out (the engine sets "
+                         f"it from the precision)")
+    if params.precision is not None:
+        out["bf16"] = {**out.get("bf16", {}), "enabled": params.precision == "bf16"}
     stage = out.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ValueError(f"{WHERE}: zero_optimization.stage must be 0, 1 or 2, got {stage!r} "
@@ -95,6 +106,24 @@ def initialize_engine(task: torch.nn.Module, params: TrainParams, ds_config: Map
 def compute_dtype(engine) -> torch.dtype:
     """The dtype floating-point batch tensors are cast to for this engine."""
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+def clamp_parameters(engine, bounds: Mapping[torch.nn.Parameter, tuple[float, float]]) -> None:
+    """Clamp trained parameters in place after an optimizer step (open_clip's logit_scale rule),
+    in the module and in the optimizer's float32 master copy, where DeepSpeed keeps one (ZeRO
+    1-2, bf16): else the next step would start from the unclamped master. A collective under
+    ZeRO: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    masters = _fp16_optimizer_masters(engine.optimizer)
+    for param, (low, high) in bounds.items():
+        full = safe_get_full_fp32_param(param)
+        if full is not None:
+            safe_set_full_fp32_param(param, full.clamp(low, high))
+        elif id(param) in masters:
+            masters[id(param)].data.clamp_(low, high)
+        with torch.no_grad():
+            param.clamp_(low, high)
 
 
 def export_fp32_weights(engine, task: torch.nn.Module, state: TaskState) -> None:

@@ -8,7 +8,10 @@ optimised nor checkpointed.
 
 Batches: tensors (also inside dicts/lists/tuples) are moved to the engine's device, floating-point
 ones cast to bf16 when ``bf16.enabled``; a frozen fp32 teacher kept outside the task's modules must
-cast its inputs itself (and, on a GPU, be moved there by the task).
+cast its inputs itself (and, on a GPU, be moved there by the task). With ``precision: amp_bf16``
+every forward (the cache pass of a global-batch step, the gradient pass, validation) runs under
+bfloat16 autocast; the task computes its loss in float32 (:mod:`.tasks`). A task may bound some
+of its parameters (``parameter_bounds()``): they are clamped after every optimizer step.
 
 Where the other jobs live: :mod:`.config` (parameters, result), :mod:`.checkpoints` (training
 state on disk), :mod:`.deepspeed_setup` (DeepSpeed config, initialisation, fp32 export),
@@ -33,6 +36,7 @@ from tulip_pipelines.training import checkpoints
 from tulip_pipelines.training.accumulation import StepCache
 from tulip_pipelines.training.batches import count_samples, scalar, to_device
 from tulip_pipelines.training.deepspeed_setup import (
+    clamp_parameters,
     compute_dtype,
     export_fp32_weights,
     initialize_engine,
@@ -136,6 +140,7 @@ class _Loop:
                  root, run_hash: str, history: list[dict[str, float]]):
         self.engine, self.params = engine, params
         self.gas, self.compute_dtype = engine.gradient_accumulation_steps(), compute_dtype(engine)
+        self.autocast = params.precision == "amp_bf16"
         self.world_size, self.rank = world_size, rank
         self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
         self.root, self.run_hash, self.history = root, run_hash, history
@@ -186,11 +191,12 @@ class _Loop:
                              self.compute_dtype) for b in batches]
         task, cached = self.engine.module, None
         if len(batches) > 1 and getattr(task, "global_batch", False):
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 cached = [task.features(batch) for batch in batches]
         for index, batch in enumerate(batches):
             kwargs = {} if cached is None else {"cache": StepCache(cached, index)}
-            out = self.engine(batch, **kwargs)
+            with self._autocast():
+                out = self.engine(batch, **kwargs)
             if "loss" not in out:
                 raise KeyError(f"run {self.params.run_name!r}: task.forward must return a 'loss' "
                                f"entry, got keys {sorted(out)}")
@@ -204,6 +210,14 @@ class _Loop:
             for key, value in out.items():
                 self._window[key] = self._window.get(key, 0.0) + scalar(value)
             self._window_micro += 1
+        bounds = task.parameter_bounds() if hasattr(task, "parameter_bounds") else {}
+        if bounds:
+            clamp_parameters(self.engine, bounds)
+
+    def _autocast(self):
+        """bfloat16 autocast on the engine's device with ``precision: amp_bf16``, else nothing."""
+        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16,
+                              enabled=self.autocast)
 
     def _after_step(self, position: DataPosition, bar) -> None:
         params, step = self.params, self.step
@@ -266,7 +280,8 @@ class _Loop:
         for batch in loader:
             batch = self.skipped.take(batch, "val", self.step)
             size = count_samples(batch)
-            out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
+            with self._autocast():
+                out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + scalar(value) * size
             count += size

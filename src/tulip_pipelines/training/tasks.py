@@ -7,6 +7,7 @@ is neither optimised nor written into training checkpoints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -55,8 +56,11 @@ class ContrastiveTask(nn.Module):
     ``loss = long_weight * L(image, long) + short_weight * L(image', short)``: TULIP's expansion
     stage (0.8/0.2), the Long-CLIP baselines, and the demo teacher (1/0). ``image'`` is the image
     features' primary components (``short_image_components``, Long-CLIP) or the features
-    themselves. ``label_smoothing`` applies to every cross-entropy (Long-CLIP: 0.1);
-    ``max_logit_scale`` clamps the temperature (open_clip: 100; ``None``: Long-CLIP, no clamp).
+    themselves. ``label_smoothing`` applies to every cross-entropy (Long-CLIP: 0.1).
+    ``max_logit_scale`` bounds the temperature: the ``logit_scale`` parameter is clamped to
+    ``[0, ln max_logit_scale]`` after every optimizer step (:meth:`parameter_bounds`, open_clip's
+    rule; ``None``: Long-CLIP, no clamp). Features are float32 and the loss is computed outside
+    any autocast (in float32 unless the weights themselves are bfloat16).
     ``local_loss``: each process contrasts each micro batch alone (fewer negatives; the
     gradient of a bigger batch is not reproduced).
     """
@@ -78,35 +82,45 @@ class ContrastiveTask(nn.Module):
         freeze_towers(model, train_towers)
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """L2-normalised features of this micro batch (the part of the loss that is per sample)."""
-        image = self.model.encode_image(batch["image"], normalize=True)
+        """L2-normalised features of this micro batch (the part of the loss that is per sample),
+        upcast to float32 when the towers ran under autocast."""
+        image = upcast(self.model.encode_image(batch["image"], normalize=True))
         out = {"image": image,
-               "long": self.model.encode_text(batch["long"], normalize=True)}
+               "long": upcast(self.model.encode_text(batch["long"], normalize=True))}
         if self.short_weight:
-            out["short"] = self.model.encode_text(batch["short"], normalize=True)
+            out["short"] = upcast(self.model.encode_text(batch["short"], normalize=True))
             if self.short_image_components:
-                out["image_short"] = primary_components(image, self.short_image_components)
+                with no_autocast(image):
+                    out["image_short"] = primary_components(image, self.short_image_components)
         return out
+
+    def parameter_bounds(self) -> dict[nn.Parameter, tuple[float, float]]:
+        """``logit_scale`` in ``[0, ln max_logit_scale]`` (clamped by the engine after every
+        optimizer step), when it trains and ``max_logit_scale`` is set."""
+        scale = self.model.logit_scale
+        if self.max_logit_scale is None or not scale.requires_grad:
+            return {}
+        return {scale: (0.0, math.log(self.max_logit_scale))}
 
     def forward(self, batch: dict[str, torch.Tensor],
                 cache: StepCache | None = None) -> dict[str, torch.Tensor]:
         feats = self.features(batch)
         if cache is not None:
             feats = cache.assemble(feats)
-        if self.global_batch and self.training:
-            feats = {key: gather_with_grad(value) for key, value in feats.items()}
-        scale = self.model.logit_scale.exp()
-        if self.max_logit_scale is not None:
-            scale = scale.clamp(max=self.max_logit_scale)
-        logged_scale = scale.detach()
-        if cache is not None:
-            scale = share_gradient(scale, cache.n)
-        out = {"loss_long": clip_loss(feats["image"], feats["long"], scale, self.label_smoothing)}
-        loss = self.long_weight * out["loss_long"]
-        if self.short_weight:
-            image = feats.get("image_short", feats["image"])
-            out["loss_short"] = clip_loss(image, feats["short"], scale, self.label_smoothing)
-            loss = loss + self.short_weight * out["loss_short"]
+        with no_autocast(feats["image"]):
+            if self.global_batch and self.training:
+                feats = {key: gather_with_grad(value) for key, value in feats.items()}
+            scale = self.model.logit_scale.exp()
+            logged_scale = scale.detach()
+            if cache is not None:
+                scale = share_gradient(scale, cache.n)
+            out = {"loss_long": clip_loss(feats["image"], feats["long"], scale,
+                                          self.label_smoothing)}
+            loss = self.long_weight * out["loss_long"]
+            if self.short_weight:
+                image = feats.get("image_short", feats["image"])
+                out["loss_short"] = clip_loss(image, feats["short"], scale, self.label_smoothing)
+                loss = loss + self.short_weight * out["loss_short"]
         out["loss"] = loss
         out["logit_scale"] = logged_scale
         return out
@@ -146,9 +160,10 @@ class DistillTask(nn.Module):
         else:
             self.teacher.to(tokens.device)
             target = teacher_text_embedding(self.teacher, batch, self.teacher_input)
-        loss = distill_loss(student, target, self.loss_type)
-        cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1).mean()
-        return {"loss": loss, "cosine": cosine}
+        with no_autocast(student):
+            loss = distill_loss(student, target, self.loss_type)
+            cosine = torch.nn.functional.cosine_similarity(student.detach(), target, dim=-1)
+        return {"loss": loss, "cosine": cosine.mean()}
 
 
 @torch.no_grad()
@@ -163,3 +178,13 @@ def teacher_text_embedding(teacher: nn.Module, batch: dict[str, torch.Tensor],
     sums = torch.zeros(mask.shape[0], flat.shape[-1], device=flat.device)
     sums.index_add_(0, mask.nonzero()[:, 0].to(flat.device), flat)
     return sums / mask.sum(1, keepdim=True).clamp(min=1).to(flat.device)
+
+
+def upcast(features: torch.Tensor) -> torch.Tensor:
+    """Features computed under autocast (bfloat16) as float32; float32 ones as they are."""
+    return features.float() if features.dtype in (torch.bfloat16, torch.float16) else features
+
+
+def no_autocast(like: torch.Tensor):
+    """A region without autocast on ``like``'s device: where logits and losses are computed."""
+    return torch.autocast(like.device.type, enabled=False)

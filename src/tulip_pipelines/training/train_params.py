@@ -12,6 +12,8 @@ import pandas as pd
 
 from tulip_pipelines.params import Params, Problems
 
+PRECISIONS = ("fp32", "amp_bf16", "bf16")
+
 
 @dataclass
 class TrainParams(Params):
@@ -25,6 +27,12 @@ class TrainParams(Params):
     matrices only (open_clip's rule) unless ``decay_biases_and_norms`` (Long-CLIP decays every
     parameter). ``val_every``/``checkpoint_every`` of 0 mean "only at the end". The stage's
     *run dir* holds its training checkpoints (``<run_dir>/checkpoints/step_XXXXXXXX``).
+
+    ``precision`` (:data:`PRECISIONS`): ``fp32``; ``amp_bf16``, open_clip's and TULIP's mixed
+    precision (float32 weights, gradients and optimizer, the towers' forward under bfloat16
+    autocast, features and losses in float32); ``bf16``, DeepSpeed's ``bf16.enabled`` (weights
+    and activations in bfloat16, losses included; fp32 master weights in the optimizer). ``None``
+    follows the DeepSpeed config's ``bf16.enabled``.
     """
 
     section = "train"
@@ -51,6 +59,7 @@ class TrainParams(Params):
     seed: int = 0
     resume: bool = True
     max_bad_fraction: float = 0.001  # unreadable samples tolerated (skipped and recorded)
+    precision: str | None = None  # fp32 | amp_bf16 | bf16; None: as params:deepspeed's bf16
 
     def __post_init__(self) -> None:
         p = Problems(f"train ({self.run_name})")
@@ -86,6 +95,7 @@ class TrainParams(Params):
                     f"({self.warmup_steps}) must not exceed the schedule's {horizon} steps")
         p.boolean("resume", self.resume)
         p.number_in("max_bad_fraction", self.max_bad_fraction, 0, 1)
+        p.one_of("precision", self.precision, (None, *PRECISIONS))
         p.raise_if_any()
 
     @classmethod
