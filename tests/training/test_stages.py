@@ -27,7 +27,7 @@ TRAIN = {"max_steps": 7, "batch_size": 3, "lr": 3e-4, "warmup_steps": 2, "weight
          "betas": [0.8, 0.9], "eps": 1e-7, "min_lr_ratio": 0.1, "decay_biases_and_norms": True,
          "schedule_steps": 70, "seed": 5, "num_workers": 1, "log_every": 3, "val_every": 4,
          "checkpoint_every": 5, "keep_checkpoints": 3, "resume": False,
-         "max_bad_fraction": 0.01}
+         "max_bad_fraction": 0.01, "precision": "amp_bf16"}
 # fields every stage has, checked once for all (run_dir, processes, launcher: how it runs)
 COMMON = {"train", "run_dir", "num_processes", "launcher"}
 
@@ -99,6 +99,8 @@ CHECKS = {
         # these two shape the cache the node writes, not the training job
         "embedding_dtype": ("float32", lambda _, request: request.dtype == "float32"),
         "embedding_batch_size": (17, lambda _, request: request.batch_size == 17),
+        "embedding_device": ("cpu", lambda _, request: request.device == "cpu"),
+        "embedding_autocast": ("fp16", lambda _, request: request.autocast == "fp16"),
     },
     "expand": {
         "long_weight": (0.6, lambda job, _: job.task.long_weight == 0.6),

@@ -3,6 +3,8 @@
 Images are decoded as the benchmarks' reference code does (whole files), or through an image
 source (ShareGPT4V-1k: at the size the preprocess needs); an image that cannot be read is left
 out and reported, never an exception. Texts use the model's own tokenizer (its context length).
+The model runs on ``device`` (moved there for the call, :mod:`tulip_pipelines.models.device`),
+under ``autocast`` on an accelerator; the features come back float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tulip_pipelines.data.images import ImageSource, preprocess_size
 from tulip_pipelines.evaluation.analysis import token_lengths
+from tulip_pipelines.models.device import inference_autocast, on_device
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.progress import track
 
@@ -61,25 +64,31 @@ def _device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, num_workers: int = 0,
                   desc: str = "images", source: ImageSource | None = None,
-                  unreadable: dict[int, str] | None = None) -> torch.Tensor:
+                  unreadable: dict[int, str] | None = None, device: torch.device | None = None,
+                  autocast: str | None = None) -> torch.Tensor:
     """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower, of
-    image files ``paths``, or of the handles ``paths`` of ``source``. The row of an image that
-    cannot be read is zero, and its index and error go into ``unreadable``."""
+    image files ``paths``, or of the handles ``paths`` of ``source``, computed on ``device``
+    (default: where the model is). The row of an image that cannot be read is zero, and its
+    index and error go into ``unreadable``."""
     model = bundle.model.eval()
+    device = device or _device(model)
     loader = DataLoader(_Images(paths, bundle.preprocess, source), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate_images)
+                        num_workers=num_workers, collate_fn=_collate_images,
+                        pin_memory=device.type == "cuda")
     out: torch.Tensor | None = None
-    for indices, pixels, errors in track(loader, desc, "batch"):
-        if unreadable is not None:
-            unreadable.update(errors)
-        for index, error in errors.items():
-            logger.warning("%s: left out image %s: %s", desc, paths[index], error)
-        if pixels is None:
-            continue
-        features = model.encode_image(pixels.to(_device(model)), normalize=True).float().cpu()
-        if out is None:
-            out = torch.zeros(len(paths), features.shape[1])
-        out[indices] = features
+    with on_device(model, device), inference_autocast(device, autocast):
+        for indices, pixels, errors in track(loader, desc, "batch"):
+            if unreadable is not None:
+                unreadable.update(errors)
+            for index, error in errors.items():
+                logger.warning("%s: left out image %s: %s", desc, paths[index], error)
+            if pixels is None:
+                continue
+            pixels = pixels.to(device, non_blocking=True)
+            features = model.encode_image(pixels, normalize=True).float().cpu()
+            if out is None:
+                out = torch.zeros(len(paths), features.shape[1])
+            out[indices] = features
     if out is None:  # not one image could be read: no feature width to give
         raise RuntimeError(f"{desc}: none of the {len(paths)} images could be read")
     return out
@@ -93,26 +102,31 @@ def tokenize(bundle: ModelBundle, texts: Sequence[str], batch_size: int = 4096) 
 
 @torch.no_grad()
 def encode_tokens(
-    bundle: ModelBundle, tokens: torch.Tensor, batch_size: int, desc: str = "texts"
+    bundle: ModelBundle, tokens: torch.Tensor, batch_size: int, desc: str = "texts",
+    device: torch.device | None = None, autocast: str | None = None,
 ) -> torch.Tensor:
-    """L2-normalised text features [n, d] of ``tokens`` (the bundle's tokenizer's output)."""
+    """L2-normalised text features [n, d] (float32, CPU) of ``tokens`` (the bundle's
+    tokenizer's output), computed on ``device`` (default: where the model is)."""
     model = bundle.model.eval()
+    device = device or _device(model)
     out = []
-    for start in track(range(0, len(tokens), batch_size), desc, "batch"):
-        batch = tokens[start : start + batch_size]
-        # columns after the longest row's end token hold padding, which changes nothing ('!' is
-        # token 0 too, so the end token's position counts, not the non-zero tokens)
-        length = int(token_lengths(batch).max())
-        out.append(model.encode_text(batch[:, :length].long().to(_device(model)),
-                                     normalize=True).float().cpu())
+    with on_device(model, device), inference_autocast(device, autocast):
+        for start in track(range(0, len(tokens), batch_size), desc, "batch"):
+            batch = tokens[start : start + batch_size]
+            # columns after the longest row's end token hold padding, which changes nothing ('!'
+            # is token 0 too, so the end token's position counts, not the non-zero tokens)
+            length = int(token_lengths(batch).max())
+            out.append(model.encode_text(batch[:, :length].long().to(device),
+                                         normalize=True).float().cpu())
     return torch.cat(out)
 
 
 def encode_texts(
-    bundle: ModelBundle, texts: Sequence[str], batch_size: int, desc: str = "texts"
+    bundle: ModelBundle, texts: Sequence[str], batch_size: int, desc: str = "texts",
+    device: torch.device | None = None, autocast: str | None = None,
 ) -> torch.Tensor:
     """L2-normalised text features [n, d] with the bundle's own tokenizer (its context length)."""
-    return encode_tokens(bundle, tokenize(bundle, texts), batch_size, desc)
+    return encode_tokens(bundle, tokenize(bundle, texts), batch_size, desc, device, autocast)
 
 
 def image_tower_key(bundle: ModelBundle) -> str:

@@ -41,6 +41,7 @@ from tulip_pipelines.evaluation.readers import (
     build_dci_long,
     read_sharegpt4v,
 )
+from tulip_pipelines.models.device import AUTOCAST_DTYPES, resolve_device
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.params import Params, Problems, is_int
 from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
@@ -113,6 +114,10 @@ class EvaluateParams(Params):
             every long-caption benchmark are encoded again (``recall_by_tokens_read``); [] for
             none.
         caption_length_bins: the number of quantile bins of ``recall_by_caption_length``.
+        device: where the models encode (``auto``: the accelerator when one is present, else
+            the CPU; or ``cpu``, ``cuda``, ``cuda:1``).
+        autocast: the dtype of the encoders' autocast on an accelerator (``bf16``, ``fp16``;
+            null: float32); similarities, recall and intervals are float32 whatever it is.
     """
 
     section = "evaluate"
@@ -126,6 +131,8 @@ class EvaluateParams(Params):
     bootstrap_seed: int = 0
     tokens_read: tuple[int, ...] = (20, 40, 77, 120, 160, 200, 248)
     caption_length_bins: int = 4
+    device: str = "auto"
+    autocast: str | None = "bf16"
 
     def __post_init__(self) -> None:
         self.benchmarks = {
@@ -148,6 +155,11 @@ class EvaluateParams(Params):
                 "tokens_read", "must be a list of integers >= 2 (start and end token included), "
                 f"got {self.tokens_read!r}")
         p.int_at_least("caption_length_bins", self.caption_length_bins, 1)
+        p.one_of("autocast", self.autocast, (None, *AUTOCAST_DTYPES))
+        try:
+            resolve_device(self.device)
+        except (RuntimeError, ValueError) as err:
+            p.add("device", str(err))
         p.raise_if_any()
 
 
@@ -250,7 +262,8 @@ def _encode_benchmark_images(
             features[key] = encode_images(
                 bundle, bench.image_handles if in_source else bench.image_paths, params.batch_size,
                 params.num_workers, desc=f"{name}/{model_name} images", source=bench.image_source,
-                unreadable=unreadable)
+                unreadable=unreadable, device=resolve_device(params.device),
+                autocast=params.autocast)
     if not unreadable:
         return bench, features
     logger.warning("%s: %d of %d images could not be read; scored without them and their texts "
@@ -315,5 +328,6 @@ def _rank_texts(bundle: ModelBundle, images: torch.Tensor, bench: RetrievalBench
                 tokens: torch.Tensor, cap: int, params: EvaluateParams,
                 desc: str) -> RetrievalRanks:
     """Per-query ranks of the benchmark when its texts are ``tokens`` (encoded by ``bundle``)."""
-    texts = encode_tokens(bundle, tokens, params.batch_size, desc=desc)
+    texts = encode_tokens(bundle, tokens, params.batch_size, desc=desc,
+                          device=resolve_device(params.device), autocast=params.autocast)
     return retrieval_ranks(images, texts, bench.text_to_image, cap, params.chunk_size)

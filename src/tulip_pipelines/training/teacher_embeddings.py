@@ -29,6 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from tulip_pipelines.models.device import (
+    autocast_in_effect,
+    inference_autocast,
+    on_device,
+    resolve_device,
+)
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.progress import progress
 from tulip_pipelines.training.datasets import window_tokens
@@ -54,19 +60,26 @@ class TeacherEmbeddingsRequest:
     max_windows: int = 5
     dtype: str = "float16"
     batch_size: int = 256
+    device: str = "auto"  # where the teacher runs (models/device.py)
+    autocast: str | None = "bf16"  # its autocast on an accelerator (none on the CPU)
 
     def cache_key(self) -> str:
+        autocast = autocast_in_effect(resolve_device(self.device), self.autocast)
         return cache_key(self.teacher, self.texts or {}, self.teacher_input,
-                         self.window_overlap, self.max_windows, self.dtype)
+                         self.window_overlap, self.max_windows, self.dtype, autocast)
 
 
 def cache_key(teacher: ModelBundle, texts: Mapping[str, Sequence[str]], teacher_input: str,
-              window_overlap: int, max_windows: int, dtype: str) -> str:
-    """A hash of everything that determines the cached values (see the module docstring)."""
+              window_overlap: int, max_windows: int, dtype: str,
+              autocast: str | None = None) -> str:
+    """A hash of everything that determines the cached values (see the module docstring;
+    ``autocast``: the one in effect, on an accelerator)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"spec": teacher.spec.to_dict(), "input": teacher_input,
-                              "overlap": window_overlap, "windows": max_windows,
-                              "dtype": dtype}, sort_keys=True, default=str).encode())
+    settings = {"spec": teacher.spec.to_dict(), "input": teacher_input,
+                "overlap": window_overlap, "windows": max_windows, "dtype": dtype}
+    if autocast is not None:
+        settings["autocast"] = autocast
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for key, tensor in sorted(teacher.model.state_dict().items()):
         if not key.startswith(_IMAGE_TOWER):
             digest.update(key.encode())
@@ -124,7 +137,11 @@ def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
     size = manifest["chunk_rows"]
     total = sum(len(t) for t in request.texts.values())
     done = sum(min(n * size, len(request.texts[r])) for r, n in manifest["chunks"].items())
-    with progress(total, "teacher text embeddings", "text", initial=done) as bar:
+    device = resolve_device(request.device)
+    logger.info("teacher text embeddings on %s (autocast: %s)", device,
+                autocast_in_effect(device, request.autocast))
+    with (progress(total, "teacher text embeddings", "text", initial=done) as bar,
+          on_device(teacher, device), inference_autocast(device, request.autocast)):
         for role, texts in request.texts.items():
             for chunk in range(manifest["chunks"][role], -(-len(texts) // size)):
                 part = list(texts[chunk * size:(chunk + 1) * size])
@@ -163,7 +180,9 @@ def embed_texts(request: TeacherEmbeddingsRequest, teacher: torch.nn.Module,
         batch = {"windows": windows, "window_mask": mask}
     else:
         batch = {"teacher_long": tokenizer(texts)}
-    return teacher_text_embedding(teacher, batch, request.teacher_input).cpu()
+    device = next(teacher.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    return teacher_text_embedding(teacher, batch, request.teacher_input).float().cpu()
 
 
 class TeacherTextEmbeddings:

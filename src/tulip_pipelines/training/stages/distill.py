@@ -11,6 +11,7 @@ import pandas as pd
 
 from tulip_pipelines.data.text import tulip_short_caption
 from tulip_pipelines.models import ModelBundle, build_student, teacher_context_length
+from tulip_pipelines.models.device import AUTOCAST_DTYPES, resolve_device
 from tulip_pipelines.params import Problems
 from tulip_pipelines.training.datasets import Collate
 from tulip_pipelines.training.job import TrainJob
@@ -41,12 +42,19 @@ class DistillParams(StageParams):
     teacher_embeddings: str = "cached"  # cached: teacher_text_embeddings | live: each step
     embedding_dtype: str = "float16"
     embedding_batch_size: int = 256
+    embedding_device: str = "auto"  # where the teacher embeds (auto: the accelerator if any)
+    embedding_autocast: str | None = "bf16"  # on an accelerator; null: float32
 
     def check(self, problems: Problems) -> None:
         problems.one_of("rows", self.rows, DISTILL_ROWS)
         problems.one_of("teacher_embeddings", self.teacher_embeddings, ("cached", "live"))
         problems.one_of("embedding_dtype", self.embedding_dtype, DTYPES)
         problems.int_at_least("embedding_batch_size", self.embedding_batch_size, 1)
+        problems.one_of("embedding_autocast", self.embedding_autocast, (None, *AUTOCAST_DTYPES))
+        try:
+            resolve_device(self.embedding_device)
+        except (RuntimeError, ValueError) as err:
+            problems.add("embedding_device", str(err))
         problems.int_at_least("context_length", self.context_length, 2)
         problems.number_in("rope_theta", self.rope_theta, 1, low_open=True)
         problems.one_of("activation", self.activation, (None, "gelu", "quick_gelu"))
@@ -110,7 +118,8 @@ def embeddings_request(params: DistillParams, teacher: ModelBundle,
                  for role, frame in distill_rows(params, frames).items() if len(frame)}
     return TeacherEmbeddingsRequest(teacher, texts, params.teacher_input, params.window_overlap,
                                     params.max_windows, params.embedding_dtype,
-                                    params.embedding_batch_size)
+                                    params.embedding_batch_size, params.embedding_device,
+                                    params.embedding_autocast)
 
 
 def with_short_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,62 @@
+"""Where a model runs outside DeepSpeed (the evaluation's encoders, the teacher text embeddings):
+``device: auto`` is the accelerator when one is present (this process's local GPU under a
+launcher), else the CPU; inference on an accelerator runs under autocast (bfloat16 by default)
+while what is computed from the features (similarities, recall, the stored embeddings) stays
+float32."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: ``cuda:<LOCAL_RANK>`` when CUDA is available, else ``cpu``; any other name as
+    torch reads it (``cpu``, ``cuda``, ``cuda:1``, ``meta``). An accelerator asked for but absent
+    is an error that says so."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device; "
+                         f"use device: auto or cpu")
+    return device
+
+
+def autocast_in_effect(device: torch.device, autocast: str | None) -> str | None:
+    """The autocast dtype's name that :func:`inference_autocast` applies on ``device``."""
+    return None if device.type in ("cpu", "meta") else autocast
+
+
+def inference_autocast(device: torch.device, autocast: str | None):
+    """Autocast in ``autocast``'s dtype (:data:`AUTOCAST_DTYPES`) on an accelerator; nothing on
+    the CPU (the embedded default computes in float32 as before) or with ``None``."""
+    dtype = autocast_in_effect(device, autocast)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``model`` moved to ``device`` for the block, then back where it was (so that several
+    large models take the accelerator in turn)."""
+    home = next(model.parameters()).device
+    if home == device:
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
