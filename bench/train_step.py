@@ -12,8 +12,8 @@
 2. The same distill comparison with a ViT-B-16-size text tower (``--no-vit-b16`` skips it).
 3. The contrastive step through the engine's own loop (``train``): the loss over the global batch
    (each micro batch contrasted against the whole step's, one extra no-gradient forward per micro
-   batch when accumulating) against the per-micro-batch loss (``local_loss``), at accumulation 1
-   and 4 (optimizer-step time).
+   batch when accumulating) against the per-micro-batch loss (``contrastive_batch: micro``), at
+   accumulation 1 and 4 (optimizer-step time).
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/train_step.py [--steps 20 --batch-size 32]
 """
@@ -106,15 +106,19 @@ def distill_live_vs_cached(label: str, teacher, texts: CaptionImageDataset,
           f"teacher's speed")
 
 
-def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, local_loss: bool,
-                     out_dir: str) -> float:
-    """Median seconds per optimizer step of the engine's own loop (``train``)."""
-    task = ContrastiveTask(copy.deepcopy(model_bundle.model), 0.8, 0.2, local_loss=local_loss)
+def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, micro: bool,
+                     out_dir: str, precision: str | None = None) -> float:
+    """Median seconds per optimizer step of the engine's own loop (``train``); ``precision``
+    (train.precision) replaces ``--bf16``."""
+    task = ContrastiveTask(copy.deepcopy(model_bundle.model), 0.8, 0.2,
+                           contrastive_batch="micro" if micro else "global")
     params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
                          batch_size=args.batch_size, lr=1e-4, log_every=1,
-                         num_workers=args.num_workers)
-    ds_config = {"zero_optimization": {"stage": args.zero_stage}, "bf16": {"enabled": args.bf16},
+                         num_workers=args.num_workers, precision=precision)
+    ds_config = {"zero_optimization": {"stage": args.zero_stage},
                  "gradient_clipping": 1.0, "gradient_accumulation_steps": accumulation}
+    if precision is None:
+        ds_config["bf16"] = {"enabled": args.bf16}
     history = train(task, dataset, params, ds_config, collate_fn=collate).history
     per_step = (accumulation * args.batch_size) / history["samples_per_s"].iloc[args.warmup:]
     return statistics.median(per_step)
@@ -132,6 +136,20 @@ def compare_contrastive_losses(student, images, args, tmp: str) -> None:
               f"{seconds[False] / seconds[True]:>17.2f}x")
 
 
+def compare_precisions(student, images, args, tmp: str) -> None:
+    """The contrastive step of the engine's loop in fp32, amp_bf16 and bf16 (train.precision),
+    one after the other on this machine, the same data and start."""
+    collate = Collate(student.tokenizer, student.tokenizer)
+    print(f"\nprecision (engine loop, contrastive, micro batch {args.batch_size}, accumulation 1)")
+    print(f"{'precision':<14}{'step s':>9}{'vs fp32':>9}")
+    seconds = {}
+    for precision in ("fp32", "amp_bf16", "bf16"):
+        seconds[precision] = time_contrastive(student, images, collate, args, 1, False,
+                                              f"{tmp}/p-{precision}", precision)
+        print(f"{precision:<14}{seconds[precision]:>9.3f}"
+              f"{seconds[precision] / seconds['fp32']:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per task")
@@ -142,6 +160,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--no-vit-b16", dest="vit_b16", action="store_false",
                         help="skip the ViT-B-16-size distill comparison")
+    parser.add_argument("--precision", action="store_true",
+                        help="only compare train.precision fp32 / amp_bf16 / bf16")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "
@@ -152,6 +172,9 @@ def main() -> None:
     student = build_student(teacher, 248)
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         images = demo_dataset(Path(tmp), 4 * args.batch_size, student.preprocess)
+        if args.precision:
+            compare_precisions(student, images, args, tmp)
+            return
         # the same records as text only (no preprocess: no image is located or read)
         texts = CaptionImageDataset(pd.DataFrame({"id": images.ids, "image": images.ids,
                                                   "caption": images.captions}), tmp, None)

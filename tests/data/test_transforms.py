@@ -73,3 +73,45 @@ def test_training_reads_every_size_as_the_models_input(tmp_path, preprocess, siz
     with Image.open(tmp_path / "x.jpg") as full:
         reference = preprocess(full.convert("RGB"))
     assert (sample["image"] - reference).abs().mean() < 0.05
+
+
+def test_full_decoding_is_the_originals_decode_and_bicubic_resize(tmp_path):
+    path = _jpeg(tmp_path / "x.jpg", (400, 300))
+    full = encode_image(path, Encoding(TARGET, 95, "4:4:4", draft=False))
+    with Image.open(path) as image:
+        reference = image.convert("RGB").resize((64, TARGET), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    reference.save(out, "JPEG", quality=95, subsampling="4:4:4")
+    assert full == out.getvalue()
+    assert encode_image(path, Encoding(TARGET, 95, "4:4:4")) != full  # draft: decoded at 1/4
+
+
+def test_the_original_files_read_in_full_when_draft_decoding_is_off(tmp_path):
+    from tulip_pipelines.data.images import image_source_from_dict
+
+    _jpeg(tmp_path / "x.jpg", (400, 300))
+    assert FolderImages(tmp_path).open("x.jpg", TARGET).size == (100, 75)  # DCT scale 1/4
+    full = image_source_from_dict(FolderImages(tmp_path, draft=False).to_dict())
+    assert full.open("x.jpg", TARGET).size == (400, 300)
+    assert FolderImages(tmp_path).to_dict() == {"kind": "folder", "root": str(tmp_path)}
+
+
+def test_the_train_augmentation_draws_anew_each_epoch_and_validation_does_not_augment(tmp_path):
+    import pandas as pd
+
+    from tulip_pipelines.models.clip import train_preprocess
+    from tulip_pipelines.training.sampler import SeededSamples
+
+    # square: RandomResizedCrop at scale 0.9-1 and aspect 3/4-4/3 finds no crop in a 3:2 image
+    # and falls back to a fixed centre crop (so do the originals)
+    _jpeg(tmp_path / "x.jpg", (100, 100))
+    frame = pd.DataFrame({"id": ["a"], "image": ["x.jpg"], "caption": ["A caption."]})
+    model = create_teacher("TULIP-Tiny")
+    augmented = SeededSamples(CaptionImageDataset(frame, FolderImages(tmp_path),
+                                                  train_preprocess(model.model)), seed=0)
+    epoch0, again, epoch1 = (augmented[(0, e)]["image"] for e in (0, 0, 1))
+    assert epoch0.shape == (3, TARGET, TARGET)
+    assert torch.equal(epoch0, again) and not torch.equal(epoch0, epoch1)
+    plain = SeededSamples(CaptionImageDataset(frame, FolderImages(tmp_path), model.preprocess),
+                          seed=0)
+    assert torch.equal(plain[(0, 0)]["image"], plain[(0, 1)]["image"])

@@ -45,9 +45,9 @@ def test_accumulated_micro_batches_train_like_one_batch(one_batch, tmp_path):
 
 
 def test_per_micro_batch_loss_does_not(one_batch, tmp_path):
-    """The check above can fail: contrasting each micro batch alone (local_loss, the old
-    behaviour) gives another loss and other weights."""
-    loss, weights = _one_step(tmp_path, "local", 4, 4, local_loss=True)
+    """The check above can fail: contrasting each micro batch alone (contrastive_batch: micro,
+    the old behaviour) gives another loss and other weights."""
+    loss, weights = _one_step(tmp_path, "local", 4, 4, contrastive_batch="micro")
     assert abs(loss - one_batch[0]) > 1e-3
     moved = weights["model.text_projection"] - one_batch[1]["model.text_projection"]
     assert moved.abs().max() > 1e-4

@@ -27,7 +27,7 @@ def _batch(n=8):
 
 
 def test_under_autocast_the_loss_is_the_float32_loss_of_the_features():
-    task = contrastive_task(local_loss=True).train()
+    task = contrastive_task(contrastive_batch="micro").train()
     batch = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = task(batch)
@@ -90,7 +90,7 @@ def test_precision_sets_deepspeeds_bf16_and_a_contradiction_is_named(tmp_path):
 
 
 def test_openais_logit_scale_gets_a_gradient_and_changes_after_one_step(tmp_path):
-    task = contrastive_task(local_loss=True).train()
+    task = contrastive_task(contrastive_batch="micro").train()
     with torch.no_grad():
         task.model.logit_scale.fill_(OPENAI_LOGIT_SCALE)
     task(_batch())["loss"].backward()

@@ -111,7 +111,10 @@ CHECKS = {
         "label_smoothing": (0.1, lambda job, _: job.task.label_smoothing == 0.1),
         "short_image_components": (4, lambda job, _: job.task.short_image_components == 4),
         "max_logit_scale": (50.0, lambda job, _: job.task.max_logit_scale == 50.0),
-        "local_loss": (True, lambda job, _: job.task.global_batch is False),
+        "contrastive_batch": ("micro", lambda job, _: job.task.global_batch is False),
+        "train_augment": ("random_resized_crop", lambda job, _: "RandomResizedCrop" in repr(
+            job.train_dataset.preprocess) and "RandomResizedCrop" not in repr(
+            job.val_dataset.preprocess)),
         "context_length": (300, lambda job, _: job.model.spec.context_length == 300),
         "ntk_scale": (2.0, lambda job, _: job.model.spec.rope_theta != 10000.0),
         "text_projection": ("distilled", lambda job, inputs: torch.equal(

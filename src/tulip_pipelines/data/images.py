@@ -90,18 +90,21 @@ class ImageSource(ABC):
 
 
 class FolderImages(ImageSource):
-    """The original image files: ``root / image`` (no file is touched until it is opened)."""
+    """The original image files: ``root / image`` (no file is touched until it is opened), JPEGs
+    decoded in draft mode at the size asked for unless ``draft`` is false (every pixel, as the
+    originals decode)."""
 
     kind = "folder"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, draft: bool = True):
         self.root = Path(root)
+        self.draft = draft
 
     def locate(self, ids: Sequence[str], images: Sequence[str]) -> list[str]:
         return [str(image) for image in images]
 
     def open(self, handle: str, min_size: int | None = None) -> Image.Image:
-        return open_image_file(self.root / handle, min_size)
+        return open_image_file(self.root / handle, min_size if self.draft else None)
 
     def describe(self, handle: str) -> str:
         return str(self.root / handle)
@@ -110,13 +113,15 @@ class FolderImages(ImageSource):
         return (self.root / handle).is_file()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "root": str(self.root)}
+        # draft only when false: the fingerprints of runs made before the switch stay the same
+        extra = {} if self.draft else {"draft": False}
+        return {"kind": self.kind, "root": str(self.root), **extra}
 
     def resolved(self) -> "FolderImages":
-        return FolderImages(self.root.resolve())
+        return FolderImages(self.root.resolve(), self.draft)
 
     def __repr__(self) -> str:
-        return f"FolderImages({str(self.root)!r})"
+        return f"FolderImages({str(self.root)!r}{'' if self.draft else ', draft=False'})"
 
 
 class PreparedImages(ImageSource):
@@ -252,7 +257,7 @@ def image_source_from_dict(data: dict[str, Any]) -> ImageSource:
     """The source a :meth:`ImageSource.to_dict` describes."""
     kind = data.get("kind")
     if kind == FolderImages.kind:
-        return FolderImages(data["root"])
+        return FolderImages(data["root"], data.get("draft", True))
     if kind == PreparedImages.kind:
         return PreparedImages(data["folder"],
                               {k: v for k, v in data.items() if k not in ("kind", "folder")})

@@ -77,6 +77,9 @@ class PrepareImagesParams(Params):
         shard_size: records per shard.
         num_workers: writer processes; ``None``: one per CPU core; 0: in this process.
         num_nodes, node_rank: this node's share of the shards (see the module docstring).
+        draft_decoding: JPEGs decoded in draft mode at the smallest DCT scale that covers the
+            size (fast); false decodes every pixel and resizes as the originals do. It applies
+            to the shards and, with ``enabled: false``, to training's reads of the original files.
     """
 
     section = "prepare_images"
@@ -90,10 +93,12 @@ class PrepareImagesParams(Params):
     num_workers: int | None = None
     num_nodes: int = 1
     node_rank: int = 0
+    draft_decoding: bool = True
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
         p.boolean("enabled", self.enabled)
+        p.boolean("draft_decoding", self.draft_decoding)
         p.check(isinstance(self.output_dir, str) and bool(self.output_dir), "output_dir",
                 f"must be a non-empty path, got {self.output_dir!r}")
         p.int_at_least("size", self.size, 1, optional=True)
@@ -123,7 +128,7 @@ class PrepareImagesParams(Params):
             from tulip_pipelines.models.configs import image_input_size
 
             size = image_input_size(teacher_model_name)
-        return Encoding(size, self.quality, self.subsampling)
+        return Encoding(size, self.quality, self.subsampling, self.draft_decoding)
 
 
 @dataclass
@@ -211,7 +216,8 @@ def prepare_images(train: pd.DataFrame, val: pd.DataFrame, image_root: str | os.
     """Prepare the images of ``train`` and ``val`` (see the module docstring)."""
     if not params.enabled:
         logger.info("prepare_images is off: reading the original files under %s", image_root)
-        return Preparation(FolderImages(image_root), pd.DataFrame(columns=REJECTED_COLUMNS))
+        return Preparation(FolderImages(image_root, draft=params.draft_decoding),
+                           pd.DataFrame(columns=REJECTED_COLUMNS))
     root = Path(image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"image root {root} is not a directory (image_root, "

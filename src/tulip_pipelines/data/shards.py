@@ -39,14 +39,22 @@ class ImageReason(str, Enum):
 @dataclass(frozen=True)
 class Encoding:
     """How images are stored: shortest side ``size`` (never upscaled), JPEG ``quality`` and
-    chroma ``subsampling`` (``"4:4:4"`` keeps full colour resolution)."""
+    chroma ``subsampling`` (``"4:4:4"`` keeps full colour resolution). ``draft``: JPEGs are
+    decoded in draft mode at the smallest DCT scale that still covers ``size`` (fast); false
+    decodes every pixel as the originals do."""
 
     size: int
     quality: int
     subsampling: str
+    draft: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings (``draft`` only when false: shards written before the switch keep their
+        cache keys)."""
+        out = asdict(self)
+        if self.draft:
+            del out["draft"]
+        return out
 
 
 @dataclass
@@ -94,8 +102,10 @@ def shard_path(folder: str | os.PathLike, number: int, suffix: str) -> Path:
 
 def encode_image(path: Path, encoding: Encoding) -> bytes:
     """The image at ``path`` as JPEG bytes, its shortest side resized to ``encoding.size``
-    (aspect kept; a smaller image keeps its size). JPEGs are decoded in draft mode first."""
-    rgb = open_image_file(path, encoding.size)  # decodes everything: a broken file fails here
+    (aspect kept; a smaller image keeps its size). JPEGs are decoded in draft mode first unless
+    ``encoding.draft`` is false."""
+    # decodes every coefficient either way: a broken file fails here
+    rgb = open_image_file(path, encoding.size if encoding.draft else None)
     width, height = rgb.size
     short = min(width, height)
     if short > encoding.size:

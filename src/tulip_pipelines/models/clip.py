@@ -43,6 +43,14 @@ def _preprocess(model) -> object:
     return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
 
 
+def train_preprocess(model) -> object:
+    """open_clip's train transform for the model's image size and normalisation:
+    RandomResizedCrop (scale 0.9-1, bicubic) then the eval transform's tensor and normalisation
+    (what TULIP's stage 2 trains with; its random draws come from torch's generator, which the
+    engine seeds per sample)."""
+    return image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=True)
+
+
 def bundle(model: nn.Module, spec: ModelSpec) -> ModelBundle:
     model.eval()
     tokenizer = get_tokenizer(spec.model_name, spec.context_length)

@@ -48,6 +48,9 @@ def freeze_towers(model: nn.Module, train_towers: Iterable[str]) -> None:
         param.requires_grad_(_tower(name) in train_towers and name not in always_frozen)
 
 
+CONTRASTIVE_BATCHES = ("global", "micro")
+
+
 class ContrastiveTask(nn.Module):
     """CLIP loss on (image, long caption), plus optionally (image, short caption), over the
     global batch of an optimizer step (every process, every accumulated micro batch: see
@@ -61,14 +64,16 @@ class ContrastiveTask(nn.Module):
     ``[0, ln max_logit_scale]`` after every optimizer step (:meth:`parameter_bounds`, open_clip's
     rule; ``None``: Long-CLIP, no clamp). Features are float32 and the loss is computed outside
     any autocast (in float32 unless the weights themselves are bfloat16).
-    ``local_loss``: each process contrasts each micro batch alone (fewer negatives; the
-    gradient of a bigger batch is not reproduced).
+    ``contrastive_batch``: ``global`` contrasts the whole batch of an optimizer step (every
+    process, every micro batch: the exact gradient of that batch); ``micro`` contrasts each micro
+    batch of each process alone (fewer negatives; not open_clip's ``--local-loss``, which keeps
+    every negative and gives the global gradient).
     """
 
     def __init__(self, model: nn.Module, long_weight: float = 0.8, short_weight: float = 0.2,
                  train_towers: Iterable[str] = TOWERS, *, label_smoothing: float = 0.0,
                  short_image_components: int | None = None,
-                 max_logit_scale: float | None = 100.0, local_loss: bool = False):
+                 max_logit_scale: float | None = 100.0, contrastive_batch: str = "global"):
         super().__init__()
         if long_weight < 0 or short_weight < 0 or long_weight + short_weight == 0:
             raise ValueError(f"loss weights must be >= 0 and not both 0, got {long_weight}, "
@@ -78,7 +83,11 @@ class ContrastiveTask(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.short_image_components = short_image_components
         self.max_logit_scale = max_logit_scale
-        self.global_batch = not local_loss  # the engine then caches a step's features
+        if contrastive_batch not in CONTRASTIVE_BATCHES:
+            raise ValueError(f"contrastive_batch must be one of {CONTRASTIVE_BATCHES}, got "
+                             f"{contrastive_batch!r}")
+        # global: the engine caches a step's features (accumulation.py)
+        self.global_batch = contrastive_batch == "global"
         freeze_towers(model, train_towers)
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -78,14 +78,15 @@ class StageInputs:
         self.images = as_image_source(self.images)
 
     def datasets(self, preprocess, variants=None, *, short_caption=first_sentence,
-                 frames: Mapping[str, pd.DataFrame] | None = None
+                 frames: Mapping[str, pd.DataFrame] | None = None, train_preprocess=None
                  ) -> tuple[CaptionImageDataset, CaptionImageDataset | None]:
         """Training and (if there are validation rows) validation datasets; ``preprocess=None``
-        reads no images (distillation is text only). Variants apply to training only.
-        ``frames`` replaces the inputs' caption tables (e.g. with extra rows)."""
+        reads no images (distillation is text only). Variants and ``train_preprocess`` (an
+        augmenting transform) apply to training only. ``frames`` replaces the inputs' caption
+        tables (e.g. with extra rows)."""
         frames = frames or self.frames
-        train_ds = CaptionImageDataset(frames["train"], self.images, preprocess, variants,
-                                       short_caption)
+        train_ds = CaptionImageDataset(frames["train"], self.images,
+                                       train_preprocess or preprocess, variants, short_caption)
         val = frames.get("val")
         val_ds = None
         if val is not None and len(val):

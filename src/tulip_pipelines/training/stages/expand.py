@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 
 from tulip_pipelines.data.text import SHORT_CAPTIONS
 from tulip_pipelines.models import ModelBundle, expand_rope_context
+from tulip_pipelines.models.clip import train_preprocess
 from tulip_pipelines.params import Problems
 from tulip_pipelines.training.datasets import Collate
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
-from tulip_pipelines.training.tasks import TOWERS, ContrastiveTask
+from tulip_pipelines.training.tasks import CONTRASTIVE_BATCHES, TOWERS, ContrastiveTask
 
 TEXT_PROJECTIONS = ("teacher", "distilled")
+TRAIN_AUGMENTS = ("none", "random_resized_crop")
 
 
 @dataclass
@@ -30,7 +32,8 @@ class ContrastiveParams(StageParams):
     label_smoothing: float = 0.0
     short_image_components: int | None = None  # Long-CLIP's primary component matching
     max_logit_scale: float | None = 100.0
-    local_loss: bool = False  # true: each process contrasts each micro batch alone
+    contrastive_batch: str = "global"  # global: a step's whole batch | micro: each micro batch
+    train_augment: str = "none"  # random_resized_crop: open_clip's train transform (TULIP's)
 
     def check(self, problems: Problems) -> None:
         problems.number_in("long_weight", self.long_weight, 0)
@@ -46,7 +49,8 @@ class ContrastiveParams(StageParams):
                               optional=True)
         problems.number_in("max_logit_scale", self.max_logit_scale, 0, low_open=True,
                            optional=True)
-        problems.boolean("local_loss", self.local_loss)
+        problems.one_of("contrastive_batch", self.contrastive_batch, CONTRASTIVE_BATCHES)
+        problems.one_of("train_augment", self.train_augment, TRAIN_AUGMENTS)
 
 
 @dataclass
@@ -70,9 +74,11 @@ def contrastive_build(params: ContrastiveParams, inputs: StageInputs, model: Mod
     task = ContrastiveTask(model.model, params.long_weight, params.short_weight,
                            params.train_towers, label_smoothing=params.label_smoothing,
                            short_image_components=params.short_image_components,
-                           max_logit_scale=params.max_logit_scale, local_loss=params.local_loss)
+                           max_logit_scale=params.max_logit_scale,
+                           contrastive_batch=params.contrastive_batch)
     collate = Collate(model.tokenizer, model.tokenizer)
-    train_ds, val_ds = inputs.datasets(model.preprocess,
+    augment = train_preprocess(model.model) if params.train_augment != "none" else None
+    train_ds, val_ds = inputs.datasets(model.preprocess, train_preprocess=augment,
                                        short_caption=SHORT_CAPTIONS[params.short_caption])
     return stage_job(params, inputs, task=task, collate=collate, train_dataset=train_ds,
                      val_dataset=val_ds, model=model, finish=finish)

@@ -31,8 +31,8 @@ from tulip_pipelines.training.stages.expand import (
 RECIPES = ("authors", "equal_budget")
 # what the equal-budget baseline takes from params:expand, so that the two cannot drift apart
 EXPAND_BUDGET = ("train", "long_weight", "short_weight", "short_caption", "train_towers",
-                 "label_smoothing", "short_image_components", "max_logit_scale", "local_loss",
-                 "num_processes", "launcher")
+                 "label_smoothing", "short_image_components", "max_logit_scale",
+                 "contrastive_batch", "train_augment", "num_processes", "launcher")
 # what both recipes take from params:longclip itself (the position scheme)
 POSITION_SCHEME = ("context_length", "keep", "freeze_kept")
 
