@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 # DeepSpeed picks its accelerator by probing; on a machine without a GPU tell it plainly.
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
-.PHONY: install run test test-fast lint viz bench clean-data
+.PHONY: install run test test-fast lint viz bench gpu-check clean-data
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ lint: $(STAMP)
 
 viz: $(STAMP)
 	$(BIN)/kedro viz build --include-previews
+
+# The real-scale path on this machine's GPUs (CPU: its tiny fallback, as CI runs it).
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(ARGS)
 
 bench: $(STAMP)  # the benchmark scripts only (their helpers live in bench/lib/)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

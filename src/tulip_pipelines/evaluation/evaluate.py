@@ -41,7 +41,7 @@ from tulip_pipelines.evaluation.readers import (
     build_dci_long,
     read_sharegpt4v,
 )
-from tulip_pipelines.models.device import AUTOCAST_DTYPES, resolve_device
+from tulip_pipelines.models.device import AUTOCAST_DTYPES, autocast_in_effect, resolve_device
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.params import Params, Problems, is_int
 from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
@@ -281,6 +281,9 @@ def score(
     """Every model on every benchmark: recall@k with its bootstrap interval, R@1 by caption
     length, and, on long-caption benchmarks, R@1 against the tokens read."""
     tower_keys = {name: image_tower_key(b) for name, b in models.items()}
+    device = resolve_device(params.device)
+    logger.info("evaluation on %s (autocast: %s): %d models, %d benchmarks", device,
+                autocast_in_effect(device, params.autocast), len(models), len(benchmarks))
     rows, by_tokens, by_length, scored = [], [], [], {}
     for bench_name, bench in benchmarks.items():
         bench, image_features = _encode_benchmark_images(models, tower_keys, bench_name, bench,

@@ -257,6 +257,8 @@ class _Loop:
         row.update({k: totals[i] / n_micro for i, k in enumerate(keys)})
         row["lr"] = self._step_lr
         row["samples_per_s"] = n_micro * self.params.batch_size / max(elapsed, 1e-9)
+        if self.engine.device.type == "cuda":  # this rank's peak since the run started
+            row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
         self._window, self._window_micro = {}, 0
         self._window_start = time.perf_counter()
         return row
