@@ -41,7 +41,7 @@ from tulip_pipelines.evaluation.readers import (
     build_dci_long,
     read_sharegpt4v,
 )
-from tulip_pipelines.models.device import AUTOCAST_DTYPES, autocast_in_effect, resolve_device
+from tulip_pipelines.models.device import autocast_in_effect, check_placement, resolve_device
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.params import Params, Problems, is_int
 from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
@@ -155,11 +155,7 @@ class EvaluateParams(Params):
                 "tokens_read", "must be a list of integers >= 2 (start and end token included), "
                 f"got {self.tokens_read!r}")
         p.int_at_least("caption_length_bins", self.caption_length_bins, 1)
-        p.one_of("autocast", self.autocast, (None, *AUTOCAST_DTYPES))
-        try:
-            resolve_device(self.device)
-        except (RuntimeError, ValueError) as err:
-            p.add("device", str(err))
+        check_placement(p, "device", self.device, "autocast", self.autocast)
         p.raise_if_any()
 
 

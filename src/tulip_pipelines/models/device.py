@@ -31,6 +31,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def check_placement(problems, device_field: str, device: str, autocast_field: str,
+                    autocast: str | None) -> None:
+    """Add to ``problems`` (:class:`tulip_pipelines.params.Problems`) what is wrong with a
+    ``device`` / ``autocast`` pair of parameters, named by their fields."""
+    problems.one_of(autocast_field, autocast, (None, *AUTOCAST_DTYPES))
+    try:
+        resolve_device(device)
+    except (RuntimeError, ValueError) as err:
+        problems.add(device_field, str(err))
+
+
 def autocast_in_effect(device: torch.device, autocast: str | None) -> str | None:
     """The autocast dtype's name that :func:`inference_autocast` applies on ``device``."""
     return None if device.type in ("cpu", "meta") else autocast

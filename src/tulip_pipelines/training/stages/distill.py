@@ -11,7 +11,7 @@ import pandas as pd
 
 from tulip_pipelines.data.text import tulip_short_caption
 from tulip_pipelines.models import ModelBundle, build_student, teacher_context_length
-from tulip_pipelines.models.device import AUTOCAST_DTYPES, resolve_device
+from tulip_pipelines.models.device import check_placement
 from tulip_pipelines.params import Problems
 from tulip_pipelines.training.datasets import Collate
 from tulip_pipelines.training.job import TrainJob
@@ -50,11 +50,8 @@ class DistillParams(StageParams):
         problems.one_of("teacher_embeddings", self.teacher_embeddings, ("cached", "live"))
         problems.one_of("embedding_dtype", self.embedding_dtype, DTYPES)
         problems.int_at_least("embedding_batch_size", self.embedding_batch_size, 1)
-        problems.one_of("embedding_autocast", self.embedding_autocast, (None, *AUTOCAST_DTYPES))
-        try:
-            resolve_device(self.embedding_device)
-        except (RuntimeError, ValueError) as err:
-            problems.add("embedding_device", str(err))
+        check_placement(problems, "embedding_device", self.embedding_device,
+                        "embedding_autocast", self.embedding_autocast)
         problems.int_at_least("context_length", self.context_length, 2)
         problems.number_in("rope_theta", self.rope_theta, 1, low_open=True)
         problems.one_of("activation", self.activation, (None, "gelu", "quick_gelu"))
