@@ -3,7 +3,7 @@
 For each step: samples/s, the step time split into data / forward / backward / optimizer, model
 FLOPs utilisation (FLOPs of one step counted with ``torch.utils.flop_counter`` over the device's
 dense bf16 peak), and the peak device and host memory.
-  distill: the RoPE student's text tower at 248 tokens learns cached teacher targets (the
+  distill: the RoPE student's text tower at 248 tokens learns cached teacher text embeddings (the
            teacher's forward is not in the step, as with ``teacher_embeddings: cached``).
   expand:  the whole student (ViT-L-14 image tower at 224 px, RoPE text tower at 248 tokens),
            0.8/0.2 long/short contrastive loss over the batch.

@@ -19,7 +19,7 @@ WORDS = ("red", "green", "blue", "small", "large", "striped", "round", "square",
          "wooden", "metal", "left", "right", "above", "below")
 
 
-def _photo(path: Path, size: tuple[int, int], seed: int) -> None:
+def write_photo(path: Path, size: tuple[int, int], seed: int) -> None:
     """A smooth random image (compresses like a photo, not like noise)."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
@@ -27,7 +27,7 @@ def _photo(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(small).resize(size, Image.Resampling.BICUBIC).save(path, quality=90)
 
 
-def _caption(rng: random.Random, n: int, sentences: int = 8) -> str:
+def long_caption(rng: random.Random, n: int, sentences: int = 8) -> str:
     """A long caption: record ``n`` named first, then sentences of random detail."""
     first = f"Photograph number {n} shows a {rng.choice(WORDS)} scene."
     rest = [f"There is a {rng.choice(WORDS)} {rng.choice(WORDS)} object "
@@ -45,24 +45,24 @@ def write_tree(root: str | Path, records: int = 300, sam_share: float = 0.25,
     for n in range(records):
         sam = n < records * sam_share
         image = f"sam/images/sa_{n}.jpg" if sam else f"coco/train2017/{n:012d}.jpg"
-        _photo(data / image, (1500, 2250) if sam else (640, 480), seed + n)
+        write_photo(data / image, (1500, 2250) if sam else (640, 480), seed + n)
         items.append({"id": f"rec{n}", "image": image, "conversations": [
             {"from": "human", "value": "<image>\nWhat is in the image?"},
-            {"from": "gpt", "value": _caption(rng, n)}]})
+            {"from": "gpt", "value": long_caption(rng, n)}]})
     (data / ANNOTATIONS).write_text(json.dumps(items))
 
     urban = bench / "Urban1k"
     coco_images, coco_annotations = [], []
     flickr_lines, karpathy = ["image_name| comment_number| comment"], []
     for n in range(benchmark_images):
-        _photo(urban / "image" / f"{n}.jpg", (640, 480), 10_000 + n)
+        write_photo(urban / "image" / f"{n}.jpg", (640, 480), 10_000 + n)
         (urban / "caption").mkdir(parents=True, exist_ok=True)
-        (urban / "caption" / f"{n}.txt").write_text(_caption(rng, n, 10) + "\n")
-        _photo(bench / "coco" / "val2017" / f"{n:012d}.jpg", (640, 480), 20_000 + n)
+        (urban / "caption" / f"{n}.txt").write_text(long_caption(rng, n, 10) + "\n")
+        write_photo(bench / "coco" / "val2017" / f"{n:012d}.jpg", (640, 480), 20_000 + n)
         coco_images.append({"id": n, "file_name": f"{n:012d}.jpg"})
         coco_annotations += [{"id": 5 * n + k, "image_id": n,
                               "caption": f"A photo of item {n}, view {k}."} for k in range(5)]
-        _photo(bench / "flickr30k" / "flickr30k_images" / f"{n}.jpg", (500, 375), 30_000 + n)
+        write_photo(bench / "flickr30k" / "flickr30k_images" / f"{n}.jpg", (500, 375), 30_000 + n)
         flickr_lines += [f"{n}.jpg| {k}| A picture of thing {n} , take {k} ." for k in range(5)]
         karpathy.append({"filename": f"{n}.jpg", "split": "test" if n % 2 else "train"})
     (bench / "coco" / "annotations").mkdir(parents=True, exist_ok=True)

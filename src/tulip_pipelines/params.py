@@ -5,7 +5,7 @@ Each pipeline's parameters are one dataclass deriving from :class:`Params`. It c
 values in ``__post_init__`` (collecting every problem with :class:`Problems`, so a user sees them
 all at once) and, in :meth:`Params.check_with`, the rules that span pipelines (e.g. the student's
 context against the teacher's). The project hook runs both for every pipeline of a run before any
-node starts (``config_checks.py``); the nodes build the same objects again from their inputs.
+node starts (``params_checks.py``); the nodes build the same objects again from their inputs.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ RUN, PARENT_RUN, KEDRO_RUN = "a" * 32, "b" * 32, "c" * 32
 
 @pytest.fixture(scope="module")
 def expanded():
-    """A student whose spec carries what train_stage records for a tracked expand stage."""
+    """A student whose spec carries what run_stage records for a tracked expand stage."""
     torch.manual_seed(0)
     student = build_student(create_teacher("TULIP-Tiny"), 248)
     extra = {**student.spec.extra, "stage": "expand", "mlflow_run_id": RUN,
