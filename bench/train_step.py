@@ -43,7 +43,6 @@ from tulip_pipelines.training.datasets import CaptionImageDataset, Collate  # no
 from tulip_pipelines.training.engine import train  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 from tulip_pipelines.training.teacher_embeddings import (  # noqa: E402
-    TeacherEmbeddingsRequest,
     WithTeacherEmbeddings,
     embed_texts,
 )
@@ -91,8 +90,7 @@ def distill_live_vs_cached(label: str, teacher, texts: CaptionImageDataset,
     """The distill step with the live teacher and with the cached teacher text embeddings,
     same student start."""
     student = build_student(teacher, 248)
-    request = TeacherEmbeddingsRequest(teacher, {"train": texts.captions})
-    embeddings = embed_texts(request, teacher.model.eval(), texts.captions).half()
+    embeddings = embed_texts(teacher.model.eval(), teacher.tokenizer, texts.captions).half()
     collate = Collate(student.tokenizer, teacher_tokenizer=teacher.tokenizer)
     totals = {}
     for mode in ("live", "cached"):

@@ -82,3 +82,27 @@ def test_every_stage_budget_resolves_to_steps(project_root, env):
         resolved = train.resolved(steps_per_epoch=10_000)
         assert resolved.max_steps >= 1 and resolved.schedule_steps >= resolved.max_steps
         assert TrainParams.from_params(dataclasses.asdict(resolved)) == resolved, stage.section
+
+
+def test_the_real_scale_stages_run_as_the_papers_recipes(project_root):
+    """conf/sharegpt4v: TULIP's stage 1 stops at epoch 5 of a 30-epoch schedule and stage 2 at
+    epoch 1 of 30 (learning rate still ~99.7% of its peak when it ends), both in open_clip's
+    amp_bf16; stage 2 with open_clip's train transform, Long-CLIP's authors without one."""
+    import math
+
+    from tulip_pipelines.training.schedule import lr_lambda
+    from tulip_pipelines.training.stages.longclip import LongclipParams
+
+    params = _parameters(project_root, "sharegpt4v")
+    classes = params_classes()
+    distill, expand = (classes[name].from_all(params) for name in ("distill", "expand"))
+    authors = LongclipParams.from_params(params["longclip"]).recipe("authors")
+    for stage, epochs in ((distill, 5), (expand, 1)):
+        resolved = stage.train_params().resolved(steps_per_epoch=10_000)
+        assert (resolved.max_steps, resolved.schedule_steps) == (epochs * 10_000, 300_000)
+        assert resolved.precision == "amp_bf16"
+    end = lr_lambda(10_000, expand.train_params().warmup_steps, 300_000)
+    assert end == pytest.approx(0.997, abs=1e-3) and not math.isclose(end, 1.0)
+    assert expand.train_augment == "random_resized_crop" and authors.train_augment == "none"
+    assert authors.train_params().precision == "amp_bf16"
+    assert "bf16" not in params["deepspeed"]  # the precision is each stage's

@@ -101,6 +101,7 @@ CHECKS = {
         "embedding_batch_size": (17, lambda _, request: request.batch_size == 17),
         "embedding_device": ("cpu", lambda _, request: request.device == "cpu"),
         "embedding_autocast": ("fp16", lambda _, request: request.autocast == "fp16"),
+        "embedding_processes": (3, lambda _, request: len(request.workers()) == 3),
     },
     "expand": {
         "long_weight": (0.6, lambda job, _: job.task.long_weight == 0.6),

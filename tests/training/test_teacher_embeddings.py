@@ -1,6 +1,8 @@
 """Teacher text embeddings: the cached ones train like the live teacher, a killed computation
 resumes, and a stale cache is rebuilt (or refused), never silently reused."""
 
+import dataclasses
+import json
 import logging
 
 import pandas as pd
@@ -119,3 +121,41 @@ def test_a_stale_cache_is_rebuilt_and_refused_by_distill(teacher, tmp_path, capl
         write_cache(embeddings_request(params, teacher, changed), tmp_path / "cache")
     assert "stale" in caplog.text and "rebuilding" in caplog.text
     assert TeacherTextEmbeddings(tmp_path / "cache").cache_key != old.cache_key
+
+
+def test_parts_computed_by_two_processes_make_the_same_cache(teacher, tmp_path):
+    """One spawned process per device (two CPU workers here, one per GPU on a GPU node): every
+    part is computed once, they arrive in any order, and the cache equals the serial one."""
+    params = _params(tmp_path, "x", embedding_batch_size=8)
+    serial = embeddings_request(params, teacher, FRAMES)
+    write_cache(serial, tmp_path / "serial")
+    parallel = dataclasses.replace(serial, processes=2)
+    assert [str(d) for d in parallel.workers()] == ["cpu", "cpu"]
+    parts = list(compute_teacher_embeddings(parallel, {}))
+    computed = [(p.role, p.chunk) for p in parts if p.values is not None]
+    assert sorted(computed) == [("train", i) for i in range(5)] + [("val", 0)]
+    for part in parts:
+        write_part(part, tmp_path / "parallel")
+    one = TeacherTextEmbeddings(tmp_path / "serial")
+    two = TeacherTextEmbeddings(tmp_path / "parallel")
+    assert one.cache_key == two.cache_key
+    for role in ("train", "val"):
+        assert torch.equal(one.role(role), two.role(role))
+
+
+def test_a_cache_written_before_parts_were_a_set_resumes(teacher, tmp_path):
+    """Older manifests count parts (``chunks: n``, parts 0..n-1); they resume and load."""
+    params = _params(tmp_path, "x", embedding_batch_size=8)
+    request = embeddings_request(params, teacher, FRAMES)
+    write_cache(request, tmp_path / "cache")
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    manifest["chunks"] = {"train": 3, "val": 1}  # as written before: train parts 3, 4 missing
+    del manifest["parts"]
+    manifest["complete"] = False
+    (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
+    parts = list(compute_teacher_embeddings(request, read_manifest(tmp_path / "cache")))
+    assert [(p.role, p.chunk) for p in parts if p.values is not None] == [("train", 3),
+                                                                          ("train", 4)]
+    for part in parts:
+        write_part(part, tmp_path / "cache")
+    assert len(TeacherTextEmbeddings(tmp_path / "cache").role("train")) == 40

@@ -62,6 +62,20 @@ class TeacherEmbeddingsRequest:
     batch_size: int = 256
     device: str = "auto"  # where the teacher runs (models/device.py)
     autocast: str | None = "bf16"  # its autocast on an accelerator (none on the CPU)
+    processes: int | None = None  # None: one per GPU of the node with device auto, else 1
+
+    def workers(self) -> list[torch.device]:
+        """One device per worker process: every GPU of the node (``auto`` on a GPU machine,
+        unless ``processes`` says how many), else ``processes`` times the resolved device."""
+        device = resolve_device(self.device)
+        if self.processes is None:
+            if self.device == "auto" and device.type == "cuda":
+                return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+            return [device]
+        if device.type == "cuda" and self.device == "auto":
+            return [torch.device("cuda", i % torch.cuda.device_count())
+                    for i in range(self.processes)]
+        return [device] * self.processes
 
     def cache_key(self) -> str:
         autocast = autocast_in_effect(resolve_device(self.device), self.autocast)
@@ -106,12 +120,21 @@ class EmbeddingsPart:
     reset: bool = False
 
 
+def _parts_done(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
+    """The parts a manifest records per role (``chunks: n``, as caches written before parts
+    could complete out of order record them, is parts 0..n-1)."""
+    if "parts" in manifest:
+        return {role: sorted(done) for role, done in manifest["parts"].items()}
+    return {role: list(range(n)) for role, n in manifest.get("chunks", {}).items()}
+
+
 def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
                                written: Mapping[str, Any]) -> Iterator[EmbeddingsPart]:
     """The teacher's text embeddings of every requested text, part by part (``batch_size`` rows
     each), after what is already ``written`` (a manifest, :func:`read_manifest`): a complete
     matching cache is reused (nothing computed), a partial matching one resumed, anything else
-    rebuilt (with a log line saying which)."""
+    rebuilt (with a log line saying which). With several worker devices (every GPU of the node)
+    one process per device computes every n-th missing part; parts come back as they finish."""
     if request.texts is None:  # live embeddings: an empty cache that says so
         yield EmbeddingsPart({"mode": "live"}, reset=True)
         return
@@ -122,7 +145,10 @@ def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
         yield EmbeddingsPart(manifest)
         return
     if manifest.get("cache_key") == key:
-        logger.info("teacher text embeddings: resuming after %s parts", manifest["chunks"])
+        manifest["parts"] = _parts_done(manifest)
+        manifest.pop("chunks", None)
+        logger.info("teacher text embeddings: resuming after %d parts",
+                    sum(len(done) for done in manifest["parts"].values()))
     else:
         if manifest.get("cache_key"):
             logger.warning("teacher text embeddings are stale (cache key %s, expected %s: "
@@ -130,29 +156,109 @@ def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
                            manifest["cache_key"], key)
         manifest = {"mode": "cached", "cache_key": key, "dtype": request.dtype,
                     "rows": {role: len(t) for role, t in request.texts.items()},
-                    "chunk_rows": request.batch_size, "chunks": {r: 0 for r in request.texts},
+                    "chunk_rows": request.batch_size, "parts": {r: [] for r in request.texts},
                     "complete": False}
         yield EmbeddingsPart(copy.deepcopy(manifest), reset=True)
-    teacher = request.teacher.model.eval()
     size = manifest["chunk_rows"]
+    todo = [(role, index, list(texts[index * size:(index + 1) * size]))
+            for role, texts in request.texts.items()
+            for index in range(-(-len(texts) // size)) if index not in manifest["parts"][role]]
     total = sum(len(t) for t in request.texts.values())
-    done = sum(min(n * size, len(request.texts[r])) for r, n in manifest["chunks"].items())
-    device = resolve_device(request.device)
-    logger.info("teacher text embeddings on %s (autocast: %s)", device,
-                autocast_in_effect(device, request.autocast))
-    with (progress(total, "teacher text embeddings", "text", initial=done) as bar,
-          on_device(teacher, device), inference_autocast(device, request.autocast)):
-        for role, texts in request.texts.items():
-            for chunk in range(manifest["chunks"][role], -(-len(texts) // size)):
-                part = list(texts[chunk * size:(chunk + 1) * size])
-                values = embed_texts(request, teacher, part).to(DTYPES[request.dtype])
-                manifest["chunks"][role] = chunk + 1
-                yield EmbeddingsPart(copy.deepcopy(manifest), role, chunk, values)
-                bar.update(len(part))
+    devices = request.workers()
+    logger.info("teacher text embeddings: %d parts to compute on %s (autocast: %s)", len(todo),
+                ", ".join(str(d) for d in devices),
+                autocast_in_effect(devices[0], request.autocast))
+    settings = _Settings(request.teacher.spec.to_dict(), request.teacher_input,
+                         request.window_overlap, request.max_windows, request.dtype,
+                         request.autocast)
+    compute = _in_this_process if len(devices) == 1 else _in_worker_processes
+    with progress(total, "teacher text embeddings", "text", initial=total - sum(
+            len(texts) for _, _, texts in todo)) as bar:
+        for role, index, values in compute(request.teacher.model, settings, todo, devices):
+            manifest["parts"][role] = sorted([*manifest["parts"][role], index])
+            yield EmbeddingsPart(copy.deepcopy(manifest), role, index, values)
+            bar.update(len(values))
     manifest["complete"] = True
     logger.info("teacher text embeddings: %s rows computed (%s, cache key %s)",
                 manifest["rows"], request.dtype, key)
     yield EmbeddingsPart(manifest)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a worker needs besides the teacher's weights and its texts (picklable)."""
+
+    spec: dict[str, Any]  # the teacher's ModelSpec
+    teacher_input: str
+    window_overlap: int
+    max_windows: int
+    dtype: str
+    autocast: str | None
+
+    def tokenizer(self):
+        from tulip_pipelines.models import get_tokenizer
+
+        return get_tokenizer(self.spec["model_name"], self.spec["context_length"])
+
+
+Todo = list[tuple[str, int, list[str]]]
+
+
+def _in_this_process(teacher: torch.nn.Module, settings: _Settings, todo: Todo,
+                     devices: list[torch.device]) -> Iterator[tuple[str, int, torch.Tensor]]:
+    device, tokenizer = devices[0], settings.tokenizer()
+    teacher.eval()
+    with on_device(teacher, device), inference_autocast(device, settings.autocast):
+        for role, index, texts in todo:
+            values = embed_texts(teacher, tokenizer, texts, settings.teacher_input,
+                                 settings.window_overlap, settings.max_windows)
+            yield role, index, values.to(DTYPES[settings.dtype])
+
+
+def _in_worker_processes(teacher: torch.nn.Module, settings: _Settings, todo: Todo,
+                         devices: list[torch.device]) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """One spawned process per device, each with every n-th part; results as they come."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_worker, daemon=True,
+                               args=(teacher.state_dict(), settings, todo[rank::len(devices)],
+                                     str(device), results))
+               for rank, device in enumerate(devices)]
+    for worker in workers:
+        worker.start()
+    try:
+        for _ in range(len(todo)):
+            message = results.get()
+            if message[0] == "error":
+                raise RuntimeError(f"a teacher text embeddings worker failed:\n{message[1]}")
+            _, role, index, values = message
+            yield role, index, values.clone()
+        for worker in workers:
+            worker.join()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+
+
+def _worker(state: dict[str, torch.Tensor], settings: _Settings, todo: Todo, device: str,
+            results) -> None:
+    """A worker process: the teacher rebuilt from its weights on ``device``, its parts back."""
+    import traceback
+
+    try:
+        from tulip_pipelines.models import ModelSpec, build_architecture
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        teacher = build_architecture(ModelSpec.from_dict(settings.spec))
+        teacher.load_state_dict(state)
+        for role, index, values in _in_this_process(teacher, settings, todo,
+                                                    [torch.device(device)]):
+            results.put(("part", role, index, values))
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        results.put(("error", traceback.format_exc()))
 
 
 def write_part(part: EmbeddingsPart, folder: str | Path) -> None:
@@ -169,20 +275,20 @@ def write_part(part: EmbeddingsPart, folder: str | Path) -> None:
 
 
 @torch.no_grad()
-def embed_texts(request: TeacherEmbeddingsRequest, teacher: torch.nn.Module,
-                texts: list[str]) -> torch.Tensor:
-    """The teacher's embeddings of ``texts`` (float32), exactly as the live distillation computes
-    them (:func:`tulip_pipelines.training.tasks.teacher_text_embedding`)."""
-    tokenizer = request.teacher.tokenizer
-    if request.teacher_input == "windows":
-        windows, mask = window_tokens(texts, tokenizer, request.window_overlap,
-                                      request.max_windows)
+def embed_texts(teacher: torch.nn.Module, tokenizer, texts: list[str],
+                teacher_input: str = "tokens", window_overlap: int = 20,
+                max_windows: int = 5) -> torch.Tensor:
+    """The teacher's embeddings of ``texts`` (float32, CPU), exactly as the live distillation
+    computes them (:func:`tulip_pipelines.training.tasks.teacher_text_embedding`), on the
+    teacher's device."""
+    if teacher_input == "windows":
+        windows, mask = window_tokens(texts, tokenizer, window_overlap, max_windows)
         batch = {"windows": windows, "window_mask": mask}
     else:
         batch = {"teacher_long": tokenizer(texts)}
     device = next(teacher.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    return teacher_text_embedding(teacher, batch, request.teacher_input).float().cpu()
+    return teacher_text_embedding(teacher, batch, teacher_input).float().cpu()
 
 
 class TeacherTextEmbeddings:
@@ -205,7 +311,7 @@ class TeacherTextEmbeddings:
 
     def role(self, role: str) -> torch.Tensor:
         chunks = [load_file(str(self.folder / f"{role}-{i:05d}.safetensors"))["embeddings"]
-                  for i in range(self._manifest["chunks"][role])]
+                  for i in _parts_done(self._manifest)[role]]
         values = torch.cat(chunks)
         if len(values) != self.rows[role]:
             raise RuntimeError(f"teacher text embeddings in {self.folder}: {len(values)} {role} "

@@ -44,6 +44,7 @@ class DistillParams(StageParams):
     embedding_batch_size: int = 256
     embedding_device: str = "auto"  # where the teacher embeds (auto: the accelerator if any)
     embedding_autocast: str | None = "bf16"  # on an accelerator; null: float32
+    embedding_processes: int | None = None  # null: one per GPU of the node (auto), else 1
 
     def check(self, problems: Problems) -> None:
         problems.one_of("rows", self.rows, DISTILL_ROWS)
@@ -52,6 +53,7 @@ class DistillParams(StageParams):
         problems.int_at_least("embedding_batch_size", self.embedding_batch_size, 1)
         check_placement(problems, "embedding_device", self.embedding_device,
                         "embedding_autocast", self.embedding_autocast)
+        problems.int_at_least("embedding_processes", self.embedding_processes, 1, optional=True)
         problems.int_at_least("context_length", self.context_length, 2)
         problems.number_in("rope_theta", self.rope_theta, 1, low_open=True)
         problems.one_of("activation", self.activation, (None, "gelu", "quick_gelu"))
@@ -116,7 +118,7 @@ def embeddings_request(params: DistillParams, teacher: ModelBundle,
     return TeacherEmbeddingsRequest(teacher, texts, params.teacher_input, params.window_overlap,
                                     params.max_windows, params.embedding_dtype,
                                     params.embedding_batch_size, params.embedding_device,
-                                    params.embedding_autocast)
+                                    params.embedding_autocast, params.embedding_processes)
 
 
 def with_short_rows(frame: pd.DataFrame) -> pd.DataFrame:
