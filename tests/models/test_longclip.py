@@ -1,9 +1,15 @@
 """Long-CLIP's training model: the kept position rows cannot train, and export merges the two
 tables back into one."""
 
+
 import torch
 
-from tulip_pipelines.models import create_teacher, stretch_position_embedding
+from tests.models.conftest import LONG
+from tulip_pipelines.models import (
+    create_teacher,
+    stretch_position_embedding,
+    stretch_positions,
+)
 from tulip_pipelines.models.longclip import (
     KeptPositionsCLIP,
     freeze_kept_positions,
@@ -41,3 +47,34 @@ def test_kept_rows_stay_bit_identical_while_the_others_train():
     assert torch.equal(table[:20], before[:20])
     assert (table[20:100] != before[20:100]).any(dim=1).all()  # every read row past 20 trained
     assert torch.equal(merged.model.encode_text(tokens), frozen.model.encode_text(tokens))
+
+
+def longclip_reference(pre: torch.Tensor) -> torch.Tensor:
+    """Long-CLIP's published stretch of 77 positions to 248, row by row (beichenzbc/Long-CLIP,
+    model/longclip.py): rows 0-19 kept; every later pair (20+i, 21+i) filled with quarters
+    ((4-j)*a + j*b)/4, j = 0..3; the last 4 rows extrapolated along pre[76] - pre[75]."""
+    assert pre.shape[0] == 77
+    rows = [pre[r] for r in range(20)]
+    for i in range(56):
+        a, b = pre[20 + i], pre[21 + i]
+        rows += [((4 - j) * a + j * b) / 4 for j in range(4)]
+    rows += [pre[76] + k * (pre[76] - pre[75]) / 4 for k in range(4)]
+    return torch.stack(rows)
+
+
+def test_longclip_stretch_matches_the_published_rule_on_every_row():
+    pre = torch.randn(77, 16, dtype=torch.float64)
+    expected = longclip_reference(pre)
+    assert expected.shape == (248, 16)
+    got = stretch_positions(pre, new_length=248, keep=20)
+    assert got.shape == (248, 16)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_longclip_stretch(teacher):
+    longclip = stretch_position_embedding(teacher, new_length=248, keep=20)
+    old = teacher.model.positional_embedding.detach()
+    new = longclip.model.positional_embedding.detach()
+    assert new.shape == (248, old.shape[1])
+    torch.testing.assert_close(new, longclip_reference(old), rtol=0, atol=1e-6)
+    assert longclip.tokenizer([LONG]).shape == (1, 248)

@@ -2,14 +2,20 @@
 HF_HUB_OFFLINE=1 (what the tests run with) or download=False. No network here: open_clip's
 downloader is replaced by one that writes a weights file, as a download would."""
 
+
 import logging
 
 import open_clip
 import pytest
 import safetensors.torch
 import torch
+from open_clip.transformer import QuickGELU
 
-from tulip_pipelines.models import create_teacher, load_bundle, save_model
+from tulip_pipelines.models import (
+    create_teacher,
+    load_bundle,
+    save_model,
+)
 from tulip_pipelines.models.pretrained import offline
 
 
@@ -57,3 +63,66 @@ def test_loading_an_exported_model_does_not_warn_of_random_weights(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         load_bundle(tmp_path / "model")
     assert "initialized randomly" not in caplog.text
+
+
+def test_missing_pretrained_weights_say_where_they_were_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="not in the local cache") as err:
+        create_teacher("ViT-B-32", "openai", cache_dir=str(tmp_path / "empty"))
+    assert str(tmp_path / "empty") in str(err.value)
+    with pytest.raises(FileNotFoundError, match="teacher weights file not found"):
+        create_teacher("TULIP-Tiny", str(tmp_path / "missing.pt"))
+
+
+def _tiny_gelu_configs(monkeypatch):
+    """A GELU variant of TULIP-Tiny and its -quickgelu twin, registered for one test."""
+    base = open_clip.get_model_config("TULIP-Tiny")
+    monkeypatch.setitem(
+        open_clip.factory._MODEL_CONFIGS, "Tiny-gelu", {**base, "quick_gelu": False}
+    )
+    monkeypatch.setitem(
+        open_clip.factory._MODEL_CONFIGS, "Tiny-gelu-quickgelu", {**base, "quick_gelu": True}
+    )
+
+
+def test_pretrained_tag_resolves_from_hub_cache_offline(teacher, tmp_path, monkeypatch):
+    _tiny_gelu_configs(monkeypatch)
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "Tiny-gelu",
+                        {"demo": {"url": "", "hf_hub": "tulip/tiny-demo/", "quick_gelu": True}})
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--tulip--tiny-demo"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    safetensors.torch.save_file(
+        teacher.model.state_dict(), repo / "snapshots" / commit / "open_clip_model.safetensors"
+    )
+    loaded = create_teacher("Tiny-gelu", "demo", cache_dir=str(tmp_path / "hub"))
+    assert loaded.spec.model_name == "Tiny-gelu-quickgelu"  # the tag was trained with QuickGELU
+    tok = teacher.tokenizer(["a blue square"])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tok), teacher.model.encode_text(tok))
+
+
+def test_openai_state_dict_format_loads(teacher, tmp_path):
+    state = dict(teacher.model.state_dict())
+    state.update(
+        input_resolution=torch.tensor(48),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
+    torch.save(state, tmp_path / "openai_format.pt")
+    loaded = create_teacher("TULIP-Tiny", str(tmp_path / "openai_format.pt"))
+    tok = teacher.tokenizer(["a blue square"])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tok), teacher.model.encode_text(tok))
+
+
+def test_openai_format_selects_quick_gelu_in_both_towers(teacher, tmp_path, monkeypatch):
+    _tiny_gelu_configs(monkeypatch)
+    state = dict(teacher.model.state_dict(), input_resolution=torch.tensor(48))
+    torch.save(state, tmp_path / "openai_format.pt")
+    loaded = create_teacher("Tiny-gelu", str(tmp_path / "openai_format.pt"))
+    assert loaded.spec.model_name == "Tiny-gelu-quickgelu"
+    assert isinstance(loaded.model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(loaded.model.transformer.resblocks[0].mlp.gelu, QuickGELU)
