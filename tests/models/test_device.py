@@ -3,10 +3,12 @@ there is one, and every forward of the evaluation and of the teacher text embedd
 the resolved device (on the CPU here: each forward is checked to run inside the move to that
 device, with the model's weights there; a GPU run checks the rest, bench/gpu_check.py)."""
 
+import pandas as pd
 import pytest
 import torch
 
 import tulip_pipelines.evaluation.encode as encode_module
+import tulip_pipelines.evaluation.evaluate
 import tulip_pipelines.training.teacher_embeddings as embeddings_module
 from tulip_pipelines.evaluation.evaluate import EvaluateParams, score
 from tulip_pipelines.evaluation.readers import read_urban1k
@@ -133,3 +135,31 @@ def test_a_device_that_is_not_here_is_a_parameter_problem(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="evaluate.device.*no CUDA device"):
         EvaluateParams.from_params({"device": "cuda"})
+
+
+def test_models_spread_over_the_devices_score_as_one_device_does(tmp_path, monkeypatch):
+    """``parallel_models``: every model on its own device at once (two CPU threads here, one per
+    GPU on a GPU node), results in the models' order and equal to the serial scoring."""
+    import threading
+
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    models = {"teacher": teacher, "student": build_student(teacher, 248),
+              "other": create_teacher("TULIP-Tiny")}
+    bench = {"urban": _urban(tmp_path / "urban")}
+    base = {"ks": [1, 5], "batch_size": 2, "tokens_read": [20, 248], "bootstrap_resamples": 20,
+            "device": "cpu"}
+    serial = score(models, bench, EvaluateParams.from_params(base))
+    threads = set()
+    real = encode_module.encode_tokens
+
+    def recording(*args, **kwargs):
+        threads.add(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tulip_pipelines.evaluation.evaluate, "encode_tokens", recording)
+    spread = score(models, bench, EvaluateParams.from_params({**base, "parallel_models": 2}))
+    assert len(threads) == 2  # two workers encoded texts
+    pd.testing.assert_frame_equal(spread.metrics, serial.metrics)
+    pd.testing.assert_frame_equal(spread.by_tokens_read, serial.by_tokens_read)
+    pd.testing.assert_frame_equal(spread.by_caption_length, serial.by_caption_length)

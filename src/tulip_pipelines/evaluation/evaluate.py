@@ -41,7 +41,12 @@ from tulip_pipelines.evaluation.readers import (
     build_dci_long,
     read_sharegpt4v,
 )
-from tulip_pipelines.models.device import autocast_in_effect, check_placement, resolve_device
+from tulip_pipelines.models.device import (
+    autocast_in_effect,
+    check_placement,
+    map_on_devices,
+    worker_devices,
+)
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.params import Params, Problems, is_int
 from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
@@ -118,6 +123,8 @@ class EvaluateParams(Params):
             the CPU; or ``cpu``, ``cuda``, ``cuda:1``).
         autocast: the dtype of the encoders' autocast on an accelerator (``bf16``, ``fp16``;
             null: float32); similarities, recall and intervals are float32 whatever it is.
+        parallel_models: models encoded at once, each on its own device (null: one per GPU of
+            the node with ``device: auto``, else 1).
     """
 
     section = "evaluate"
@@ -133,6 +140,7 @@ class EvaluateParams(Params):
     caption_length_bins: int = 4
     device: str = "auto"
     autocast: str | None = "bf16"
+    parallel_models: int | None = None
 
     def __post_init__(self) -> None:
         self.benchmarks = {
@@ -156,6 +164,7 @@ class EvaluateParams(Params):
                 f"got {self.tokens_read!r}")
         p.int_at_least("caption_length_bins", self.caption_length_bins, 1)
         check_placement(p, "device", self.device, "autocast", self.autocast)
+        p.int_at_least("parallel_models", self.parallel_models, 1, optional=True)
         p.raise_if_any()
 
 
@@ -244,22 +253,26 @@ class Scores:
 
 def _encode_benchmark_images(
     models: Mapping[str, ModelBundle], tower_keys: Mapping[str, str], name: str,
-    bench: RetrievalBenchmark, params: EvaluateParams,
+    bench: RetrievalBenchmark, params: EvaluateParams, devices: list[torch.device],
 ) -> tuple[RetrievalBenchmark, dict[str, torch.Tensor]]:
-    """Image features of ``bench`` for every distinct image tower, and the benchmark that is
-    scored: an image that any tower could not read is left out with its texts (recall is over
-    the queries that remain)."""
-    features: dict[str, torch.Tensor] = {}
+    """Image features of ``bench`` for every distinct image tower (spread over ``devices``), and
+    the benchmark that is scored: an image that any tower could not read is left out with its
+    texts (recall is over the queries that remain)."""
     unreadable: dict[int, str] = {}
     in_source = bench.image_source is not None
-    for model_name, bundle in models.items():
-        key = tower_keys[model_name]
-        if key not in features:
-            features[key] = encode_images(
-                bundle, bench.image_handles if in_source else bench.image_paths, params.batch_size,
-                params.num_workers, desc=f"{name}/{model_name} images", source=bench.image_source,
-                unreadable=unreadable, device=resolve_device(params.device),
-                autocast=params.autocast)
+    towers: dict[str, str] = {}  # each distinct image tower -> the first model that has it
+    for model_name in models:
+        towers.setdefault(tower_keys[model_name], model_name)
+
+    def encode(key: str, device: torch.device) -> torch.Tensor:
+        model_name = towers[key]
+        return encode_images(
+            models[model_name], bench.image_handles if in_source else bench.image_paths,
+            params.batch_size, params.num_workers, desc=f"{name}/{model_name} images",
+            source=bench.image_source, unreadable=unreadable, device=device,
+            autocast=params.autocast)
+
+    features = dict(zip(towers, map_on_devices(encode, list(towers), devices)))
     if not unreadable:
         return bench, features
     logger.warning("%s: %d of %d images could not be read; scored without them and their texts "
@@ -277,36 +290,47 @@ def score(
     """Every model on every benchmark: recall@k with its bootstrap interval, R@1 by caption
     length, and, on long-caption benchmarks, R@1 against the tokens read."""
     tower_keys = {name: image_tower_key(b) for name, b in models.items()}
-    device = resolve_device(params.device)
-    logger.info("evaluation on %s (autocast: %s): %d models, %d benchmarks", device,
-                autocast_in_effect(device, params.autocast), len(models), len(benchmarks))
+    devices = worker_devices(params.device, params.parallel_models)
+    logger.info("evaluation on %s (autocast: %s): %d models, %d benchmarks",
+                ", ".join(str(d) for d in devices),
+                autocast_in_effect(devices[0], params.autocast), len(models), len(benchmarks))
     rows, by_tokens, by_length, scored = [], [], [], {}
     for bench_name, bench in benchmarks.items():
         bench, image_features = _encode_benchmark_images(models, tower_keys, bench_name, bench,
-                                                         params)
+                                                         params, devices)
         scored[bench_name] = bench
         if not bench.texts:
             logger.warning("%s: no readable image with a text left; not scored", bench_name)
             continue
         lengths = analysis.caption_token_counts(bench.texts)
-        for model_name, bundle in models.items():
-            logger.info("scoring %s on %s", model_name, bench_name)
+
+        def score_model(model_name: str, device: torch.device):
+            logger.info("scoring %s on %s (%s)", model_name, bench_name, device)
+            bundle, out = models[model_name], ([], [], [])
             rank = partial(_rank_texts, bundle, image_features[tower_keys[model_name]], bench,
-                           params=params, desc=f"{bench_name}/{model_name} texts")
+                           params=params, desc=f"{bench_name}/{model_name} texts", device=device)
             tokens = tokenize(bundle, bench.texts)
             ranks = rank(tokens, cap=max(params.ks))
             for d in analysis.DIRECTIONS:
                 for k in params.ks:
                     low, high = bootstrap_interval(
                         ranks.hits(d, k), params.bootstrap_resamples, params.bootstrap_seed)
-                    rows.append((bench_name, model_name, d, int(k), ranks.recall(d, k),
-                                 ranks.n(d), low, high))
-            by_length += analysis.recall_by_caption_length(
+                    out[0].append((bench_name, model_name, d, int(k), ranks.recall(d, k),
+                                   ranks.n(d), low, high))
+            out[1].extend(analysis.recall_by_caption_length(
                 bench_name, model_name, ranks, lengths, bench.text_to_image,
-                params.caption_length_bins)
+                params.caption_length_bins))
             if bench.kind == "long":
-                by_tokens += analysis.recall_by_tokens_read(
-                    bench_name, model_name, tokens, ranks, partial(rank, cap=1), params.tokens_read)
+                out[2].extend(analysis.recall_by_tokens_read(
+                    bench_name, model_name, tokens, ranks, partial(rank, cap=1),
+                    params.tokens_read))
+            return out
+
+        for model_rows, model_by_length, model_by_tokens in map_on_devices(
+                score_model, list(models), devices):
+            rows += model_rows
+            by_length += model_by_length
+            by_tokens += model_by_tokens
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype(
         {"k": "int64", "n_queries": "int64", "recall": "float64"})
     return Scores(metrics, analysis.frame(by_tokens, analysis.TOKENS_READ_COLUMNS),
@@ -324,9 +348,9 @@ def unreadable_images_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.
 
 
 def _rank_texts(bundle: ModelBundle, images: torch.Tensor, bench: RetrievalBenchmark,
-                tokens: torch.Tensor, cap: int, params: EvaluateParams,
-                desc: str) -> RetrievalRanks:
+                tokens: torch.Tensor, cap: int, params: EvaluateParams, desc: str,
+                device: torch.device) -> RetrievalRanks:
     """Per-query ranks of the benchmark when its texts are ``tokens`` (encoded by ``bundle``)."""
-    texts = encode_tokens(bundle, tokens, params.batch_size, desc=desc,
-                          device=resolve_device(params.device), autocast=params.autocast)
+    texts = encode_tokens(bundle, tokens, params.batch_size, desc=desc, device=device,
+                          autocast=params.autocast)
     return retrieval_ranks(images, texts, bench.text_to_image, cap, params.chunk_size)

@@ -7,11 +7,16 @@ float32."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -29,6 +34,29 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device; "
                          f"use device: auto or cpu")
     return device
+
+
+def worker_devices(name: str = "auto", count: int | None = None) -> list[torch.device]:
+    """One device per worker: every GPU of the node with ``auto`` on a GPU machine (``count`` of
+    them, round robin, when given), else ``count`` (default 1) times the resolved device."""
+    device = resolve_device(name)
+    if name == "auto" and device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        return [torch.device("cuda", i % gpus) for i in range(count or gpus)]
+    return [device] * (count or 1)
+
+
+def map_on_devices(work: Callable[[T, torch.device], R], items: Sequence[T],
+                   devices: Sequence[torch.device]) -> list[R]:
+    """``work(item, device)`` for every item, item i on ``devices[i % len(devices)]``: in threads,
+    one per device, when there are several (each model keeps its own GPU busy; the GIL is released
+    while the GPU computes), else one after the other. Results in the items' order."""
+    if len(devices) <= 1:
+        return [work(item, devices[0]) for item in items]
+    with ThreadPoolExecutor(len(devices)) as pool:
+        futures = [pool.submit(work, item, devices[i % len(devices)])
+                   for i, item in enumerate(items)]
+        return [future.result() for future in futures]
 
 
 def check_placement(problems, device_field: str, device: str, autocast_field: str,

@@ -34,6 +34,7 @@ from tulip_pipelines.models.device import (
     inference_autocast,
     on_device,
     resolve_device,
+    worker_devices,
 )
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.progress import progress
@@ -65,17 +66,9 @@ class TeacherEmbeddingsRequest:
     processes: int | None = None  # None: one per GPU of the node with device auto, else 1
 
     def workers(self) -> list[torch.device]:
-        """One device per worker process: every GPU of the node (``auto`` on a GPU machine,
-        unless ``processes`` says how many), else ``processes`` times the resolved device."""
-        device = resolve_device(self.device)
-        if self.processes is None:
-            if self.device == "auto" and device.type == "cuda":
-                return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-            return [device]
-        if device.type == "cuda" and self.device == "auto":
-            return [torch.device("cuda", i % torch.cuda.device_count())
-                    for i in range(self.processes)]
-        return [device] * self.processes
+        """One device per worker process (:func:`~tulip_pipelines.models.device.worker_devices`:
+        every GPU of the node with ``auto``)."""
+        return worker_devices(self.device, self.processes)
 
     def cache_key(self) -> str:
         autocast = autocast_in_effect(resolve_device(self.device), self.autocast)
