@@ -13,9 +13,10 @@ every forward (the cache pass of a global-batch step, the gradient pass, validat
 bfloat16 autocast; the task computes its loss in float32 (:mod:`.tasks`). A task may bound some
 of its parameters (``parameter_bounds()``): they are clamped after every optimizer step.
 
-Where the other jobs live: :mod:`.config` (parameters, result), :mod:`.checkpoints` (training
-state on disk), :mod:`.deepspeed_setup` (DeepSpeed config, initialisation, fp32 export),
-:mod:`.distributed` (process group), :mod:`.launch` (several processes).
+Where the other jobs live: :mod:`.train_params` (parameters, result), :mod:`.job` (the training
+job a stage builds), :mod:`.checkpoints` (training state on disk), :mod:`.deepspeed_setup`
+(DeepSpeed config, initialisation, clamps, fp32 export), :mod:`.distributed` (process group),
+:mod:`.launch` (several processes).
 """
 
 from __future__ import annotations

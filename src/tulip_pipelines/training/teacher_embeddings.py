@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
     settings = _Settings(request.teacher.spec.to_dict(), request.teacher_input,
                          request.window_overlap, request.max_windows, request.dtype,
                          request.autocast)
-    compute = _in_this_process if len(devices) == 1 else _in_worker_processes
+    compute = _in_this_process if len(devices) == 1 or len(todo) < 2 else _in_worker_processes
     with progress(total, "teacher text embeddings", "text", initial=total - sum(
             len(texts) for _, _, texts in todo)) as bar:
         for role, index, values in compute(request.teacher.model, settings, todo, devices):
@@ -222,8 +223,18 @@ def _in_worker_processes(teacher: torch.nn.Module, settings: _Settings, todo: To
     for worker in workers:
         worker.start()
     try:
-        for _ in range(len(todo)):
-            message = results.get()
+        received = 0
+        while received < len(todo):
+            try:
+                message = results.get(timeout=10)
+            except queue.Empty:  # a worker killed from outside (out of memory) says nothing
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a teacher text embeddings worker died (exit code "
+                                       f"{dead[0]}); the parts written so far are kept and a "
+                                       f"rerun resumes") from None
+                continue
+            received += 1
             if message[0] == "error":
                 raise RuntimeError(f"a teacher text embeddings worker failed:\n{message[1]}")
             _, role, index, values = message
