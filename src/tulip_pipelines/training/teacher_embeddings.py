@@ -238,7 +238,7 @@ def _in_worker_processes(teacher: torch.nn.Module, settings: _Settings, todo: To
             if message[0] == "error":
                 raise RuntimeError(f"a teacher text embeddings worker failed:\n{message[1]}")
             _, role, index, values = message
-            yield role, index, values.clone()
+            yield role, index, torch.from_numpy(values)
         for worker in workers:
             worker.join()
     finally:
@@ -260,7 +260,9 @@ def _worker(state: dict[str, torch.Tensor], settings: _Settings, todo: Todo, dev
         teacher.load_state_dict(state)
         for role, index, values in _in_this_process(teacher, settings, todo,
                                                     [torch.device(device)]):
-            results.put(("part", role, index, values))
+            # as a numpy array: copied through the pipe (a tensor would be shared through a file
+            # descriptor that dies with this process, which may end before the parent reads it)
+            results.put(("part", role, index, values.numpy()))
     except Exception:  # noqa: BLE001 - reported to the parent, which raises it
         results.put(("error", traceback.format_exc()))
 
