@@ -48,15 +48,24 @@ def worker_devices(name: str = "auto", count: int | None = None) -> list[torch.d
 
 def map_on_devices(work: Callable[[T, torch.device], R], items: Sequence[T],
                    devices: Sequence[torch.device]) -> list[R]:
-    """``work(item, device)`` for every item, item i on ``devices[i % len(devices)]``: in threads,
-    one per device, when there are several (each model keeps its own GPU busy; the GIL is released
-    while the GPU computes), else one after the other. Results in the items' order."""
+    """``work(item, device)`` for every item, item i on ``devices[i % len(devices)]``: one thread
+    per device when there are several, each doing its own items one after the other (so a
+    device holds one model at a time; the GIL is released while the GPU computes), else all in
+    this thread. Results in the items' order."""
     if len(devices) <= 1:
         return [work(item, devices[0]) for item in items]
+    shares = [range(rank, len(items), len(devices)) for rank in range(len(devices))]
+
+    def run(rank: int) -> list[R]:
+        return [work(items[i], devices[rank]) for i in shares[rank]]
+
     with ThreadPoolExecutor(len(devices)) as pool:
-        futures = [pool.submit(work, item, devices[i % len(devices)])
-                   for i, item in enumerate(items)]
-        return [future.result() for future in futures]
+        done = list(pool.map(run, range(len(devices))))
+    results: list[R] = [None] * len(items)  # type: ignore[list-item]
+    for rank, share in enumerate(shares):
+        for i, result in zip(share, done[rank]):
+            results[i] = result
+    return results
 
 
 def check_placement(problems, device_field: str, device: str, autocast_field: str,
