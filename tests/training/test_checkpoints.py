@@ -6,18 +6,24 @@ aside, an incomplete checkpoint is ignored."""
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import DS_FP32, small_train_params
 from tests.training.toy_tasks import RegressionData, RegressionTask
-from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from tulip_pipelines.training.checkpoints import (
+    COMPLETE_MARKER,
+    GlobalBatchChanged,
+    complete_checkpoints,
+)
 from tulip_pipelines.training.engine import train
 from tulip_pipelines.training.train_params import TrainParams
 
@@ -100,3 +106,65 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     assert rerun.resumed_from == 3 and rerun.final_step == 6
     assert rerun.history["step"].tolist() == list(range(1, 7))
     assert rerun.history["loss"].tolist() == pytest.approx(full.history["loss"].tolist(), rel=1e-5)
+
+
+def test_a_changed_global_batch_stops_with_how_to_continue(tmp_path):
+    """Same run, accumulation 2 instead of 1: the checkpoints are kept and the message says
+    which accumulation continues them; resume=false starts afresh, moving them aside."""
+    params = small_train_params(tmp_path, max_steps=4, checkpoint_every=2)
+    train(RegressionTask(), RegressionData(256), params, DS_FP32)
+    doubled = {**DS_FP32, "gradient_accumulation_steps": 2}
+    with pytest.raises(GlobalBatchChanged, match=r"gradient_accumulation_steps .*to 1\b"):
+        train(RegressionTask(), RegressionData(256), params, doubled)
+    assert [s for s, _, _ in complete_checkpoints(Path(params.run_dir) / "checkpoints")] == [2, 4]
+    fresh = train(RegressionTask(), RegressionData(256),
+                  small_train_params(tmp_path, max_steps=4, checkpoint_every=2, resume=False),
+                  doubled)
+    assert fresh.resumed_from is None and fresh.final_step == 4
+    assert len(list(Path(params.run_dir).glob("checkpoints.old-*"))) == 1
+
+
+def _zero_plan(run_dir: Path, stage: int) -> dict:
+    return {
+        "builder": "tests.training.toy_tasks:build_job",
+        "n": 256,
+        "train": dict(run_name=f"zero{stage}", run_dir=str(run_dir), max_steps=4, batch_size=8,
+                      lr=0.05, warmup_steps=1, log_every=1, checkpoint_every=2,
+                      keep_checkpoints=3),
+        "ds_config": {"zero_optimization": {"stage": stage}, "gradient_accumulation_steps": 1,
+                      "gradient_clipping": 1.0},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_processes_resume_on_one_with_accumulation_doubled(tmp_path, project_root,
+                                                                monkeypatch, stage):
+    """2 processes x 4 steps (global batch 16 = 8 x 1 x 2) with ZeRO-1/2; their step-4
+    checkpoint removed, as if killed after step 2; resumed on 1 process with accumulation 2
+    (8 x 2 x 1): DeepSpeed's universal checkpoint restores the sharded optimizer state, the data
+    continues at the same global sample, and the weights equal the uninterrupted run's."""
+    from tulip_pipelines.training.launch import run_distributed
+
+    monkeypatch.setenv("PYTHONPATH", str(project_root))
+    plan = _zero_plan(tmp_path / "run", stage)
+    reference = RegressionTask()
+    full = run_distributed(plan, nproc=2, launcher="deepspeed", module=reference, timeout_s=300)
+    assert full.final_step == 4
+    root = tmp_path / "run" / "checkpoints"
+    assert len(list((root / "step_00000002").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    shutil.rmtree(root / "step_00000004")
+
+    resumed = RegressionTask()
+    ds_config = {**plan["ds_config"], "gradient_accumulation_steps": 2}
+    result = train(resumed, RegressionData(256), TrainParams.from_params(plan["train"]),
+                   ds_config)
+    assert result.resumed_from == 2 and result.final_step == 4
+    assert (root / "step_00000002" / "universal" / "zero").is_dir()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    # the resumed run's losses continue the uninterrupted run's (history rows 3 and 4)
+    np.testing.assert_allclose(result.history["loss"], full.history["loss"], rtol=1e-5)
+    # and it moved: the weights are not those of step 2
+    assert not torch.allclose(reference.head.weight, RegressionTask().head.weight)

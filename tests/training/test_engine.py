@@ -109,7 +109,7 @@ def test_an_epoch_budget_resolves_to_steps_and_trains_them(tmp_path):
 
 
 def test_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match="cannot fill one optimizer step"):
         train(RegressionTask(), RegressionData(8), small_train_params(tmp_path), DS_FP32)
 
 

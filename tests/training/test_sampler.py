@@ -114,3 +114,34 @@ def test_rank_order_on_prepared_data_has_no_duplicates_and_resumes_identically(p
     # the prepared images are the records the sampler asked for, not merely a permutation
     expected = [N_VAL + i for i in ResumableSampler(dataset, 2, 0, 3, 4).base]
     assert rank_order(dataset, 0, DataPosition(0, 0)) == expected
+
+
+def _step_sets(n: int, micro: int, accumulation: int, processes: int, epoch: int,
+               skip_steps: int = 0) -> list[frozenset[int]]:
+    """The samples of each optimizer step of ``epoch``, gathered over every rank's sampler as
+    the engine reads them (``accumulation`` micro batches per rank make one step)."""
+    per_rank = []
+    for rank in range(processes):
+        sampler = ResumableSampler(range(n), processes, rank, seed=5, batch_size=micro,
+                                   accumulation=accumulation)
+        per_rank.append(_order(sampler, epoch, offset=skip_steps * accumulation))
+    step_size = micro * accumulation
+    n_steps = {len(order) // step_size for order in per_rank}
+    assert len(n_steps) == 1 and all(len(o) % step_size == 0 for o in per_rank)
+    return [frozenset(i for order in per_rank for i in order[s * step_size:(s + 1) * step_size])
+            for s in range(n_steps.pop())]
+
+
+def test_each_step_reads_the_same_samples_whatever_the_number_of_processes():
+    """With the global batch fixed (16 = micro x accumulation x processes), step s of an epoch
+    holds the same 16 samples on 1, 2 or 4 processes, also when resumed mid-epoch; the epoch's
+    tail that does not fill a step is left out alike (100 samples: 6 steps)."""
+    for epoch in (0, 1):
+        reference = _step_sets(100, micro=4, accumulation=4, processes=1, epoch=epoch)
+        assert len(reference) == 6 and all(len(s) == 16 for s in reference)
+        assert len(set().union(*reference)) == 96
+        for micro, accumulation, processes in [(4, 2, 2), (8, 1, 2), (4, 1, 4), (2, 2, 4)]:
+            layout = _step_sets(100, micro, accumulation, processes, epoch)
+            assert layout == reference, (micro, accumulation, processes)
+            assert _step_sets(100, micro, accumulation, processes, epoch,
+                              skip_steps=2) == reference[2:]

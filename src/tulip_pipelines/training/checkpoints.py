@@ -6,6 +6,13 @@ after every rank finished writing; the training history up to that step is store
 ``history.json``. A rerun resumes from the newest complete checkpoint whose fingerprint matches;
 a mismatch (other parameters, data or model) moves the old checkpoints aside and starts fresh.
 
+The fingerprint leaves out the run's *layout* (micro batch, accumulation, processes): a run
+continues on another number of processes or nodes as long as the global batch is the same. A
+checkpoint whose optimizer state DeepSpeed sharded over another number of processes (ZeRO-1/2,
+bf16) is first converted to DeepSpeed's *universal* format (``ds_to_universal``, into
+``step_XXXXXXXX/universal/``) and loaded from there. A changed global batch stops the run with
+a message saying how to continue: the data order and the schedule are counted in global batches.
+
 (Exported *models* — safetensors weights for users — are another thing: ``models/files.py``.)
 """
 
@@ -19,8 +26,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +46,43 @@ COMPLETE_MARKER = "COMPLETE"
 HISTORY_FILE = "history.json"
 RNG_FILE = "rng_rank{rank}.json"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
-# DeepSpeed keys that only change what is printed, not what is trained (left out of fingerprints)
-_DS_LOGGING_KEYS = ("steps_per_print", "wall_clock_breakdown", "dump_state", "flops_profiler")
+UNIVERSAL_DIR = "universal"
+# DeepSpeed keys left out of fingerprints: what only changes what is printed, and the layout
+# (micro batch, accumulation, processes: the global batch is compared on its own, see Layout)
+_DS_IGNORED_KEYS = ("steps_per_print", "wall_clock_breakdown", "dump_state", "flops_profiler",
+                    "checkpoint", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "train_batch_size")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run spreads its global batch: ``micro_batch`` samples per forward on each of
+    ``processes`` processes, ``accumulation`` forwards per optimizer step."""
+
+    micro_batch: int
+    accumulation: int
+    processes: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.processes
+
+    def describe(self) -> str:
+        return (f"{self.global_batch} = micro batch {self.micro_batch} x accumulation "
+                f"{self.accumulation} x {self.processes} process(es)")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from, and the layout it was written with (None for a
+    checkpoint that does not record it: it was written by the same layout or not at all)."""
+
+    tag: str
+    layout: Layout | None
+
+
+class GlobalBatchChanged(RuntimeError):
+    """The checkpoints of a run were trained with another global batch than this run's."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -48,13 +93,14 @@ def tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def run_fingerprint(params: TrainParams, ds_config: Mapping[str, Any], world_size: int,
-                       n_train: int, extra: Mapping[str, Any] | None) -> str:
-    """Short hash of everything that determines the trained weights."""
+def run_fingerprint(params: TrainParams, ds_config: Mapping[str, Any], n_train: int,
+                    extra: Mapping[str, Any] | None) -> str:
+    """Short hash of everything that determines the trained weights, except the layout (the
+    global batch is checked separately, :func:`select_resume`)."""
+    fields = {k: v for k, v in params.fingerprint_fields().items() if k != "batch_size"}
     payload = {
-        "config": params.fingerprint_fields(),
-        "deepspeed": {k: v for k, v in ds_config.items() if k not in _DS_LOGGING_KEYS},
-        "world_size": world_size,
+        "config": fields,
+        "deepspeed": {k: v for k, v in ds_config.items() if k not in _DS_IGNORED_KEYS},
         "n_train": n_train,
         "extra": dict(extra or {}),
     }
@@ -82,10 +128,13 @@ def complete_checkpoints(root: Path) -> list[tuple[int, str, dict[str, Any]]]:
     return sorted(found)
 
 
-def select_resume_tag(root: Path, run_hash: str, params: TrainParams, rank: int) -> str | None:
-    """The newest complete, matching tag; moves non-matching checkpoints aside (rank 0)."""
+def select_resume(root: Path, run_hash: str, layout: Layout, params: TrainParams,
+                  rank: int) -> Resume | None:
+    """The newest complete, matching checkpoint; moves non-matching checkpoints aside (rank 0).
+    Raises :class:`GlobalBatchChanged` when the matching one was trained with another global
+    batch (nothing is moved: the run can continue with the old global batch)."""
     complete = complete_checkpoints(root)
-    matching = [t for _, t, info in complete if info.get("fingerprint") == run_hash]
+    matching = [(t, info) for _, t, info in complete if info.get("fingerprint") == run_hash]
     reason = None
     if complete and not params.resume:
         reason = "resume is off"
@@ -101,7 +150,70 @@ def select_resume_tag(root: Path, run_hash: str, params: TrainParams, rank: int)
             root.rename(aside)
         dist.barrier()
         return None
-    return matching[-1] if matching else None
+    if not matching:
+        return None
+    step_tag, info = matching[-1]
+    then = Layout(**info["layout"]) if info.get("layout") else None
+    if then is not None and then.global_batch != layout.global_batch:
+        raise GlobalBatchChanged(
+            f"{params.run_name}: checkpoint {root / step_tag} was trained with global batch "
+            f"{then.describe()}; this run's is {layout.describe()}. The data order and the "
+            f"schedule are counted in global batches, so the run cannot continue with another. "
+            f"To continue, keep the global batch: set gradient_accumulation_steps (params:"
+            f"deepspeed) to {_accumulation_for(then.global_batch, layout)}. To start this "
+            f"stage afresh instead, set <stage>.train.resume=false (the old checkpoints are "
+            f"moved aside, not deleted).")
+    return Resume(step_tag, then)
+
+
+def _accumulation_for(global_batch: int, layout: Layout) -> str:
+    per_step = layout.micro_batch * layout.processes
+    if global_batch % per_step:
+        return (f"a value that makes micro batch x accumulation x processes = {global_batch} "
+                f"(not possible with micro batch {layout.micro_batch} on {layout.processes} "
+                f"process(es))")
+    return str(global_batch // per_step)
+
+
+def needs_universal(root: Path, resume: Resume, layout: Layout) -> bool:
+    """Whether the checkpoint's optimizer state is sharded over another number of processes
+    than this run's (ZeRO-1/2 or bf16 write one ``*_optim_states.pt`` per data-parallel rank)."""
+    if resume.layout is None or resume.layout.processes == layout.processes:
+        return False
+    return any((root / resume.tag).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def convert_to_universal(root: Path, step_tag: str, rank: int) -> Path:
+    """DeepSpeed's universal checkpoint of ``step_tag`` (``ds_to_universal``), written once by
+    rank 0 into ``<tag>/universal`` (through a temporary folder); every rank waits for it.
+    Returns the folder to give ``engine.load_checkpoint`` as ``load_dir`` with tag
+    ``universal``."""
+    tag_dir = root / step_tag
+    out = tag_dir / UNIVERSAL_DIR
+    if rank == 0 and not out.is_dir():
+        started = time.perf_counter()
+        tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+               "--inject_missing_state", "--num_extract_workers", "2",
+               "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting checkpoint {tag_dir} to DeepSpeed's universal format "
+                               f"failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
+        os.replace(tmp, out)
+        logger.info("checkpoint %s converted to the universal format in %.1f s (%.1f MB)",
+                    tag_dir, time.perf_counter() - started, folder_size(out) / 1e6)
+    dist.barrier()
+    if not out.is_dir():
+        raise RuntimeError(f"rank {rank} does not see {out} that rank 0 wrote: the run dir must "
+                           f"be on a filesystem every node shares")
+    return tag_dir
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
@@ -117,7 +229,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
     if rank == 0:
         atomic_write(tag_dir / HISTORY_FILE, json.dumps(history))
         atomic_write(tag_dir / COMPLETE_MARKER,
-                     json.dumps({"step": step, "fingerprint": client_state.get("fingerprint")}))
+                     json.dumps({"step": step, "fingerprint": client_state.get("fingerprint"),
+                                 "layout": client_state.get("layout")}))
         prune(root, keep)
         logger.info("checkpoint %s complete", tag_dir)
     dist.barrier()
@@ -140,9 +253,12 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def restore_rng_state(root: Path, step_tag: str, rank: int) -> None:
-    """Put back the RNG states this rank saved with checkpoint ``step_tag``."""
+def restore_rng_state(root: Path, step_tag: str, rank: int) -> bool:
+    """Put back the RNG states this rank saved with checkpoint ``step_tag``; False when the
+    checkpoint has none for this rank (written by fewer processes)."""
     path = root / step_tag / RNG_FILE.format(rank=rank)
+    if not path.is_file():
+        return False
     state = json.loads(path.read_text())
 
     def decode(text: str) -> torch.Tensor:
@@ -155,6 +271,7 @@ def restore_rng_state(root: Path, step_tag: str, rank: int) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    return True
 
 
 def read_history(root: Path, step_tag: str) -> list[dict[str, float]]:

@@ -21,6 +21,7 @@ job a stage builds), :mod:`.checkpoints` (training state on disk), :mod:`.deepsp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -77,30 +78,42 @@ def train(
     rank, world_size = init_distributed()
     ds_config = prepare_ds_config(ds_config, params, world_size)
     root = checkpoints.checkpoints_dir(params.run_dir)
-    sampler = ResumableSampler(train_dataset, world_size, rank, params.seed, params.batch_size)
-    if len(sampler.base) < params.batch_size:
-        raise ValueError(
-            f"run {params.run_name!r}: {len(train_dataset)} training samples cannot fill one batch "
-            f"of {params.batch_size} on each of {world_size} process(es)"
-        )
     gas = ds_config["gradient_accumulation_steps"]
-    params = params.resolved(max(1, len(sampler.base) // params.batch_size // gas))
-    run_hash = checkpoints.run_fingerprint(params, ds_config, world_size, len(train_dataset),
-                                              fingerprint)
+    sampler = ResumableSampler(train_dataset, world_size, rank, params.seed, params.batch_size,
+                               gas)
+    if sampler.usable == 0:
+        raise ValueError(
+            f"run {params.run_name!r}: {len(train_dataset)} training samples cannot fill one "
+            f"optimizer step of {params.batch_size} x {gas} on each of {world_size} process(es)"
+        )
+    layout = checkpoints.Layout(params.batch_size, gas, world_size)
+    params = params.resolved(max(1, sampler.usable // params.batch_size // gas))
+    run_hash = checkpoints.run_fingerprint(params, ds_config, len(train_dataset), fingerprint)
 
+    resume = checkpoints.select_resume(root, run_hash, layout, params, rank)
+    load_dir, load_tag = root, resume.tag if resume is not None else None
+    if resume is not None and checkpoints.needs_universal(root, resume, layout):
+        load_dir = checkpoints.convert_to_universal(root, resume.tag, rank)
+        load_tag = checkpoints.UNIVERSAL_DIR
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
+                                                 "load_universal": True}}
     engine, task_state = initialize_engine(task, params, ds_config)
-    resume_tag = checkpoints.select_resume_tag(root, run_hash, params, rank)
     position, history, start_step = DataPosition(), [], 0
-    if resume_tag is not None:
-        _, client_state = engine.load_checkpoint(str(root), tag=resume_tag)
+    if resume is not None:
+        _, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag)
         if client_state is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {root / resume_tag}")
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
         start_step = int(client_state["step"])
-        position = DataPosition(int(client_state["epoch"]), int(client_state["batch_offset"]))
-        history = checkpoints.read_history(root, resume_tag)
-        checkpoints.restore_rng_state(root, resume_tag, rank)
-        logger.info("%s: resumed from %s (step %d of %d)", params.run_name, resume_tag,
-                    start_step, params.max_steps)
+        position = data_position(client_state, layout)
+        history = checkpoints.read_history(root, resume.tag)
+        if not checkpoints.restore_rng_state(root, resume.tag, rank):
+            torch.manual_seed(hash((params.seed, rank, start_step)) & 0xFFFF_FFFF)
+        then = resume.layout or layout
+        logger.info("%s: resumed from %s (step %d of %d)%s", params.run_name, resume.tag,
+                    start_step, params.max_steps,
+                    "" if then == layout else f" written by {then.processes} process(es) x "
+                    f"accumulation {then.accumulation}, continued on {layout.processes} x "
+                    f"{layout.accumulation}")
     else:
         torch.manual_seed(hash((params.seed, rank)) & 0xFFFF_FFFF)
 
@@ -110,7 +123,7 @@ def train(
         persistent_workers=params.num_workers > 0,
         generator=torch.Generator().manual_seed(params.seed),  # leaves the global RNG alone
     )
-    loop = _Loop(engine, params, world_size, rank, val_dataset, collate_fn, log_fn, root,
+    loop = _Loop(engine, params, layout, rank, val_dataset, collate_fn, log_fn, root,
                  run_hash, history)
     loop.run(loader, sampler, position, start_step)
     export_fp32_weights(engine, task, task_state)
@@ -118,7 +131,7 @@ def train(
     result = TrainResult(
         history=history_df,
         final_step=loop.step,
-        resumed_from=start_step if resume_tag is not None else None,
+        resumed_from=start_step if resume is not None else None,
         last_checkpoint=str(root / checkpoints.tag(loop.step)),
         wall_time_s=time.perf_counter() - started,
         final_metrics=_final_metrics(history_df),
@@ -136,13 +149,13 @@ def train(
 class _Loop:
     """The optimisation loop with its logging, validation and checkpoint bookkeeping."""
 
-    def __init__(self, engine, params: TrainParams, world_size: int, rank: int,
+    def __init__(self, engine, params: TrainParams, layout: checkpoints.Layout, rank: int,
                  val_dataset: Dataset | None, collate_fn: Callable | None, log_fn: LogFn | None,
                  root, run_hash: str, history: list[dict[str, float]]):
         self.engine, self.params = engine, params
         self.gas, self.compute_dtype = engine.gradient_accumulation_steps(), compute_dtype(engine)
         self.autocast = params.precision == "amp_bf16"
-        self.world_size, self.rank = world_size, rank
+        self.layout, self.world_size, self.rank = layout, layout.processes, rank
         self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
         self.root, self.run_hash, self.history = root, run_hash, history
         self.step = 0
@@ -178,7 +191,7 @@ class _Loop:
                 self._after_step(position, bar)
                 if self.step >= params.max_steps:
                     break
-            else:
+            else:  # the sampler yields whole steps only (the same ones whatever the layout)
                 position = DataPosition(position.epoch + 1, 0)
         bar.close()
 
@@ -229,7 +242,9 @@ class _Loop:
             self._log_row(validate, bar)
         if last or (params.checkpoint_every > 0 and step % params.checkpoint_every == 0):
             client_state = {"step": step, "epoch": position.epoch,
-                            "batch_offset": position.offset, "fingerprint": self.run_hash}
+                            "batch_offset": position.offset, "fingerprint": self.run_hash,
+                            "samples": position.offset * self.params.batch_size * self.world_size,
+                            "layout": dataclasses.asdict(self.layout)}
             checkpoints.save_checkpoint(self.engine, self.root, step, client_state, self.history,
                                         params.keep_checkpoints, self.rank)
 
@@ -295,6 +310,22 @@ class _Loop:
             raise ValueError(f"run {self.params.run_name!r}: the validation set is empty")
         self._window_start += time.perf_counter() - started  # keep throughput about training
         return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+
+
+def data_position(client_state: Mapping[str, Any], layout: checkpoints.Layout) -> DataPosition:
+    """Where a resumed run continues in the data order: the checkpoint's epoch, and the global
+    samples consumed in it turned into this layout's micro batches per process (a checkpoint
+    is written at a step boundary, so they divide evenly when the global batch is the same)."""
+    epoch = int(client_state["epoch"])
+    if "samples" not in client_state:  # written before checkpoints recorded the layout
+        return DataPosition(epoch, int(client_state["batch_offset"]))
+    per_micro = layout.micro_batch * layout.processes
+    samples = int(client_state["samples"])
+    if samples % per_micro:
+        raise RuntimeError(f"the checkpoint stopped {samples} samples into epoch {epoch}, not a "
+                           f"whole number of micro batches of {layout.micro_batch} on "
+                           f"{layout.processes} process(es)")
+    return DataPosition(epoch, samples // per_micro)
 
 
 def row_to_metrics(row: Mapping[str, float]) -> dict[str, float]:

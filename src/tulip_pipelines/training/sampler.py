@@ -22,14 +22,23 @@ class DataPosition:
 
 
 class ResumableSampler(Sampler[tuple[int, int]]):
-    """DistributedSampler (epoch-seeded shuffle, drop_last) that can skip a consumed prefix. It
-    yields ``(index, epoch)`` keys for :class:`SeededSamples`."""
+    """DistributedSampler (epoch-seeded shuffle, drop_last) that can skip a consumed prefix and
+    yields only whole optimizer steps (``accumulation`` micro batches of ``batch_size``). It
+    yields ``(index, epoch)`` keys for :class:`SeededSamples`.
 
-    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int, batch_size: int):
+    One shuffled permutation per epoch, dealt round-robin to the ranks: optimizer step ``s`` of
+    an epoch reads positions ``[s*G, (s+1)*G)`` of the permutation (G = batch x accumulation x
+    processes), whatever the number of processes. A run can therefore continue on another
+    number of processes with the same global batch and read the same samples in every step."""
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int, batch_size: int,
+                 accumulation: int = 1):
         self.base = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_size = batch_size
+        per_step = batch_size * accumulation
+        self.usable = len(self.base) // per_step * per_step  # whole steps of this rank
         self.epoch, self.skip_batches = 0, 0
 
     def start(self, position: DataPosition) -> None:
@@ -39,11 +48,12 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch  # this iteration's epoch, even if start() is called meanwhile
-        order = itertools.islice(iter(self.base), self.skip_batches * self.batch_size, None)
+        order = itertools.islice(iter(self.base), self.skip_batches * self.batch_size,
+                                 self.usable)
         return ((index, epoch) for index in order)
 
     def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip_batches * self.batch_size)
+        return max(0, self.usable - self.skip_batches * self.batch_size)
 
 
 class SeededSamples(Dataset):
