@@ -2,7 +2,8 @@
 stage is :mod:`tulip_pipelines.training.stages.run`).
 
 ``kedro run`` opens one MLflow run (kedro-mlflow); each stage opens a *nested* run named after it
-with its parameters, the DeepSpeed config, per-step metrics, final metrics and its exported model.
+with its parameters, the DeepSpeed config, per-step metrics (logged as they come, by the launched
+rank 0 too), system metrics, final metrics and its exported model.
 Outside Kedro a stage logs only when a tracking URI is configured (``MLFLOW_TRACKING_URI``);
 otherwise nothing is logged. Only rank 0 ever calls this module.
 """
@@ -57,6 +58,15 @@ class StageTracker:
             now = int(time.time() * 1000)
             batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
             self.client.log_batch(self.run_id, metrics=batch)
+
+    def target(self) -> dict[str, str] | None:
+        """Where another process (a launched rank 0) logs into this run: tracking URI and run
+        id (None when tracking is off)."""
+        if not self.run_id:
+            return None
+        import mlflow
+
+        return {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}
 
     def log_final(self, metrics: Mapping[str, float]) -> None:
         self.log({f"final/{k}": float(v) for k, v in metrics.items()}, step=0)
@@ -144,7 +154,10 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
     import mlflow
 
     outer = mlflow.active_run()
-    with mlflow.start_run(run_name=stage, nested=outer is not None) as run:
+    # system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py) every
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default: 10) while the stage runs
+    with mlflow.start_run(run_name=stage, nested=outer is not None,
+                          log_system_metrics=True) as run:
         mlflow.set_tags({"tulip.stage": stage, **dict(tags or {})})
         mlflow.log_params(flatten({stage: dict(params)}))
         if ds_config:

@@ -144,12 +144,13 @@ def test_two_processes_resume_on_one_with_accumulation_doubled(tmp_path, project
     checkpoint removed, as if killed after step 2; resumed on 1 process with accumulation 2
     (8 x 2 x 1): DeepSpeed's universal checkpoint restores the sharded optimizer state, the data
     continues at the same global sample, and the weights equal the uninterrupted run's."""
-    from tulip_pipelines.training.launch import run_distributed
+    from tulip_pipelines.training.processes import run_distributed
 
     monkeypatch.setenv("PYTHONPATH", str(project_root))
     plan = _zero_plan(tmp_path / "run", stage)
     reference = RegressionTask()
-    full = run_distributed(plan, nproc=2, launcher="deepspeed", module=reference, timeout_s=300)
+    full = run_distributed(plan, nproc=2, launcher="deepspeed", run_dir=tmp_path / "run",
+                           module=reference, timeout_s=300)
     assert full.final_step == 4
     root = tmp_path / "run" / "checkpoints"
     assert len(list((root / "step_00000002").glob("zero_pp_rank_*_optim_states.pt"))) == 2

@@ -45,6 +45,7 @@ from tulip_pipelines.training.deepspeed_setup import (
     prepare_ds_config,
 )
 from tulip_pipelines.training.distributed import init_distributed
+from tulip_pipelines.training.heartbeat import Heartbeat
 from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
 from tulip_pipelines.training.skipped import SkippedSamples
 from tulip_pipelines.training.train_params import TrainParams, TrainResult
@@ -126,6 +127,7 @@ def train(
     loop = _Loop(engine, params, layout, rank, val_dataset, collate_fn, log_fn, root,
                  run_hash, history)
     loop.run(loader, sampler, position, start_step)
+    loop.heartbeat.beat(loop.step, "done")
     export_fp32_weights(engine, task, task_state)
     history_df = pd.DataFrame(loop.history)
     result = TrainResult(
@@ -159,6 +161,7 @@ class _Loop:
         self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
         self.root, self.run_hash, self.history = root, run_hash, history
         self.step = 0
+        self.heartbeat = Heartbeat(params.run_dir, rank)
         self.skipped = SkippedSamples(params.run_name, params.max_bad_fraction)
         self._step_lr = float("nan")
         self._window: dict[str, float] = {}
@@ -173,6 +176,7 @@ class _Loop:
                         self.step, params.max_steps)
             return
         self.engine.train()
+        self.heartbeat.beat(self.step, "train")
         pending: list[Any] = []  # the micro batches of the optimizer step being gathered
         bar = progress(params.max_steps, params.run_name, "step", initial=self.step,
                        enabled=self.rank == 0 and on_terminal())
@@ -238,15 +242,19 @@ class _Loop:
         last = step == params.max_steps
         validate = self.val_dataset is not None and (
             last or (params.val_every > 0 and step % params.val_every == 0))
+        if validate:
+            self.heartbeat.beat(step, "validate")
         if last or validate or step % params.log_every == 0:
             self._log_row(validate, bar)
         if last or (params.checkpoint_every > 0 and step % params.checkpoint_every == 0):
+            self.heartbeat.beat(step, "checkpoint")
             client_state = {"step": step, "epoch": position.epoch,
                             "batch_offset": position.offset, "fingerprint": self.run_hash,
                             "samples": position.offset * self.params.batch_size * self.world_size,
                             "layout": dataclasses.asdict(self.layout)}
             checkpoints.save_checkpoint(self.engine, self.root, step, client_state, self.history,
                                         params.keep_checkpoints, self.rank)
+        self.heartbeat.beat(step, "train")  # at most once a second unless the phase changed
 
     def _log_row(self, validate: bool, bar) -> None:
         """Close the metrics window (validating if asked) into a history row and report it."""

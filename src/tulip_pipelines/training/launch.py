@@ -1,5 +1,6 @@
-"""Multi-process training: the per-rank entry point for DeepSpeed's launcher (or torchrun), and
-``run_distributed`` that starts it from a parent process (a Kedro node) and reads the result back.
+"""Multi-process training: the per-rank entry point for DeepSpeed's launcher (or torchrun), the
+launch plan it reads and the result rank 0 writes (:mod:`.processes` starts it from a Kedro node
+and reads the result back).
 
 A *launch plan* is a JSON-able dict with ``"builder": "package.module:function"`` and
 ``"ds_config"`` (DeepSpeed's config); the builder gets the whole plan and returns a
@@ -16,40 +17,34 @@ Rank 0 writes into ``--result-dir``: ``history.parquet``, ``result.json`` (final
 from, checkpoint dir, wall time, final metrics) and ``model.safetensors`` (the task's trained
 float32 state, loadable with ``safetensors.torch.load_model``).
 
-On a CPU-only machine set ``DS_ACCELERATOR=cpu``; ``run_distributed`` then also sets
-``LOCAL_SIZE`` (the CPU accelerator's "device" count) so that the deepspeed launcher starts
-``nproc`` processes, which talk over gloo on 127.0.0.1.
+Optional plan keys: ``"mlflow"`` (``{"tracking_uri", "run_id"}``: rank 0 logs its metrics to that
+run as it trains) and ``"node_timeout_s"`` (how long the ranks wait for each other to join).
+Every line a rank prints is prefixed with ``[rank R]`` (:data:`RANK_PREFIX`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 
-from tulip_pipelines.training.distributed import free_port
-from tulip_pipelines.training.engine import LogFn, row_to_metrics, train
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.train_params import TrainResult
 
 logger = logging.getLogger(__name__)
 
 LAUNCHERS = ("deepspeed", "torchrun")
-# variables of an enclosing launch that must not leak into a fresh one
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-             "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+RANK_PREFIX = "[rank {rank}] "
 
 
 def job_from_plan(plan: Mapping[str, Any]) -> TrainJob:
@@ -94,60 +89,51 @@ def read_result(result_dir: Path, module: torch.nn.Module | None = None) -> Trai
                        skipped=pd.read_parquet(result_dir / "skipped.parquet"), **summary)
 
 
-def launcher_command(launcher: str, nproc: int, plan_path: Path, result_dir: Path,
-                     port: int) -> list[str]:
-    """The command line that runs this module on ``nproc`` local processes."""
-    entry = ["tulip_pipelines.training.launch", "--plan", str(plan_path),
-             "--result-dir", str(result_dir)]
-    common = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-    if launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                *common, "--module", *entry]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                *common, "-m", *entry]
-    raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+class _Prefixed(io.TextIOBase):
+    """A text stream that writes whole lines to ``stream``, each after ``prefix``."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self._partial = stream, prefix, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.stream.write(f"{self.prefix}{line}\n")
+        if lines:
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
-def run_distributed(
-    plan: Mapping[str, Any],
-    nproc: int,
-    launcher: str = "deepspeed",
-    *,
-    module: torch.nn.Module | None = None,
-    log_fn: LogFn | None = None,
-    result_dir: str | Path | None = None,
-    timeout_s: float | None = None,
-) -> TrainResult:
-    """Train ``plan``'s job on ``nproc`` local processes through ``launcher`` and wait.
+def prefix_output(rank: int) -> None:
+    """Prefix every line this process writes through ``sys.stdout``/``sys.stderr`` (prints,
+    logging, tracebacks) with its rank. Call before DeepSpeed is imported: its logger keeps the
+    stream it finds then."""
+    prefix = RANK_PREFIX.format(rank=rank)
+    sys.stdout = _Prefixed(sys.__stdout__, prefix)
+    sys.stderr = _Prefixed(sys.__stderr__, prefix)
 
-    ``module``: load the trained weights into it (the caller's own copy of the task).
-    ``log_fn``: replay the logged history rows into it afterwards (the ranks do not log).
-    ``result_dir``: keep rank 0's output there (default: a temporary directory).
-    """
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    with tempfile.TemporaryDirectory(prefix="tulip-launch-") as tmp:
-        out_dir = Path(result_dir) if result_dir is not None else Path(tmp) / "result"
-        plan_path = Path(tmp) / "plan.json"
-        plan_path.write_text(json.dumps(dict(plan)))
-        cmd = launcher_command(launcher, nproc, plan_path, out_dir, free_port())
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-        if env.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-            env["LOCAL_SIZE"] = str(nproc)
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        logger.info("starting %d training processes: %s", nproc, " ".join(cmd))
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{launcher} exited with {proc.returncode}; its output ends with:\n"
-                               f"{(proc.stdout + proc.stderr)[-4000:]}")
-        logger.debug("%s output:\n%s", launcher, proc.stdout + proc.stderr)
-        result = read_result(out_dir, module)
-    if log_fn is not None:
-        for row in result.history.to_dict("records"):
-            log_fn(row_to_metrics(row), int(row["step"]))
-    return result
+
+def rank_log_fn(plan: Mapping[str, Any], rank: int):
+    """Rank 0's metrics logger: the plan's MLflow run (None elsewhere or without one)."""
+    target = plan.get("mlflow") or {}
+    if rank != 0 or not target.get("run_id"):
+        return None
+    import mlflow
+
+    from tulip_pipelines.tracking import StageTracker
+
+    mlflow.set_tracking_uri(target["tracking_uri"])
+    return StageTracker(target["run_id"]).log
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -158,12 +144,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result-dir", required=True, type=Path, help="where rank 0 writes")
     parser.add_argument("--local_rank", type=int, default=None, help="set by deepspeed")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    prefix_output(rank)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        stream=sys.stderr)
     plan = json.loads(args.plan.read_text())
+    import torch.distributed as dist
+
+    from tulip_pipelines.training.distributed import init_distributed
+    from tulip_pipelines.training.engine import train
+
+    init_distributed(timeout_s=plan.get("node_timeout_s"))
     job = job_from_plan(plan)
     result = train(job.task, job.train_dataset, job.params, plan["ds_config"],
                    collate_fn=job.collate_fn, val_dataset=job.val_dataset,
-                   fingerprint=job.fingerprint)
+                   log_fn=rank_log_fn(plan, dist.get_rank()), fingerprint=job.fingerprint)
     if dist.get_rank() == 0:
         write_result(result, job.task, args.result_dir)
     dist.barrier()

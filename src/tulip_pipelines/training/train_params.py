@@ -25,7 +25,8 @@ class TrainParams(Params):
     warmup/cosine schedule spans the budget unless ``schedule_steps``/``schedule_epochs`` give a
     longer horizon (TULIP's stage 1 stops at epoch 5 of a 30-epoch schedule). AdamW decays
     matrices only (open_clip's rule) unless ``decay_biases_and_norms`` (Long-CLIP decays every
-    parameter). ``val_every``/``checkpoint_every`` of 0 mean "only at the end". The stage's
+    parameter). ``val_every``/``checkpoint_every`` of 0 mean "only at the end"; ``stall_minutes``
+without an optimizer step log a warning saying where each rank is. The stage's
     *run dir* holds its training checkpoints (``<run_dir>/checkpoints/step_XXXXXXXX``).
 
     ``precision`` (:data:`PRECISIONS`): ``fp32``; ``amp_bf16``, open_clip's and TULIP's mixed
@@ -60,6 +61,7 @@ class TrainParams(Params):
     resume: bool = True
     max_bad_fraction: float = 0.001  # unreadable samples tolerated (skipped and recorded)
     precision: str | None = None  # fp32 | amp_bf16 | bf16; None: as params:deepspeed's bf16
+    stall_minutes: float = 30.0  # warn when no optimizer step for this long (0: never)
 
     def __post_init__(self) -> None:
         p = Problems(f"train ({self.run_name})")
@@ -96,6 +98,7 @@ class TrainParams(Params):
         p.boolean("resume", self.resume)
         p.number_in("max_bad_fraction", self.max_bad_fraction, 0, 1)
         p.one_of("precision", self.precision, (None, *PRECISIONS))
+        p.number_in("stall_minutes", self.stall_minutes, 0)
         p.raise_if_any()
 
     @classmethod
@@ -127,7 +130,7 @@ class TrainParams(Params):
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not where/how often things are written)."""
         ignored = {"run_dir", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
-                   "num_workers", "resume", "max_bad_fraction"}
+                   "num_workers", "resume", "max_bad_fraction", "stall_minutes"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
 
 

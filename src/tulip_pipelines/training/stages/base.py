@@ -19,6 +19,7 @@ from tulip_pipelines.params import Params, Problems
 from tulip_pipelines.training.datasets import CaptionImageDataset
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.launch import LAUNCHERS
+from tulip_pipelines.training.multinode import Cluster, NodeError
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainParams
 
@@ -28,23 +29,43 @@ RUNS_DIR = "data/06_models/runs"
 @dataclass
 class StageParams(Params):
     """Parameters every stage has: ``train`` (the engine's :class:`TrainParams` minus name and
-    folder), the stage's run dir (its training checkpoints), and how many processes train."""
+    folder), the stage's run dir (its training checkpoints), how many processes train on each
+    node, and where this node stands among several (:meth:`cluster`; None: from the scheduler's
+    environment, else one node)."""
 
     train: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None  # None: data/06_models/runs/<stage>
-    num_processes: int = 1
+    num_processes: int = 1  # on each node
     launcher: str = "deepspeed"
+    num_nodes: int | None = None  # None: SLURM_NNODES, else 1
+    node_rank: int | None = None  # None: SLURM_NODEID, else 0
+    master_addr: str | None = None  # None: MASTER_ADDR (node 0's address)
+    master_port: int | None = None  # None: MASTER_PORT, else 29500
+    hostfile: str | None = None  # DeepSpeed's ssh mode: node 0 starts the hosts listed there
+    node_timeout_s: float = 300.0  # how long nodes wait for each other (start-up, answers)
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
         p.int_at_least("num_processes", self.num_processes, 1)
         p.one_of("launcher", self.launcher, LAUNCHERS)
+        p.number_in("node_timeout_s", self.node_timeout_s, 0, low_open=True)
+        try:
+            self.cluster()
+        except NodeError as err:
+            p.check(False, "num_nodes", f"/node_rank/master_addr: {err}")
+        if self.hostfile is not None and self.launcher != "deepspeed":
+            p.check(False, "hostfile", "is DeepSpeed's launcher's: set launcher: deepspeed")
         self.check(p)
         p.raise_if_any()
         self.train_params()  # the training settings are checked now, before any heavy work
 
     def check(self, problems: Problems) -> None:
         """The stage's own checks (subclasses)."""
+
+    def cluster(self) -> Cluster:
+        """This node's place in the stage's job (:meth:`Cluster.resolve`)."""
+        return Cluster.resolve(self.num_nodes, self.node_rank, self.master_addr,
+                               self.master_port, self.hostfile, where=self.section)
 
     @property
     def stage_run_dir(self) -> str:
@@ -59,7 +80,9 @@ class StageParams(Params):
     def fingerprint_fields(self) -> dict[str, Any]:
         """What else the trained weights depend on (the engine adds ``train``)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("train", "run_dir", "num_processes", "launcher")}
+                if k not in ("train", "run_dir", "num_processes", "launcher", "num_nodes",
+                             "node_rank", "master_addr", "master_port", "hostfile",
+                             "node_timeout_s")}
 
 
 @dataclass

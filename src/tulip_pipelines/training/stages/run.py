@@ -22,12 +22,14 @@ from tulip_pipelines.data.images import image_source_from_dict
 from tulip_pipelines.models import ModelBundle, load_bundle, save_model
 from tulip_pipelines.tracking import flatten, lineage, stage_run
 from tulip_pipelines.training.engine import train
+from tulip_pipelines.training.heartbeat import StallWatch
 from tulip_pipelines.training.job import TrainJob
-from tulip_pipelines.training.launch import run_distributed
 from tulip_pipelines.training.plots import loss_figure
+from tulip_pipelines.training.processes import run_distributed
 from tulip_pipelines.training.run_lock import run_lock
 from tulip_pipelines.training.stages import STAGES
 from tulip_pipelines.training.stages.base import StageInputs, StageParams
+from tulip_pipelines.training.stages.node_session import node_zero
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainResult
 
@@ -44,17 +46,25 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
     tags, source = lineage(parent) if parent is not None else ({}, {})
     with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags) as tracker:
         job = STAGES[stage].build(params, inputs)
+        cluster = params.cluster()
         with run_lock(params.stage_run_dir):  # one run per run dir at a time
-            if params.num_processes == 1:
-                result = train(job.task, job.train_dataset, job.params, ds_config,
-                               collate_fn=job.collate_fn, val_dataset=job.val_dataset,
-                               log_fn=tracker.log, fingerprint=job.fingerprint)
+            if params.num_processes == 1 and not cluster.several and not cluster.hostfile:
+                with StallWatch(params.stage_run_dir, stage, job.params.stall_minutes):
+                    result = train(job.task, job.train_dataset, job.params, ds_config,
+                                   collate_fn=job.collate_fn, val_dataset=job.val_dataset,
+                                   log_fn=tracker.log, fingerprint=job.fingerprint)
             else:
                 plan = write_launch_plan(stage, params, inputs, ds_config)
-                with tempfile.TemporaryDirectory() as tmp:
-                    result = run_distributed(plan, params.num_processes, params.launcher,
-                                             module=job.task, log_fn=tracker.log,
-                                             result_dir=Path(tmp) / "result")
+                plan["mlflow"] = tracker.target()
+                with node_zero(stage, params, ds_config, cluster) as session:
+                    if session is not None:
+                        session.publish(plan)
+                    with tempfile.TemporaryDirectory() as tmp:
+                        result = run_distributed(
+                            plan, params.num_processes, params.launcher,
+                            run_dir=params.stage_run_dir, run_name=stage,
+                            stall_minutes=job.params.stall_minutes, cluster=cluster,
+                            module=job.task, result_dir=Path(tmp) / "result")
         model = job.exported_model()
         # a new spec: the input model (e.g. expand's distilled one) keeps its own provenance
         provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id,
@@ -93,6 +103,7 @@ def write_launch_plan(stage: str, params: StageParams, inputs: StageInputs,
         "images": inputs.images.resolved().to_dict(),
         "teacher_embeddings": str(embeddings.folder.resolve()) if embeddings else None,
         "ds_config": dict(ds_config),
+        "node_timeout_s": params.node_timeout_s,
     }
 
 
@@ -118,9 +129,10 @@ def parent_reference(bundle: ModelBundle) -> dict[str, Any]:
 
 
 # Parameters that change how a stage runs, not what it learns: left out of the model card.
-_HOUSEKEEPING = ("run_dir", "launcher", "train.log_every", "train.val_every",
-                 "train.checkpoint_every", "train.keep_checkpoints", "train.num_workers",
-                 "train.resume")
+_HOUSEKEEPING = ("run_dir", "launcher", "num_nodes", "node_rank", "master_addr", "master_port",
+                 "hostfile", "node_timeout_s", "train.stall_minutes", "train.log_every",
+                 "train.val_every", "train.checkpoint_every", "train.keep_checkpoints",
+                 "train.num_workers", "train.resume")
 
 
 def training_summary(params: StageParams, inputs: StageInputs, ds_config: Mapping[str, Any],

@@ -1,0 +1,128 @@
+"""Starting training processes on this node (training/processes.py): two CPU processes (gloo on
+127.0.0.1) through DeepSpeed's launcher and torchrun, their output streamed to the launch log
+while they run, rank 0's metrics logged to MLflow as they come, the launcher command lines for
+one node and for several."""
+
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from tests.training.toy_tasks import RegressionTask
+from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from tulip_pipelines.training.multinode import Cluster
+from tulip_pipelines.training.processes import launcher_command, log_path, run_distributed
+
+
+def _plan(run_dir: Path, delay_s: float = 0.0) -> dict:
+    return {
+        "builder": "tests.training.toy_tasks:build_job",
+        "n": 256,
+        "delay_s": delay_s,
+        "train": dict(run_name="zero2", run_dir=str(run_dir), max_steps=6, batch_size=8,
+                      lr=0.05, log_every=1, checkpoint_every=3),
+        "ds_config": {"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0},
+    }
+
+
+def _watch_size(path: Path, stop: threading.Event, sizes: list[int]) -> None:
+    while not stop.wait(0.1):
+        size = path.stat().st_size if path.exists() else 0
+        if not sizes or sizes[-1] != size:
+            sizes.append(size)
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_zero2_stream_their_output_and_log_as_they_go(
+        tmp_path, project_root, monkeypatch):
+    """Trained through DeepSpeed's launcher (ZeRO-2 over both ranks; rank 0 logging to an MLflow
+    run while it trains, the launch log growing meanwhile); rerun through torchrun, which resumes
+    from the last checkpoint."""
+    monkeypatch.setenv("PYTHONPATH", str(project_root))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run_dir = tmp_path / "run"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(client.create_experiment("launch")).info.run_id
+    plan = {**_plan(run_dir, delay_s=0.25),
+            "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id}}
+
+    task, sizes, stop = RegressionTask(), [], threading.Event()
+    initial = task.head.weight.detach().clone()
+    watcher = threading.Thread(target=_watch_size, args=(log_path(run_dir), stop, sizes))
+    watcher.start()
+    started = time.time()
+    try:
+        result = run_distributed(plan, nproc=2, launcher="deepspeed", run_dir=run_dir,
+                                 module=task, timeout_s=300)
+    finally:
+        stop.set()
+        watcher.join()
+    ended = time.time()
+
+    assert result.final_step == 6
+    assert result.history["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert not torch.equal(task.head.weight, initial)
+    # the log grew in many steps while the ranks ran, every rank's lines prefixed
+    assert len([s for s in sizes if s > 0]) >= 5, sizes
+    text = log_path(run_dir).read_text()
+    assert "[rank 0] " in text and "[rank 1] " in text and "zero2 step 6/6" in text
+    # the metrics reached MLflow during training: 6 steps, ~0.25 s or more apart in all
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]
+    stamps = sorted(m.timestamp / 1000 for m in history)
+    assert stamps[-1] - stamps[0] >= 1.0, stamps
+    assert started <= stamps[0] and stamps[-1] <= ended
+    np_losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert np_losses == pytest.approx(result.history["loss"].tolist(), rel=1e-6)
+
+    ckpt = Path(result.last_checkpoint)
+    assert (ckpt / COMPLETE_MARKER).is_file()
+    assert [s for s, _, _ in complete_checkpoints(ckpt.parent)] == [3, 6]
+    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True, map_location="cpu")
+    assert state["dp_world_size"] == 2 and state["global_steps"] == 6
+    for name, value in task.state_dict().items():  # 0-dim parameters are saved as shape [1]
+        assert torch.equal(state["module"][name].reshape(value.shape), value), name
+
+    # DeepSpeed itself loads the sharded checkpoint on a rerun (here started by torchrun)
+    again = RegressionTask()
+    rerun = run_distributed(_plan(run_dir), nproc=2, launcher="torchrun", run_dir=run_dir,
+                            module=again, timeout_s=300)
+    assert rerun.resumed_from == 6 and rerun.final_step == 6
+    assert rerun.history.equals(result.history)
+    for name, value in task.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
+
+
+def test_a_failed_launch_names_the_node_and_shows_every_rank(tmp_path, project_root, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(project_root))
+    plan = {**_plan(tmp_path / "run"), "builder": "tests.training.toy_tasks:nothing_here"}
+    with pytest.raises(RuntimeError, match=r"node 0's torchrun exited with 1") as err:
+        run_distributed(plan, nproc=2, launcher="torchrun", run_dir=tmp_path / "run",
+                        timeout_s=300)
+    assert "[rank 1] " in str(err.value) and "nothing_here" in str(err.value)
+
+
+def test_launcher_commands_for_one_node_and_for_several(tmp_path):
+    one = Cluster(master_port=29500)
+    for launcher, flag in [("deepspeed", "--num_gpus"), ("torchrun", "--nproc_per_node")]:
+        cmd = launcher_command(launcher, 3, tmp_path / "s.json", tmp_path / "r", one)
+        assert cmd[cmd.index(flag) + 1] == "3"
+        assert "tulip_pipelines.training.launch" in cmd and "127.0.0.1" in cmd
+    two = Cluster(num_nodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29400)
+    cmd = launcher_command("deepspeed", 4, tmp_path / "s.json", tmp_path / "r", two,
+                           hostfile=tmp_path / "hosts")
+    assert "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.5"
+    cmd = launcher_command("torchrun", 4, tmp_path / "s.json", tmp_path / "r", two)
+    assert cmd[cmd.index("--nnodes") + 1] == "2" and cmd[cmd.index("--node_rank") + 1] == "1"
+    ssh = Cluster(master_addr="10.0.0.5", hostfile="hosts")
+    cmd = launcher_command("deepspeed", 8, tmp_path / "s.json", tmp_path / "r", ssh)
+    assert cmd[cmd.index("--hostfile") + 1] == "hosts" and "--no_ssh" not in cmd
+    with pytest.raises(ValueError, match="launcher"):
+        launcher_command("mpirun", 2, tmp_path / "s.json", tmp_path / "r", one)
