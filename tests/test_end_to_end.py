@@ -8,14 +8,20 @@ prepared shards.
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from tests.conftest import copy_project
 from tulip_pipelines.pipeline_registry import register_pipelines
+from tulip_pipelines.training.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +147,81 @@ def test_every_model_directory_has_a_card_naming_its_parent_run(default_run):
     logged = [p.read_text() for p in (default_run / "mlartifacts").rglob("model/MODEL_CARD.md")]
     expand = [c for c in logged if f"MLflow run: `{run_of['expanded_model']}`" in c]
     assert len(expand) == 1 and "| urban1k_demo" in expand[0]
+
+
+def _kedro(project, params: dict, log, env) -> subprocess.Popen:
+    """``kedro run --pipelines distill,expand --params ...`` in ``project``, output to ``log``."""
+    flat = ",".join(f"{k}={v}" for k, v in params.items())
+    return subprocess.Popen([sys.executable, "-m", "kedro", "run", "--pipelines", "distill,expand",
+                             "--params", flat], cwd=project, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _short_stages(run_dir: str) -> dict:
+    out = {}
+    for stage, steps in (("distill", 6), ("expand", 4)):
+        out.update({f"{stage}.run_dir": f"data/06_models/runs/{stage}_{run_dir}",
+                    f"{stage}.train.max_steps": steps, f"{stage}.train.log_every": 2,
+                    f"{stage}.train.val_every": 0, f"{stage}.train.checkpoint_every": 0,
+                    f"{stage}.train.warmup_steps": 2})
+    return out
+
+
+def _weights(project, stage):
+    from safetensors.torch import load_file
+
+    return load_file(project / f"data/06_models/{stage}_model/model.safetensors")
+
+
+def test_two_kedro_runs_as_two_nodes_train_like_one_node_with_two_processes(default_run,
+                                                                              tmp_path):
+    """distill then expand, each on 2 processes: once as one node, once as two ``kedro run``
+    processes of one process each (nodes 0 and 1 on 127.0.0.1, as SLURM would start them). Same
+    weights; node 1 ends cleanly having tracked nothing, node 0's log streams rank 0's steps."""
+    project = default_run
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "300"}
+    one = {**_short_stages("one_node"),
+           **{f"{s}.num_processes": 2 for s in ("distill", "expand")}}
+    with open(tmp_path / "one_node.log", "w") as log:
+        assert _kedro(project, one, log, env).wait(timeout=600) == 0, \
+            (tmp_path / "one_node.log").read_text()[-3000:]
+    reference = {stage: _weights(project, stage) for stage in ("distilled", "expanded")}
+
+    mlflow_runs_before = _count_mlflow_runs(project)
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        params = {**_short_stages("two_nodes"),
+                  **{f"{s}.{k}": v for s in ("distill", "expand")
+                     for k, v in (("num_nodes", 2), ("node_rank", rank),
+                                  ("master_addr", "127.0.0.1"), ("master_port", port))}}
+        log = open(tmp_path / f"node{rank}.log", "w")
+        nodes.append((_kedro(project, params, log, env), log))
+    codes = []
+    for proc, log in nodes:
+        codes.append(proc.wait(timeout=600))
+        log.close()
+    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], f"node 0:\n{logs[0][-3000:]}\nnode 1:\n{logs[1][-3000:]}"
+
+    for stage, weights in reference.items():
+        two_nodes = _weights(project, stage)
+        assert two_nodes.keys() == weights.keys()
+        for name, value in weights.items():
+            torch.testing.assert_close(two_nodes[name], value, rtol=1e-5, atol=1e-6,
+                                       msg=f"{stage}: {name}")
+    assert "node done: lent its processes to distill, expand" in logs[1]
+    assert "distill step 6/6" in logs[0]  # rank 0's lines reached node 0's Kedro log
+    run_dir = project / "data/06_models/runs/distill_two_nodes"
+    assert "[rank 1] " in (run_dir / "launch.node1.log").read_text()
+    # node 0 tracked one kedro run with its two stage runs; node 1 nothing
+    assert _count_mlflow_runs(project) == mlflow_runs_before + 3
+
+
+def _count_mlflow_runs(project) -> int:
+    import sqlite3
+
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return db.execute("select count(*) from runs").fetchone()[0]

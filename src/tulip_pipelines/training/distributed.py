@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import torch
 import torch.distributed as dist
@@ -30,10 +29,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
 
         backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
         if "RANK" in os.environ:  # started by deepspeed/torchrun: env:// rendezvous
-            if timeout_s is not None and int(os.environ["RANK"]) != 0:
-                wait_for_master(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                timeout_s)
-            deepspeed.init_distributed(dist_backend=backend)
+            if timeout_s is not None:  # the group first, its rendezvous bounded
+                join_group(backend, timeout_s)
+            deepspeed.init_distributed(dist_backend=backend)  # adopts an existing group
         else:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeedEngine reads it
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -42,22 +40,29 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def wait_for_master(addr: str, port: int, timeout_s: float) -> None:
-    """Wait until something listens on ``addr:port`` (rank 0's rendezvous store); a clear error
-    after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((addr, port), timeout=5):
-                return
-        except OSError as err:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"rank {os.environ.get('RANK')} on {socket.gethostname()}: the master "
-                    f"{addr}:{port} did not answer within {timeout_s:.0f} s ({err}); is node 0 "
-                    f"running, and is master_addr its address reachable from this node?"
-                ) from None
-            time.sleep(0.5)
+def join_group(backend: str, timeout_s: float) -> None:
+    """torch's process group from the launcher's variables, through a rendezvous store whose
+    connection waits at most ``timeout_s``: a rank whose master never answers, or a rank 0 whose
+    peers never all connect, stops with a message naming the address (collectives keep torch's
+    default timeout)."""
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
+                              timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError) as err:  # DistStoreError: the rendezvous timed out
+        who = ("the other ranks did not all connect to it" if rank == 0 else
+               "is node 0 running, and is master_addr its address as this node reaches it?")
+        raise RuntimeError(
+            f"rank {rank} on {socket.gethostname()}: no rendezvous on the master {addr}:{port} "
+            f"within {timeout_s:.0f} s ({type(err).__name__}): {who}"
+        ) from None
+    extra = {}
+    if backend == "nccl":  # bind the device now, as DeepSpeed does (eager NCCL init)
+        extra["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, **extra)
 
 
 def free_port() -> int:

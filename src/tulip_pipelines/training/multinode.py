@@ -235,29 +235,40 @@ class OtherNode:
             raise NodeError(f"{self.me}: node 0 stopped the job: {verdict.get('cause')}")
         logger.info("%s: joined node 0's session %s", self.me, self.session)
 
-    def wait_plan(self) -> dict[str, Any]:
-        """Node 0's launch plan once it reaches the stage (as long as node 0 lives)."""
-        return self._wait_for("plan.json", "the launch plan", bounded=False)["plan"]
+    def poll_plan(self) -> dict[str, Any] | None:
+        """Node 0's launch plan if it has reached the stage, else None (as long as node 0
+        lives: :class:`NodeError` when it ended its session or stopped advancing its counter)."""
+        record = _read(self.dir / "plan.json")
+        if record and record.get("session") == self.session:
+            return record["plan"]
+        self._check_node0("the launch plan")
+        return None
 
-    def _wait_for(self, name: str, what: str, bounded: bool = True) -> dict[str, Any]:
-        """``name`` of this session; node 0 must keep advancing its counter meanwhile."""
+    def _wait_for(self, name: str, what: str) -> dict[str, Any]:
+        """``name`` of this session, within the timeout, as long as node 0 lives."""
         deadline = time.monotonic() + self.timeout_s
-        last_count, last_change = None, time.monotonic()
         while True:
             record = _read(self.dir / name)
             if record and record.get("session") == self.session:
                 return record
-            beat = _read(self.dir / "node0.json") or {}
-            if beat.get("session") != self.session or beat.get("ended"):
-                raise NodeError(f"{self.me}: node 0 ended its session before {what}: "
-                                f"{beat.get('ended') or 'a new session started'}")
-            now = time.monotonic()
-            if beat.get("count") != last_count:
-                last_count, last_change = beat.get("count"), now
-            if now - last_change > self.timeout_s:
-                raise NodeError(f"{self.me}: node 0 stopped answering (its counter in "
-                                f"{self.dir / 'node0.json'} did not advance for "
-                                f"{self.timeout_s:.0f} s) while waiting for {what}")
-            if bounded and now > deadline:
+            self._check_node0(what)
+            if time.monotonic() > deadline:
                 raise NodeError(f"{self.me}: no {what} from node 0 within {self.timeout_s:.0f} s")
             time.sleep(0.2)
+
+    _last_count: Any = None
+    _last_change: float = 0.0
+
+    def _check_node0(self, what: str) -> None:
+        """Node 0 must keep its session open and its counter advancing."""
+        beat = _read(self.dir / "node0.json") or {}
+        if beat.get("session") != self.session or beat.get("ended"):
+            raise NodeError(f"{self.me}: node 0 ended its session before {what}: "
+                            f"{beat.get('ended') or 'a new session started'}")
+        now = time.monotonic()
+        if beat.get("count") != self._last_count:
+            self._last_count, self._last_change = beat.get("count"), now
+        elif now - self._last_change > self.timeout_s:
+            raise NodeError(f"{self.me}: node 0 stopped answering (its counter in "
+                            f"{self.dir / 'node0.json'} did not advance for "
+                            f"{self.timeout_s:.0f} s) while waiting for {what}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,16 @@ def follow_stages(stage_params: Mapping[str, StageParams],
         params = stage_params[name]
         nodes[name] = OtherNode(params.stage_run_dir, cluster, params.node_timeout_s)
         nodes[name].join(node_fingerprint(name, params, ds_config))
-    for name, cluster in clusters.items():
-        params = stage_params[name]
-        plan = nodes[name].wait_plan()
-        logger.info("node %d: %s reached; starting %d processes", cluster.node_rank, name,
-                    params.num_processes)
+    remaining = dict(clusters)
+    while remaining:  # in the order node 0 reaches them (Kedro's, not necessarily this one)
+        ready = {name: plan for name in remaining if (plan := nodes[name].poll_plan())}
+        if not ready:
+            time.sleep(0.5)
+            continue
+        name, plan = next(iter(ready.items()))
+        cluster, params = remaining.pop(name), stage_params[name]
+        logger.info("node %d: node 0 reached %s; starting %d processes", cluster.node_rank,
+                    name, params.num_processes)
         run_distributed(plan, params.num_processes, params.launcher,
                         run_dir=params.stage_run_dir, run_name=name, cluster=cluster)
     return list(clusters)
