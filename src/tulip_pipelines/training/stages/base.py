@@ -5,6 +5,7 @@ stage is :mod:`.run`."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,22 +24,30 @@ from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainParams
 
 RUNS_DIR = "data/06_models/runs"
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
 class StageParams(Params):
     """Parameters every stage has: ``train`` (the engine's :class:`TrainParams` minus name and
-    folder), the stage's run dir (its training checkpoints), and how many processes train."""
+    folder), the stage's run dir (its training checkpoints), how many processes train, and the
+    name its model is registered under in the MLflow Model Registry (when tracking is on;
+    ``None``: logged, not registered)."""
 
     train: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None  # None: data/06_models/runs/<stage>
     num_processes: int = 1
     launcher: str = "deepspeed"
+    registered_model_name: str | None = None
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
         p.int_at_least("num_processes", self.num_processes, 1)
         p.one_of("launcher", self.launcher, LAUNCHERS)
+        name = self.registered_model_name
+        p.check(name is None or (isinstance(name, str) and bool(REGISTERED_NAME.fullmatch(name))),
+                "registered_model_name", f"must be null or letters, digits, '.', '_' and '-' "
+                f"(starting with a letter or digit), got {name!r}")
         self.check(p)
         p.raise_if_any()
         self.train_params()  # the training settings are checked now, before any heavy work
@@ -59,7 +68,8 @@ class StageParams(Params):
     def fingerprint_fields(self) -> dict[str, Any]:
         """What else the trained weights depend on (the engine adds ``train``)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("train", "run_dir", "num_processes", "launcher")}
+                if k not in ("train", "run_dir", "num_processes", "launcher",
+                             "registered_model_name")}
 
 
 @dataclass
