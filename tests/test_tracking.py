@@ -2,6 +2,7 @@
 DeepSpeed config, per-step metrics, the checkpoint artifact and the lineage to its parent stage."""
 
 import json
+import socket
 
 import mlflow
 import pandas as pd
@@ -190,9 +191,18 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
         load_bundle("models:/tulip-expanded/2")
 
 
-def test_evaluation_tags_the_registered_version_with_its_r1_rows(tracking_uri, tmp_path):
+def test_evaluation_tags_the_registered_version_with_its_r1_rows(tracking_uri, tmp_path,
+                                                                 monkeypatch):
     torch.manual_seed(0)
     save_model(create_teacher("TULIP-Tiny"), tmp_path / "model")
+    connect = socket.socket.connect
+
+    def local_only(sock, address):  # logging and registering a model reach no network
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network connection to {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
     with mlflow.start_run(run_name="teacher") as run:
         log_embedding_model(tmp_path / "model", registered_model_name="tulip-teacher")
     with mlflow.start_run(run_name="other"):  # another run's version is left alone

@@ -119,14 +119,15 @@ class TulipEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def signature():
-    """Input ``text`` (string) and ``image`` (binary: base64 in JSON), both optional; output the
+    """Input ``text`` and ``image``, both optional strings (an image as base64 text; in Python
+    its bytes pass too: MLflow's ``binary`` type would not let a row leave it out); output the
     two embeddings (float arrays) and ``truncated`` (long)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
     inputs = Schema([ColSpec(DataType.string, "text", required=False),
-                     ColSpec(DataType.binary, "image", required=False)])
+                     ColSpec(DataType.string, "image", required=False)])
     outputs = Schema([ColSpec(Array(DataType.float), "text_embedding", required=False),
                       ColSpec(Array(DataType.float), "image_embedding", required=False),
                       ColSpec(DataType.long, "truncated")])
@@ -134,7 +135,7 @@ def signature():
 
 
 def input_example() -> pd.DataFrame:
-    """A caption and a small PNG: what a request looks like."""
+    """A caption and a small PNG (base64): what a request looks like."""
     import io
 
     from PIL import Image
@@ -142,7 +143,7 @@ def input_example() -> pd.DataFrame:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
     return pd.DataFrame({"text": ["A red square on a plain background."],
-                         "image": [buffer.getvalue()]})
+                         "image": [base64.b64encode(buffer.getvalue()).decode()]})
 
 
 def log_embedding_model(directory: str | Path, name: str = "embedder",
