@@ -18,14 +18,18 @@ TOO_LONG = " ".join(["a"] * 300)
 SHORT = "A blue square on a grey background."
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """A TULIP-Tiny student (context 248) saved as an exported model directory."""
+def write_model_dir(folder):
+    """A TULIP-Tiny student (context 248, seed 0) saved as an exported model directory."""
     torch.manual_seed(0)
     student = build_student(create_teacher("TULIP-Tiny"), context_length=248)
-    path = tmp_path_factory.mktemp("models") / "expanded_model"
+    path = folder / "expanded_model"
     save_model(student, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("models"))
 
 
 def image_bytes(colour, size=(40, 52), fmt="PNG") -> bytes:
