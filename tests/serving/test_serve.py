@@ -4,15 +4,6 @@
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -23,22 +14,7 @@ from PIL import Image
 from tests.serving.conftest import LONG, image_bytes
 from tulip_pipelines import load_model
 from tulip_pipelines.serving.pyfunc import log_embedding_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, payload: dict) -> tuple[int, dict | str]:
-    request = urllib.request.Request(url, json.dumps(payload).encode(),
-                                     {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+from tulip_pipelines.serving.server import invoke, scoring_server
 
 
 @pytest.fixture(scope="module")
@@ -55,51 +31,15 @@ def store(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    """The scoring server on a free port of 127.0.0.1; stopped (its process group) after."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store,
-           # the server runs `uvicorn` from the PATH: this interpreter's environment
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve",
-         "-m", "models:/tulip-expanded/latest", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, _tail(log)
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "no /ping answer in 120 s\n" + _tail(log)
-            time.sleep(0.5)
+def server(store):
+    """The scoring server on a free port of 127.0.0.1 (stopped after the module's tests)."""
+    with scoring_server("models:/tulip-expanded/latest", store) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
-
-
-def _tail(log) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read()[-3000:]
 
 
 def test_served_embeddings_equal_load_models(server, store, model_dir, monkeypatch):
     picture = image_bytes((30, 90, 200))
-    status, answer = post(f"{server}/invocations", {"dataframe_split": {
+    status, answer = invoke(f"{server}/invocations", {"dataframe_split": {
         "columns": ["text", "image"],
         "data": [[LONG, None], [None, base64.b64encode(picture).decode()]]}})
     assert status == 200, answer
@@ -124,7 +64,7 @@ def test_served_embeddings_equal_load_models(server, store, model_dir, monkeypat
 
 
 def test_a_file_that_is_not_an_image_is_a_400_with_a_message(server):
-    status, answer = post(f"{server}/invocations", {"dataframe_split": {
+    status, answer = invoke(f"{server}/invocations", {"dataframe_split": {
         "columns": ["image"],
         "data": [[base64.b64encode(image_bytes("red")).decode()],
                  [base64.b64encode(b"plain text, not an image").decode()]]}})
