@@ -68,11 +68,15 @@ def test_flatten_nests_keys_and_truncates_long_values():
 def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
     with stage_run("distill", {"loss_type": "cosine"}, DS_FP32) as tracker:
         assert tracker.run_id is None
         tracker.log({"train/loss": 1.0}, step=1)
         tracker.log_final({"loss": 1.0})
-    assert not (tmp_path / "mlruns").exists()
+        tracker.log_model(teacher, registered_model_name="tulip-distilled")  # nor registers
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    assert update_registered_versions("0" * 32, {"r1/x/y": "1.00"}) == 0
 
 
 def test_lineage_of_untracked_and_pretrained_models():

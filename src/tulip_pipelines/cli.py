@@ -1,4 +1,4 @@
-"""``tulip``: use a trained model on your own texts and images.
+"""tulip: use a trained model on your own texts and images.
 
     tulip encode --model M --texts captions.txt --out embeddings.parquet
     tulip encode --model M --images DIR --out embeddings.parquet
