@@ -1,6 +1,7 @@
 """The image embeddings of a folder, computed once per image tower: a Parquet file in the
 folder's ``.tulip_cache/``, named after the model's image tower (a hash of its weights and
-preprocessing, :func:`tulip_pipelines.evaluation.encode.image_tower_key`), with a row per file
+preprocessing, :func:`tulip_pipelines.evaluation.encode.image_tower_key`, and the autocast
+dtype on an accelerator), with a row per file
 (its path relative to the folder, size, modification time, and its embedding or why it could
 not be read). A file that is new or changed (size or modification time) is encoded again, the
 rows of files gone are dropped; a file that is not an image is skipped, recorded and counted."""
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 
 from tulip_pipelines.evaluation.encode import encode_images, image_tower_key
+from tulip_pipelines.models.device import autocast_in_effect
 from tulip_pipelines.models.spec import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,11 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(out)
 
 
-def cache_path(folder: Path, key: str) -> Path:
-    return Path(folder) / CACHE_DIR / f"{key[:32]}.parquet"
+def cache_path(folder: Path, bundle: ModelBundle, autocast: str | None) -> Path:
+    """The cache file of ``bundle``'s image tower, with the autocast dtype in effect (float32
+    and bfloat16 features are not mixed)."""
+    name = image_tower_key(bundle)[:32] + (f"-{autocast}" if autocast else "")
+    return Path(folder) / CACHE_DIR / f"{name}.parquet"
 
 
 def _read_cache(path: Path) -> dict[str, tuple]:
@@ -97,7 +102,8 @@ def folder_embeddings(bundle: ModelBundle, folder: str | Path, batch_size: int =
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {folder}")
-    path = cache_path(folder, image_tower_key(bundle))
+    in_effect = autocast_in_effect(device or next(bundle.model.parameters()).device, autocast)
+    path = cache_path(folder, bundle, in_effect)
     old = _read_cache(path)
     files = folder_files(folder)
     stats = {}

@@ -64,7 +64,9 @@ def _present(value: Any) -> bool:
 class TulipEmbedder(mlflow.pyfunc.PythonModel):
     """Texts and images to embeddings with a model directory written by this project."""
 
-    def __init__(self, batch_size: int = 64, device: str = "auto", autocast: str | None = "bf16"):
+    def __init__(self, batch_size: int = 64, device: str = "auto", autocast: str | None = None):
+        """On the accelerator when there is one (``device``), in float32 unless ``autocast``
+        (the served embeddings are then those of ``load_model``, on any device)."""
         self.batch_size, self.device_name, self.autocast = batch_size, device, autocast
         self.bundle = None
 
