@@ -52,7 +52,7 @@ def main() -> None:
         write_photos(Path(tmp), "small", args.images)
         folder = Path(tmp) / "small"
         print(f"{args.images} photos written in {time.perf_counter() - started:.1f} s")
-        command = [sys.executable, "-m", "tulip_pipelines.cli", "search", "--model", model,
+        command = [sys.executable, "-m", "tulip_pipelines.commands", "search", "--model", model,
                    "--images", str(folder), "--query", QUERY, "--top", "5", "-q",
                    "--workers", str(args.workers)]
         for call in ("first call", "cached call"):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests.serving.conftest import LONG, TOO_LONG, image_bytes, write_model_dir
-from tulip_pipelines.cli import main
+from tulip_pipelines.commands import main
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.serving.image_cache import CACHE_DIR
 from tulip_pipelines.serving.pyfunc import log_embedding_model
@@ -80,9 +80,10 @@ def _search(model, photos, capsys, *extra):
     assert main(["search", "--model", model, "--images", str(photos), "--query", LONG,
                  "--top", "3", "-q", *extra]) == 0
     captured = capsys.readouterr()
-    header, *rows = captured.out.strip().splitlines()
-    assert header.split() == ["rank", "score", "path"]
-    return [row.split() for row in rows], captured.err
+    lines = captured.out.strip().splitlines()
+    # (log lines reach stdout too where an earlier test left Kedro's logging set up)
+    start = next(i for i, line in enumerate(lines) if line.split() == ["rank", "score", "path"])
+    return [row.split() for row in lines[start + 1:]], captured.err
 
 
 def test_search_ranks_the_folder_by_cosine_to_the_query_then_reads_the_cache(
