@@ -69,7 +69,7 @@ def main() -> None:
             found = folder_embeddings(bundle, folder, num_workers=args.workers)
             query, _ = embed_texts(bundle, [QUERY], show_progress=False)
             (found.features @ query[0]).topk(5)
-            print(f"{call:<12} {time.perf_counter() - started:7.1f} s   in-process (no imports, "
+            print(f"{call:<12} {time.perf_counter() - started:7.2f} s   in-process (no imports, "
                   f"model loaded)")
 
 
