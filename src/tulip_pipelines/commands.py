@@ -22,6 +22,13 @@ import sys
 from pathlib import Path
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tulip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda:1")
     common.add_argument("--autocast", default="bf16", choices=["bf16", "fp16", "none"],
                         help="autocast on an accelerator (none on the CPU)")
-    common.add_argument("--batch-size", type=int, default=64)
+    common.add_argument("--batch-size", type=_positive, default=64)
     common.add_argument("--workers", type=int, default=0, help="image decoding processes")
     common.add_argument("-q", "--quiet", action="store_true", help="no log lines")
 
@@ -50,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                                  help="the images of a folder that best match a caption")
     search.add_argument("--images", type=Path, required=True)
     search.add_argument("--query", required=True, help="a caption, as long as you like")
-    search.add_argument("--top", type=int, default=5)
+    search.add_argument("--top", type=_positive, default=5)
     return parser
 
 
