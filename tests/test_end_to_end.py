@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -20,6 +21,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from tests.conftest import copy_project
+from tulip_pipelines.models import load_bundle
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.training.distributed import free_port
 
@@ -143,10 +145,50 @@ def test_every_model_directory_has_a_card_naming_its_parent_run(default_run):
                for d in directories}
     assert parents["expanded_model"]["mlflow_run_id"] == run_of["distilled_model"]
     assert parents["distilled_model"]["mlflow_run_id"] == run_of["teacher_model"]
-    # the model artifact of the expand run holds the card with its retrieval rows too
-    logged = [p.read_text() for p in (default_run / "mlartifacts").rglob("model/MODEL_CARD.md")]
+    # the model artifact of the expand run holds the card with its retrieval rows too (the
+    # pyfunc models' copies, under mlartifacts/<experiment>/models/, keep the card they were
+    # logged with: their registered versions get the new one as description)
+    logged = [p.read_text() for p in (default_run / "mlartifacts").rglob("model/MODEL_CARD.md")
+              if "models" not in p.relative_to(default_run / "mlartifacts").parts]
     expand = [c for c in logged if f"MLflow run: `{run_of['expanded_model']}`" in c]
     assert len(expand) == 1 and "| urban1k_demo" in expand[0]
+
+
+def test_default_run_registers_five_models_tagged_with_their_r1_rows(default_run):
+    """Every trained model is a registered MLflow model; evaluate tags its version with its R@1
+    rows (and its card); models:/ URIs load the exported weights."""
+    metrics = pd.read_parquet(default_run / "data/08_reporting/retrieval_metrics.parquet")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(default_run)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{default_run / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        registered = {m.name for m in client.search_registered_models()}
+        assert registered == {"tulip-teacher", "tulip-distilled", "tulip-expanded",
+                              "longclip-authors", "longclip-equal-budget"}
+        evaluated = {"tulip-teacher": ("teacher", "teacher_model"),
+                     "tulip-distilled": ("tulip_distilled", "distilled_model"),
+                     "tulip-expanded": ("tulip_expanded", "expanded_model"),
+                     "longclip-authors": ("longclip_authors", "longclip_authors_model"),
+                     "longclip-equal-budget": ("longclip_equal_budget",
+                                               "longclip_equal_budget_model")}
+        for name, (model, directory) in evaluated.items():
+            (version,) = client.search_model_versions(f"name='{name}'")
+            config = json.loads((default_run / "data/06_models" / directory / "config.json")
+                                .read_text())
+            assert version.run_id == config["extra"]["mlflow_run_id"], name
+            rows = metrics[(metrics["model"] == model) & (metrics["k"] == 1)]
+            assert len(rows) >= 4
+            for row in rows.itertuples():
+                tag = version.tags[f"r1/{row.benchmark}/{row.direction}"]
+                assert float(tag) == pytest.approx(row.recall, abs=0.006), (name, row)
+            assert "| urban1k_demo" in version.description
+        loaded = load_bundle("models:/tulip-expanded/latest")
+        exported = load_bundle(default_run / "data/06_models/expanded_model")
+        for key, value in exported.model.state_dict().items():
+            assert torch.equal(loaded.model.state_dict()[key], value), key
+    finally:
+        mp.undo()
 
 
 def _kedro(project, params: dict, log, env) -> subprocess.Popen:

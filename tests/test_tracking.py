@@ -2,6 +2,7 @@
 DeepSpeed config, per-step metrics, the checkpoint artifact and the lineage to its parent stage."""
 
 import json
+import socket
 
 import mlflow
 import pandas as pd
@@ -10,10 +11,18 @@ import torch
 from PIL import Image
 
 from tests.conftest import DS_FP32
-from tulip_pipelines.models import create_teacher
+from tulip_pipelines.models import create_teacher, load_bundle, save_model
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
-from tulip_pipelines.tracking import flatten, lineage, log_model_card, stage_run
+from tulip_pipelines.serving.pyfunc import log_embedding_model
+from tulip_pipelines.tracking import (
+    flatten,
+    lineage,
+    log_model_card,
+    recall_at_1_tags,
+    stage_run,
+    update_registered_versions,
+)
 
 TRAIN = {
     "max_steps": 3,
@@ -59,11 +68,15 @@ def test_flatten_nests_keys_and_truncates_long_values():
 def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
     with stage_run("distill", {"loss_type": "cosine"}, DS_FP32) as tracker:
         assert tracker.run_id is None
         tracker.log({"train/loss": 1.0}, step=1)
         tracker.log_final({"loss": 1.0})
-    assert not (tmp_path / "mlruns").exists()
+        tracker.log_model(teacher, registered_model_name="tulip-distilled")  # nor registers
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    assert update_registered_versions("0" * 32, {"r1/x/y": "1.00"}) == 0
 
 
 def test_lineage_of_untracked_and_pretrained_models():
@@ -80,7 +93,7 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
     distill_params = {"run_dir": str(tmp_path / "distill"), "train": TRAIN, "loss_type": "mse",
-                      "teacher_embeddings": "live"}
+                      "teacher_embeddings": "live", "registered_model_name": None}
     expand_params = {"run_dir": str(tmp_path / "expand"), "train": TRAIN}
     no_val = captions.iloc[:0]
     with mlflow.start_run(run_name="kedro-run") as parent:  # what kedro-mlflow opens around a run
@@ -157,6 +170,65 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     assert training["records"] == {"train": 8, "val": 0} and training["steps"] == 3
     assert expanded.spec.extra["parent"]["mlflow_run_id"] == dist["run_id"]
     assert distilled.spec.extra["parent"]["source"] == "TULIP-Tiny:untracked"
+
+    # both are pyfunc MLflow models; expand's is registered under its default name (version 1,
+    # from the expand run, the card as its description); distill's name is null: not registered
+    logged = mlflow.search_logged_models(experiment_ids=[exp["experiment_id"]],
+                                         output_format="list")
+    assert sorted(m.source_run_id for m in logged) == sorted([dist["run_id"], exp["run_id"]])
+    assert [m.name for m in client.search_registered_models()] == ["tulip-expanded"]
+    (version,) = client.search_model_versions("name='tulip-expanded'")
+    assert str(version.version) == "1" and version.run_id == exp["run_id"]
+    assert version.description == card
+    # models:/ and runs:/ URIs load the same weights as the exported model
+    for uri in ("models:/tulip-expanded/latest", "models:/tulip-expanded/1",
+                f"runs:/{exp['run_id']}/model"):
+        loaded = load_bundle(uri)
+        assert loaded.spec.kind == "rope" and loaded.spec.context_length == 248
+        state = loaded.model.state_dict()
+        for key, value in expanded.model.state_dict().items():
+            assert torch.equal(state[key], value), (uri, key)
+    with pytest.raises(ValueError, match="no registered model 'tulip-distilled'.*"
+                                         "registered: tulip-expanded"):
+        load_bundle("models:/tulip-distilled/latest")
+    with pytest.raises(ValueError, match=r"no version 2; versions: \[1\]"):
+        load_bundle("models:/tulip-expanded/2")
+
+
+def test_evaluation_tags_the_registered_version_with_its_r1_rows(tracking_uri, tmp_path,
+                                                                 monkeypatch):
+    torch.manual_seed(0)
+    save_model(create_teacher("TULIP-Tiny"), tmp_path / "model")
+    connect = socket.socket.connect
+
+    def local_only(sock, address):  # logging and registering a model reach no network
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(f"network connection to {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    with mlflow.start_run(run_name="teacher") as run:
+        log_embedding_model(tmp_path / "model", registered_model_name="tulip-teacher")
+    with mlflow.start_run(run_name="other"):  # another run's version is left alone
+        log_embedding_model(tmp_path / "model", registered_model_name="tulip-other")
+    metrics = pd.DataFrame({
+        "benchmark": ["urban1k_demo"] * 4 + ["flickr30k_demo"] * 2,
+        "model": ["teacher"] * 6,
+        "direction": ["text_to_image", "image_to_text"] * 3,
+        "k": [1, 1, 5, 5, 1, 5],
+        "recall": [23.456, 31.0, 70.0, 75.0, 12.5, 40.0],
+    })
+    tags = recall_at_1_tags(metrics)
+    assert tags == {"r1/urban1k_demo/text_to_image": "23.46",
+                    "r1/urban1k_demo/image_to_text": "31.00",
+                    "r1/flickr30k_demo/text_to_image": "12.50"}
+    assert update_registered_versions(run.info.run_id, tags, "card with retrieval rows") == 1
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("tulip-teacher", "1")
+    assert {k: v for k, v in version.tags.items() if k.startswith("r1/")} == tags
+    assert version.description == "card with retrieval rows"
+    assert not any(k.startswith("r1/") for k in client.get_model_version("tulip-other", "1").tags)
+    assert update_registered_versions(None, tags) == 0
 
 
 def test_an_updated_model_card_replaces_the_one_in_the_runs_model_artifact(

@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 
 def load_model(path, device="cpu", **original_kwargs):
-    """Load a checkpoint written by this project (or a published TULIP ``epoch_N.pt``; name its
-    teacher with ``teacher=``/``pretrained=``). Returns ``(model, preprocess, tokenizer)``.
+    """Load a model exported by this project (its directory, or an MLflow URI such as
+    ``models:/tulip-expanded/latest``), or a published TULIP ``epoch_N.pt`` (name its teacher
+    with ``teacher=``/``pretrained=``). Returns ``(model, preprocess, tokenizer)``.
     See :mod:`tulip_pipelines.models.files`.
     """
     from tulip_pipelines.models.files import load_model as _load_model

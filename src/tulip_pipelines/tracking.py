@@ -3,7 +3,9 @@ stage is :mod:`tulip_pipelines.training.stages.run`).
 
 ``kedro run`` opens one MLflow run (kedro-mlflow); each stage opens a *nested* run named after it
 with its parameters, the DeepSpeed config, per-step metrics (logged as they come, by the launched
-rank 0 too), system metrics, final metrics and its exported model.
+rank 0 too), system metrics, final metrics and its exported model (as plain files, and as a
+pyfunc MLflow model registered in the Model Registry under the stage's ``registered_model_name``:
+:mod:`tulip_pipelines.serving.pyfunc`).
 Outside Kedro a stage logs only when a tracking URI is configured (``MLFLOW_TRACKING_URI``);
 otherwise nothing is logged. Only rank 0 ever calls this module.
 """
@@ -16,7 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -85,22 +87,83 @@ class StageTracker:
             self.client.log_artifact(self.run_id, str(path))
         self.log({f"final/{Path(name).stem}": float(len(frame))}, step=0)
 
-    def log_model(self, model_bundle, artifact_path: str = "model") -> None:
+    def log_model(self, model_bundle, artifact_path: str = "model",
+                  registered_model_name: str | None = None) -> None:
         """The exported model (safetensors, config and model card) as an artifact of this run;
         the tag ``tulip.model_card`` names the card's artifact path (``tulip-compare`` links
-        it)."""
+        it). The same directory is also logged as a pyfunc MLflow model (named
+        :data:`MLFLOW_MODEL`), registered as a new version of ``registered_model_name`` when
+        that is given (its description: the model card)."""
         if not self.run_id:
             return
         from tulip_pipelines.models import save_model
         from tulip_pipelines.models.card import CARD
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_model(model_bundle, Path(tmp) / artifact_path)
-            self.client.log_artifacts(self.run_id, str(Path(tmp) / artifact_path), artifact_path)
-        self.client.set_tag(self.run_id, MODEL_CARD_TAG, f"{artifact_path}/{CARD}")
+            directory = Path(tmp) / artifact_path
+            save_model(model_bundle, directory)
+            self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+            self.client.set_tag(self.run_id, MODEL_CARD_TAG, f"{artifact_path}/{CARD}")
+            self._log_mlflow_model(directory, registered_model_name)
+
+    def _log_mlflow_model(self, directory: Path, registered_model_name: str | None) -> None:
+        import mlflow
+
+        from tulip_pipelines.models.card import CARD
+        from tulip_pipelines.serving.pyfunc import log_embedding_model
+
+        started = time.perf_counter()
+        active = mlflow.active_run()
+        here = active is not None and active.info.run_id == self.run_id
+        with nullcontext() if here else mlflow.start_run(self.run_id, nested=active is not None):
+            info = log_embedding_model(directory, MLFLOW_MODEL, registered_model_name,
+                                       (directory / CARD).read_text(encoding="utf-8"))
+        logger.info("MLflow model %s%s logged in %.1f s", info.model_uri,
+                    f" registered as {registered_model_name} version "
+                    f"{info.registered_model_version}" if registered_model_name else "",
+                    time.perf_counter() - started)
 
 
 MODEL_CARD_TAG = "tulip.model_card"
+MLFLOW_MODEL = "embedder"  # the pyfunc model's name in a stage run
+
+
+def update_registered_versions(run_id: str | None, tags: Mapping[str, str],
+                               description: str | None = None) -> int:
+    """Set ``tags`` (and the ``description``) on every registered model version logged by the
+    stage run ``run_id``. Returns how many versions; 0, with a log line, when tracking is off or
+    the store has none."""
+    if not run_id or not tracking_enabled():
+        return 0
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tulip_pipelines.serving.registry import versions_of_run
+
+    client = mlflow.MlflowClient()
+    try:
+        versions = versions_of_run(run_id)
+        for version in versions:
+            for key, value in tags.items():
+                client.set_model_version_tag(version.name, version.version, key, value)
+            if description is not None:
+                client.update_model_version(version.name, version.version,
+                                            description=description)
+    except MlflowException as err:
+        logger.warning("registered versions of run %s not tagged: %s", run_id, err)
+        return 0
+    for version in versions:
+        logger.info("registered model %s version %s: %d tags", version.name, version.version,
+                    len(tags))
+    return len(versions)
+
+
+def recall_at_1_tags(metrics) -> dict[str, str]:
+    """A model's R@1 rows of ``retrieval_metrics`` as registry tags:
+    ``r1/<benchmark>/<direction>`` -> recall in percent (two decimals)."""
+    rows = metrics[metrics["k"] == 1]
+    return {f"r1/{r.benchmark}/{r.direction}": f"{float(r.recall):.2f}"
+            for r in rows.itertuples()}
 
 
 def log_model_card(card: str | Path, run_id: str | None, artifact_path: str = "model") -> bool:

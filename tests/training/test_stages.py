@@ -29,7 +29,8 @@ TRAIN = {"max_steps": 7, "batch_size": 3, "lr": 3e-4, "warmup_steps": 2, "weight
          "checkpoint_every": 5, "keep_checkpoints": 3, "resume": False,
          "max_bad_fraction": 0.01, "precision": "amp_bf16"}
 # fields every stage has, checked once for all (run_dir, processes, launcher: how it runs)
-COMMON = {"train", "run_dir", "num_processes", "launcher"}
+# every stage's; registered_model_name reaches the Model Registry (tests/test_tracking.py)
+COMMON = {"train", "run_dir", "num_processes", "launcher", "registered_model_name"}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +138,18 @@ CHECKS["longclip_equal_budget"] = CHECKS["longclip_authors"]
 def test_every_parameter_is_checked(stage):
     fields = {f.name for f in dataclasses.fields(STAGES[stage].params_cls)} - COMMON
     assert fields == set(CHECKS[stage])
+
+
+def test_each_stage_registers_its_model_under_its_own_name():
+    train = {"train": {"batch_size": 4, "lr": 1e-3, "max_steps": 1}}
+    names = {stage: STAGES[stage].params_cls(**train).registered_model_name for stage in STAGES}
+    assert names == {"teacher": "tulip-teacher", "distill": "tulip-distilled",
+                     "expand": "tulip-expanded", "longclip_authors": "longclip-authors",
+                     "longclip_equal_budget": "longclip-equal-budget"}
+    expand = STAGES["expand"].params_cls
+    assert expand(**train, registered_model_name=None).registered_model_name is None
+    with pytest.raises(ValueError, match="registered_model_name"):
+        expand(**train, registered_model_name="tulip/expanded")
 
 
 CASES = [(stage, name) for stage in sorted(CHECKS) for name in sorted(CHECKS[stage])]

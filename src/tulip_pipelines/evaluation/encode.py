@@ -65,11 +65,11 @@ def _device(model: torch.nn.Module) -> torch.device:
 def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, num_workers: int = 0,
                   desc: str = "images", source: ImageSource | None = None,
                   unreadable: dict[int, str] | None = None, device: torch.device | None = None,
-                  autocast: str | None = None) -> torch.Tensor:
+                  autocast: str | None = None, show_progress: bool = True) -> torch.Tensor:
     """L2-normalised image features [n, d] (float32, CPU) from the bundle's own image tower, of
     image files ``paths``, or of the handles ``paths`` of ``source``, computed on ``device``
     (default: where the model is). The row of an image that cannot be read is zero, and its
-    index and error go into ``unreadable``."""
+    index and error go into ``unreadable``. ``show_progress=False``: no bar or log line."""
     model = bundle.model.eval()
     device = device or _device(model)
     loader = DataLoader(_Images(paths, bundle.preprocess, source), batch_size=batch_size,
@@ -77,11 +77,13 @@ def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, nu
                         pin_memory=device.type == "cuda")
     out: torch.Tensor | None = None
     with on_device(model, device), inference_autocast(device, autocast):
-        for indices, pixels, errors in track(loader, desc, "batch"):
+        for indices, pixels, errors in track(loader, desc, "batch", enabled=show_progress):
             if unreadable is not None:
                 unreadable.update(errors)
             for index, error in errors.items():
-                logger.warning("%s: left out image %s: %s", desc, paths[index], error)
+                item = paths[index]
+                named = f"#{index}" if isinstance(item, (bytes, bytearray)) else item
+                logger.warning("%s: left out image %s: %s", desc, named, error)
             if pixels is None:
                 continue
             pixels = pixels.to(device, non_blocking=True)
@@ -103,7 +105,7 @@ def tokenize(bundle: ModelBundle, texts: Sequence[str], batch_size: int = 4096) 
 @torch.no_grad()
 def encode_tokens(
     bundle: ModelBundle, tokens: torch.Tensor, batch_size: int, desc: str = "texts",
-    device: torch.device | None = None, autocast: str | None = None,
+    device: torch.device | None = None, autocast: str | None = None, show_progress: bool = True,
 ) -> torch.Tensor:
     """L2-normalised text features [n, d] (float32, CPU) of ``tokens`` (the bundle's
     tokenizer's output), computed on ``device`` (default: where the model is)."""
@@ -111,7 +113,8 @@ def encode_tokens(
     device = device or _device(model)
     out = []
     with on_device(model, device), inference_autocast(device, autocast):
-        for start in track(range(0, len(tokens), batch_size), desc, "batch"):
+        for start in track(range(0, len(tokens), batch_size), desc, "batch",
+                           enabled=show_progress):
             batch = tokens[start : start + batch_size]
             # columns after the longest row's end token hold padding, which changes nothing ('!'
             # is token 0 too, so the end token's position counts, not the non-zero tokens)

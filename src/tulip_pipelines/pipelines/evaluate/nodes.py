@@ -24,7 +24,12 @@ from tulip_pipelines.evaluation.report import (
 )
 from tulip_pipelines.models import ModelBundle, stretch_position_embedding
 from tulip_pipelines.models.card import add_retrieval
-from tulip_pipelines.tracking import log_model_card, stage_run
+from tulip_pipelines.tracking import (
+    log_model_card,
+    recall_at_1_tags,
+    stage_run,
+    update_registered_versions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +114,14 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
 def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],
                                  retrieval_metrics: pd.DataFrame) -> None:
     """The card of every model loaded from a model directory gets its retrieval rows, there and
-    in the model artifact of the run that trained it."""
+    in the model artifact of the run that trained it; the model version that run registered
+    gets the card as its description and its R@1 rows as tags (``r1/<benchmark>/<direction>``)."""
     for card, names in add_retrieval(evaluated_models, retrieval_metrics).items():
-        log_model_card(card, evaluated_models[names[0]].spec.extra.get("mlflow_run_id"))
+        run_id = evaluated_models[names[0]].spec.extra.get("mlflow_run_id")
+        log_model_card(card, run_id)
+        rows = retrieval_metrics[retrieval_metrics["model"].isin(names)]
+        update_registered_versions(run_id, recall_at_1_tags(rows),
+                                   card.read_text(encoding="utf-8"))
 
 
 def collect_skipped_samples(*tables: pd.DataFrame) -> pd.DataFrame:

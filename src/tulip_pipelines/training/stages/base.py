@@ -5,6 +5,7 @@ stage is :mod:`.run`."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,14 +25,16 @@ from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainParams
 
 RUNS_DIR = "data/06_models/runs"
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
 class StageParams(Params):
     """Parameters every stage has: ``train`` (the engine's :class:`TrainParams` minus name and
     folder), the stage's run dir (its training checkpoints), how many processes train on each
-    node, and where this node stands among several (:meth:`cluster`; None: from the scheduler's
-    environment, else one node)."""
+    node, where this node stands among several (:meth:`cluster`; None: from the scheduler's
+    environment, else one node), and the name its model is registered under in the MLflow Model
+    Registry (when tracking is on; ``None``: logged, not registered)."""
 
     train: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None  # None: data/06_models/runs/<stage>
@@ -43,6 +46,7 @@ class StageParams(Params):
     master_port: int | None = None  # None: MASTER_PORT, else 29500
     hostfile: str | None = None  # DeepSpeed's ssh mode: node 0 starts the hosts listed there
     node_timeout_s: float = 300.0  # how long nodes wait for each other (start-up, answers)
+    registered_model_name: str | None = None
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
@@ -55,6 +59,10 @@ class StageParams(Params):
             p.check(False, "num_nodes", f"/node_rank/master_addr: {err}")
         if self.hostfile is not None and self.launcher != "deepspeed":
             p.check(False, "hostfile", "is DeepSpeed's launcher's: set launcher: deepspeed")
+        name = self.registered_model_name
+        p.check(name is None or (isinstance(name, str) and bool(REGISTERED_NAME.fullmatch(name))),
+                "registered_model_name", f"must be null or letters, digits, '.', '_' and '-' "
+                f"(starting with a letter or digit), got {name!r}")
         self.check(p)
         p.raise_if_any()
         self.train_params()  # the training settings are checked now, before any heavy work
@@ -82,7 +90,7 @@ class StageParams(Params):
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("train", "run_dir", "num_processes", "launcher", "num_nodes",
                              "node_rank", "master_addr", "master_port", "hostfile",
-                             "node_timeout_s")}
+                             "node_timeout_s", "registered_model_name")}
 
 
 @dataclass

@@ -45,6 +45,7 @@ class DistillParams(StageParams):
     embedding_device: str = "auto"  # where the teacher embeds (auto: the accelerator if any)
     embedding_autocast: str | None = "bf16"  # on an accelerator; null: float32
     embedding_processes: int | None = None  # null: one per GPU of the node (auto), else 1
+    registered_model_name: str | None = "tulip-distilled"
 
     def check(self, problems: Problems) -> None:
         problems.one_of("rows", self.rows, DISTILL_ROWS)

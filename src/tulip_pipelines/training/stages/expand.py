@@ -60,6 +60,7 @@ class ExpandParams(ContrastiveParams):
     context_length: int | None = None  # None: the distilled student's
     ntk_scale: float | None = None
     text_projection: str = "teacher"  # TULIP's stage 2 keeps the teacher's, not the student's
+    registered_model_name: str | None = "tulip-expanded"
 
     def check(self, problems: Problems) -> None:
         super().check(problems)

@@ -58,17 +58,21 @@ class LongclipRecipeParams(ContrastiveParams):
 class LongclipAuthorsParams(LongclipRecipeParams):
     section = "longclip_authors"
 
+    registered_model_name: str | None = "longclip-authors"
+
 
 @dataclass
 class LongclipEqualBudgetParams(LongclipRecipeParams):
     section = "longclip_equal_budget"
 
+    registered_model_name: str | None = "longclip-equal-budget"
+
 
 @dataclass
 class LongclipParams(Params):
     """``params:longclip``: the position scheme both baselines share, and each recipe's block
-    (``authors``: its whole loss and budget; ``equal_budget``: only its run dir, the rest comes
-    from ``params:expand``)."""
+    (``authors``: its whole loss and budget; ``equal_budget``: only its run dir and registered
+    model name, the rest comes from ``params:expand``)."""
 
     section = "longclip"
 
@@ -87,10 +91,11 @@ class LongclipParams(Params):
                                  f"directly under longclip")
             return LongclipAuthorsParams.from_params({**self.authors, **scheme})
         if name == "equal_budget":
-            taken = sorted(set(self.equal_budget) - {"run_dir"})
+            taken = sorted(set(self.equal_budget) - {"run_dir", "registered_model_name"})
             if taken:
                 raise ValueError(f"longclip.equal_budget: {taken} come from expand (this baseline "
-                                 f"trains with expand's loss and budget); only run_dir is its own")
+                                 f"trains with expand's loss and budget); only run_dir and "
+                                 f"registered_model_name are its own")
             budget = ExpandParams.from_params(expand)
             own = {key: getattr(budget, key) for key in EXPAND_BUDGET}
             return LongclipEqualBudgetParams.from_params({**own, **self.equal_budget, **scheme})

@@ -74,7 +74,7 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
         model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance),
                                     source_dir=None)
         tracker.log_final(result.final_metrics)
-        tracker.log_model(model)
+        tracker.log_model(model, registered_model_name=params.registered_model_name)
         figure = loss_figure(result.history, stage)
         tracker.log_figure(figure, f"{stage}_loss.png")
         tracker.log_table(result.skipped, "skipped_samples.parquet")
@@ -129,8 +129,9 @@ def parent_reference(bundle: ModelBundle) -> dict[str, Any]:
 
 
 # Parameters that change how a stage runs, not what it learns: left out of the model card.
-_HOUSEKEEPING = ("run_dir", "launcher", "num_nodes", "node_rank", "master_addr", "master_port",
-                 "hostfile", "node_timeout_s", "train.stall_minutes", "train.log_every",
+_HOUSEKEEPING = ("run_dir", "launcher", "registered_model_name", "num_nodes", "node_rank",
+                 "master_addr", "master_port", "hostfile", "node_timeout_s",
+                 "train.stall_minutes", "train.log_every",
                  "train.val_every", "train.checkpoint_every", "train.keep_checkpoints",
                  "train.num_workers", "train.resume")
 

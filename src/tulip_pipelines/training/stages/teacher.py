@@ -26,6 +26,7 @@ class TeacherParams(StageParams):
     caption_source: str = "shuffled"  # the demo's sentence-shuffled variants, or the original
     long_weight: float = 1.0
     short_weight: float = 0.0
+    registered_model_name: str | None = "tulip-teacher"
 
     def check(self, problems: Problems) -> None:
         try:
