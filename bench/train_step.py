@@ -14,6 +14,8 @@
    (each micro batch contrasted against the whole step's, one extra no-gradient forward per micro
    batch when accumulating) against the per-micro-batch loss (``contrastive_batch: micro``), at
    accumulation 1 and 4 (optimizer-step time).
+4. ``--precision``: that loop in fp32, amp_bf16 and bf16; ``--mlflow``: that loop without and
+   with live MLflow logging of every step (what a launched rank 0 does).
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/train_step.py [--steps 20 --batch-size 32]
 """
@@ -105,9 +107,9 @@ def distill_live_vs_cached(label: str, teacher, texts: CaptionImageDataset,
 
 
 def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, micro: bool,
-                     out_dir: str, precision: str | None = None) -> float:
+                     out_dir: str, precision: str | None = None, log_fn=None) -> float:
     """Median seconds per optimizer step of the engine's own loop (``train``); ``precision``
-    (train.precision) replaces ``--bf16``."""
+    (train.precision) replaces ``--bf16``; ``log_fn`` receives every step's metrics."""
     task = ContrastiveTask(copy.deepcopy(model_bundle.model), 0.8, 0.2,
                            contrastive_batch="micro" if micro else "global")
     params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
@@ -117,7 +119,7 @@ def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, mi
                  "gradient_clipping": 1.0, "gradient_accumulation_steps": accumulation}
     if precision is None:
         ds_config["bf16"] = {"enabled": args.bf16}
-    history = train(task, dataset, params, ds_config, collate_fn=collate).history
+    history = train(task, dataset, params, ds_config, collate_fn=collate, log_fn=log_fn).history
     per_step = (accumulation * args.batch_size) / history["samples_per_s"].iloc[args.warmup:]
     return statistics.median(per_step)
 
@@ -148,6 +150,35 @@ def compare_precisions(student, images, args, tmp: str) -> None:
               f"{seconds[precision] / seconds['fp32']:>8.2f}x")
 
 
+def compare_live_logging(student, images, args, tmp: str) -> None:
+    """The contrastive step of the engine's loop without MLflow and with every step's metrics
+    logged to an MLflow run as they come (what a launched rank 0 does; a local sqlite store),
+    alternating three times each."""
+    import mlflow
+
+    from tulip_pipelines.tracking import StageTracker
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("bench")
+    collate = Collate(student.tokenizer, student.tokenizer)
+    seconds: dict[str, list[float]] = {"off": [], "live": []}
+    for round_ in range(3):
+        for mode in ("off", "live"):
+            log_fn = None
+            if mode == "live":
+                log_fn = StageTracker(client.create_run(experiment).info.run_id).log
+            seconds[mode].append(time_contrastive(student, images, collate, args, 1, False,
+                                                  f"{tmp}/m-{mode}-{round_}", log_fn=log_fn))
+    off, live = statistics.median(seconds["off"]), statistics.median(seconds["live"])
+    print(f"\nlive MLflow logging (engine loop, contrastive, micro batch {args.batch_size}, a "
+          f"row every step, sqlite store)")
+    print(f"{'':<14}{'step s':>9}")
+    print(f"{'no logging':<14}{off:>9.4f}\n{'live':<14}{live:>9.4f}")
+    print(f"overhead per step: {1000 * (live - off):.1f} ms ({100 * (live - off) / off:.1f}% "
+          f"of a step here; a row every log_every steps divides it by log_every)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per task")
@@ -160,6 +191,8 @@ def main() -> None:
                         help="skip the ViT-B-16-size distill comparison")
     parser.add_argument("--precision", action="store_true",
                         help="only compare train.precision fp32 / amp_bf16 / bf16")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="only compare the step without and with live MLflow logging")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "
@@ -172,6 +205,9 @@ def main() -> None:
         images = demo_dataset(Path(tmp), 4 * args.batch_size, student.preprocess)
         if args.precision:
             compare_precisions(student, images, args, tmp)
+            return
+        if args.mlflow:
+            compare_live_logging(student, images, args, tmp)
             return
         # the same records as text only (no preprocess: no image is located or read)
         texts = CaptionImageDataset(pd.DataFrame({"id": images.ids, "image": images.ids,

@@ -2,6 +2,8 @@
 epoch_N.pt: the embeddings and scores are the model's own, long captions are cut and counted,
 non-images are skipped and counted, an unknown model URI lists the registered names."""
 
+import logging
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -14,6 +16,18 @@ from tulip_pipelines.commands import main
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.serving.image_cache import CACHE_DIR
 from tulip_pipelines.serving.pyfunc import log_embedding_model
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """``main`` configures logging as a command does; the tests after these must not inherit
+    its levels (a quiet ``tulip_pipelines`` logger hides their records from caplog)."""
+    package, root = logging.getLogger("tulip_pipelines"), logging.getLogger()
+    levels, handlers = (package.level, root.level), list(root.handlers)
+    yield
+    package.setLevel(levels[0])
+    root.setLevel(levels[1])
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(scope="module")

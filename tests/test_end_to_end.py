@@ -24,6 +24,8 @@ from tests.conftest import copy_project
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.training.distributed import free_port
+from tulip_pipelines.training.processes import run_distributed
+from tulip_pipelines.training.stages.run import build_job
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +203,7 @@ def _kedro(project, params: dict, log, env) -> subprocess.Popen:
 
 def _short_stages(run_dir: str) -> dict:
     out = {}
-    for stage, steps in (("distill", 6), ("expand", 4)):
+    for stage, steps in (("distill", 4), ("expand", 2)):
         out.update({f"{stage}.run_dir": f"data/06_models/runs/{stage}_{run_dir}",
                     f"{stage}.train.max_steps": steps, f"{stage}.train.log_every": 2,
                     f"{stage}.train.val_every": 0, f"{stage}.train.checkpoint_every": 0,
@@ -217,20 +219,14 @@ def _weights(project, stage):
 
 def test_two_kedro_runs_as_two_nodes_train_like_one_node_with_two_processes(default_run,
                                                                               tmp_path):
-    """distill then expand, each on 2 processes: once as one node, once as two ``kedro run``
-    processes of one process each (nodes 0 and 1 on 127.0.0.1, as SLURM would start them). Same
-    weights; node 1 ends cleanly having tracked nothing, node 0's log streams rank 0's steps."""
+    """distill then expand as two ``kedro run`` processes of one process each (nodes 0 and 1 on
+    127.0.0.1, as SLURM would start them); then each stage's launch plan (published by node 0)
+    trained again on one node with two processes: the same weights. Node 1 ends cleanly having
+    tracked nothing; node 0's Kedro log streams rank 0's steps."""
     project = default_run
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "300"}
-    one = {**_short_stages("one_node"),
-           **{f"{s}.num_processes": 2 for s in ("distill", "expand")}}
-    with open(tmp_path / "one_node.log", "w") as log:
-        assert _kedro(project, one, log, env).wait(timeout=600) == 0, \
-            (tmp_path / "one_node.log").read_text()[-3000:]
-    reference = {stage: _weights(project, stage) for stage in ("distilled", "expanded")}
-
     mlflow_runs_before = _count_mlflow_runs(project)
     port = free_port()
     nodes = []
@@ -247,19 +243,32 @@ def test_two_kedro_runs_as_two_nodes_train_like_one_node_with_two_processes(defa
         log.close()
     logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert codes == [0, 0], f"node 0:\n{logs[0][-3000:]}\nnode 1:\n{logs[1][-3000:]}"
-
-    for stage, weights in reference.items():
-        two_nodes = _weights(project, stage)
-        assert two_nodes.keys() == weights.keys()
-        for name, value in weights.items():
-            torch.testing.assert_close(two_nodes[name], value, rtol=1e-5, atol=1e-6,
-                                       msg=f"{stage}: {name}")
     assert "node done: lent its processes to distill, expand" in logs[1]
-    assert "distill step 6/6" in logs[0]  # rank 0's lines reached node 0's Kedro log
-    run_dir = project / "data/06_models/runs/distill_two_nodes"
-    assert "[rank 1] " in (run_dir / "launch.node1.log").read_text()
+    assert "distill step 4/4" in logs[0]  # rank 0's lines reached node 0's Kedro log
     # node 0 tracked one kedro run with its two stage runs; node 1 nothing
     assert _count_mlflow_runs(project) == mlflow_runs_before + 3
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(project)  # the plans' relative paths
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    try:
+        for stage, model in (("distill", "distilled"), ("expand", "expanded")):
+            run_dir = project / f"data/06_models/runs/{stage}_two_nodes"
+            assert "[rank 1] " in (run_dir / "launch.node1.log").read_text()
+            plan = json.loads((run_dir / "launch" / "plan.json").read_text())["plan"]
+            plan["params"]["run_dir"] = str(tmp_path / f"{stage}_one_node")
+            plan["mlflow"] = None
+            job = build_job(plan)
+            run_distributed(plan, 2, run_dir=tmp_path / f"{stage}_one_node", module=job.task,
+                            timeout_s=300)
+            one_node = job.exported_model().model.state_dict()
+            two_nodes = _weights(project, model)
+            assert two_nodes.keys() == one_node.keys()
+            for name, value in one_node.items():
+                torch.testing.assert_close(two_nodes[name], value, rtol=1e-5, atol=1e-6,
+                                           msg=f"{stage}: {name}")
+    finally:
+        monkeypatch.undo()
 
 
 def _count_mlflow_runs(project) -> int:

@@ -30,7 +30,9 @@ TRAIN = {"max_steps": 7, "batch_size": 3, "lr": 3e-4, "warmup_steps": 2, "weight
          "max_bad_fraction": 0.01, "precision": "amp_bf16"}
 # fields every stage has, checked once for all (run_dir, processes, launcher: how it runs)
 # every stage's; registered_model_name reaches the Model Registry (tests/test_tracking.py)
-COMMON = {"train", "run_dir", "num_processes", "launcher", "registered_model_name"}
+# checked for every stage (StageParams): test_common_parameters_are_checked, test_multinode.py
+COMMON = {"train", "run_dir", "num_processes", "launcher", "registered_model_name", "num_nodes",
+          "node_rank", "master_addr", "master_port", "hostfile", "node_timeout_s"}
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +186,16 @@ def test_the_train_block_reaches_the_engine_parameters(stage, inputs):
     for key, value in TRAIN.items():
         got = getattr(job.params, key)
         assert (list(got) if key == "betas" else got) == value, key
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(num_nodes=2, node_rank=2, master_addr="h"), "node_rank=2 is out of range"),
+    (dict(num_nodes=2, node_rank=1), "master_addr is not set"),
+    (dict(node_timeout_s=0), "node_timeout_s"),
+    (dict(hostfile="hosts", launcher="torchrun"), "hostfile"),
+])
+def test_node_parameters_are_checked_before_any_work(values, message, monkeypatch):
+    for key in ("SLURM_NNODES", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match=message):
+        STAGES["expand"].params_cls.from_params({"train": TRAIN, **values})
