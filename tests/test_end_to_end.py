@@ -259,8 +259,8 @@ def test_two_kedro_runs_as_two_nodes_train_like_one_node_with_two_processes(defa
             plan["params"]["run_dir"] = str(tmp_path / f"{stage}_one_node")
             plan["mlflow"] = None
             job = build_job(plan)
-            run_distributed(plan, 2, run_dir=tmp_path / f"{stage}_one_node", module=job.task,
-                            timeout_s=300)
+            run_distributed(plan, 2, "torchrun", run_dir=tmp_path / f"{stage}_one_node",
+                            module=job.task, timeout_s=300)
             one_node = job.exported_model().model.state_dict()
             two_nodes = _weights(project, model)
             assert two_nodes.keys() == one_node.keys()

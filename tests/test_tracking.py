@@ -245,3 +245,19 @@ def test_an_updated_model_card_replaces_the_one_in_the_runs_model_artifact(
     assert not log_model_card(card, None)
     assert not log_model_card(card, "0" * 32)  # not a run of this store: a log line, no error
     assert "not logged to run" in caplog.text
+
+
+def test_a_stage_run_records_system_metrics_while_it_runs(tracking_uri, monkeypatch):
+    """CPU and memory every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (GPU ones where
+    nvidia-ml-py finds a GPU), with no code of the stage's own."""
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with stage_run("distill", {"lr": 1.0}) as tracker:
+        time.sleep(1.5)
+    metrics = mlflow.MlflowClient().get_run(tracker.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+    history = mlflow.MlflowClient().get_metric_history(tracker.run_id,
+                                                       "system/cpu_utilization_percentage")
+    assert len(history) >= 2  # sampled over the run, not once

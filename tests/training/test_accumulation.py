@@ -65,5 +65,6 @@ def test_two_processes_train_like_one_batch(one_batch, tmp_path, project_root, m
         "ds_config": {**DS, "gradient_accumulation_steps": 2},
     }
     task = contrastive_task()
-    result = run_distributed(plan, nproc=2, run_dir=tmp_path / "run", module=task, timeout_s=300)
+    result = run_distributed(plan, nproc=2, launcher="torchrun", run_dir=tmp_path / "run",
+                             module=task, timeout_s=300)
     _assert_same(one_batch, (result.history["loss"].iloc[0], task.state_dict()))

@@ -149,7 +149,8 @@ def test_two_processes_resume_on_one_with_accumulation_doubled(tmp_path, project
     monkeypatch.setenv("PYTHONPATH", str(project_root))
     plan = _zero_plan(tmp_path / "run", stage)
     reference = RegressionTask()
-    full = run_distributed(plan, nproc=2, launcher="deepspeed", run_dir=tmp_path / "run",
+    # torchrun: the lighter launcher; DeepSpeed's is tested in test_processes.py
+    full = run_distributed(plan, nproc=2, launcher="torchrun", run_dir=tmp_path / "run",
                            module=reference, timeout_s=300)
     assert full.final_step == 4
     root = tmp_path / "run" / "checkpoints"

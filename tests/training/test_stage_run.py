@@ -59,12 +59,12 @@ def test_the_launch_plan_carries_the_image_source(prepared, tmp_path, monkeypatc
 @pytest.mark.slow
 def test_two_processes_on_prepared_data_resume_exactly(prepared, tmp_path, project_root,
                                                        monkeypatch):
-    """A Long-CLIP stage on TULIP-Tiny through DeepSpeed's launcher (2 CPU processes, gloo),
+    """A Long-CLIP stage on TULIP-Tiny through torchrun (2 CPU processes, gloo),
     reading the prepared shards; the last checkpoint is removed (the state a kill after the
     previous one leaves) and the rerun continues with the same losses."""
     monkeypatch.setenv("PYTHONPATH", f"{project_root / 'src'}{os.pathsep}{project_root}")
-    params = LongclipEqualBudgetParams(
-        run_dir=str(tmp_path / "run"), num_processes=2,
+    params = LongclipEqualBudgetParams(  # torchrun: the lighter launcher (DeepSpeed's: e2e)
+        run_dir=str(tmp_path / "run"), num_processes=2, launcher="torchrun",
         train={"max_steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
                "val_every": 0, "checkpoint_every": 3, "seed": 0})
     torch.manual_seed(0)
