@@ -101,6 +101,17 @@ def project_copy(project_root, tmp_path, monkeypatch) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end run first: with two xdist workers (``make test``), one worker spends the
-    run on it while the other takes every other module."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_end_to_end.py")
+    """The end-to-end run first, then the other modules with slow (multi-process) tests, then the
+    rest: with two xdist workers (``make test``, whole modules to a worker), one worker spends
+    the run on the end-to-end module while the other takes the long modules first and both fill
+    the end with short ones."""
+    slow_modules = {item.nodeid.split("::")[0] for item in items
+                    if item.get_closest_marker("slow")}
+
+    def order(item) -> int:
+        module = item.nodeid.split("::")[0]
+        if module == "tests/test_end_to_end.py":
+            return 0
+        return 1 if module in slow_modules else 2
+
+    items.sort(key=order)
