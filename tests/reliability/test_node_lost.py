@@ -44,7 +44,7 @@ def test_a_lost_node_stops_the_job_and_the_run_resumes_on_one_node(tmp_path, pro
     def node(rank: int) -> None:
         cluster = Cluster(num_nodes=2, node_rank=rank, master_port=port)
         try:
-            run_distributed(_plan(run_dir), 1, "deepspeed", run_dir=run_dir, cluster=cluster,
+            run_distributed(_plan(run_dir), 1, "torchrun", run_dir=run_dir, cluster=cluster,
                             timeout_s=150)
         except RuntimeError as err:
             errors[rank] = str(err)
@@ -67,8 +67,8 @@ def test_a_lost_node_stops_the_job_and_the_run_resumes_on_one_node(tmp_path, pro
         thread.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a node did not stop after its peer died"
     assert time.monotonic() - killed_at < 120
-    assert "node 1's deepspeed exited with" in errors[1]
-    assert "node 0's deepspeed exited with" in errors[0]
+    assert "node 1's torchrun exited with" in errors[1]
+    assert "node 0's torchrun exited with" in errors[0]
     steps = [s for s, _, _ in complete_checkpoints(run_dir / "checkpoints")]
     assert steps and 2 <= steps[-1] < 12  # what was checkpointed stays
 

@@ -185,7 +185,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def _hint(tail: list[str]) -> str:
     """A cause in words for the usual multi-node failures, read from the ranks' last lines."""
     text = "".join(tail).lower()
-    if "timed out" in text or "timeout" in text and ("store" in text or "connect" in text):
+    if "timed out" in text or ("timeout" in text and ("store" in text or "connect" in text)):
         return (" (the rendezvous timed out: the master address did not answer, or another "
                 "node did not join)")
     if "connection reset" in text or "connection closed" in text or "broken pipe" in text:

@@ -145,7 +145,8 @@ def training_summary(params: StageParams, inputs: StageInputs, ds_config: Mappin
     key_params["deepspeed.gradient_accumulation_steps"] = str(accumulation)
     key_params["deepspeed.zero_stage"] = str(ds_config.get("zero_optimization", {}).get("stage", 0))
     key_params["deepspeed.bf16"] = str(ds_config.get("bf16", {}).get("enabled", False))
-    batch = int(params.train_params().batch_size) * int(params.num_processes) * accumulation
+    processes = int(params.num_processes) * params.cluster().num_nodes
+    batch = int(params.train_params().batch_size) * processes * accumulation
     return {
         "records": {role: len(frame) for role, frame in inputs.frames.items()},
         "images": inputs.images.to_dict(),
