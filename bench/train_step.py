@@ -113,14 +113,16 @@ def time_contrastive(model_bundle, dataset, collate, args, accumulation: int, mi
     task = ContrastiveTask(copy.deepcopy(model_bundle.model), 0.8, 0.2,
                            contrastive_batch="micro" if micro else "global")
     params = TrainParams(run_name="bench", run_dir=out_dir, max_steps=args.steps + args.warmup,
-                         batch_size=args.batch_size, lr=1e-4, log_every=1,
+                         batch_size=args.batch_size, lr=1e-4, log_every=args.log_every,
                          num_workers=args.num_workers, precision=precision)
     ds_config = {"zero_optimization": {"stage": args.zero_stage},
                  "gradient_clipping": 1.0, "gradient_accumulation_steps": accumulation}
     if precision is None:
         ds_config["bf16"] = {"enabled": args.bf16}
     history = train(task, dataset, params, ds_config, collate_fn=collate, log_fn=log_fn).history
-    per_step = (accumulation * args.batch_size) / history["samples_per_s"].iloc[args.warmup:]
+    # a row per log_every steps: skip the rows of the warmup steps
+    per_step = (accumulation * args.batch_size) / history["samples_per_s"].iloc[
+        -(args.steps // args.log_every):]
     return statistics.median(per_step)
 
 
@@ -151,9 +153,12 @@ def compare_precisions(student, images, args, tmp: str) -> None:
 
 
 def compare_live_logging(student, images, args, tmp: str) -> None:
-    """The contrastive step of the engine's loop without MLflow and with every step's metrics
+    """The contrastive step of the engine's loop without MLflow and with every row's metrics
     logged to an MLflow run as they come (what a launched rank 0 does; a local sqlite store),
-    alternating three times each."""
+    alternating five times each; also the time spent inside the logging calls themselves (the
+    direct cost, free of the run-to-run spread of the whole step)."""
+    import time
+
     import mlflow
 
     from tulip_pipelines.tracking import StageTracker
@@ -163,20 +168,34 @@ def compare_live_logging(student, images, args, tmp: str) -> None:
     experiment = client.create_experiment("bench")
     collate = Collate(student.tokenizer, student.tokenizer)
     seconds: dict[str, list[float]] = {"off": [], "live": []}
-    for round_ in range(3):
+    in_calls, calls = 0.0, 0
+    for round_ in range(5):
         for mode in ("off", "live"):
             log_fn = None
             if mode == "live":
-                log_fn = StageTracker(client.create_run(experiment).info.run_id).log
+                tracker = StageTracker(client.create_run(experiment).info.run_id)
+
+                def log_fn(metrics, step, tracker=tracker):
+                    nonlocal in_calls, calls
+                    started = time.perf_counter()
+                    tracker.log(metrics, step)
+                    in_calls, calls = in_calls + time.perf_counter() - started, calls + 1
             seconds[mode].append(time_contrastive(student, images, collate, args, 1, False,
                                                   f"{tmp}/m-{mode}-{round_}", log_fn=log_fn))
+            if mode == "live":
+                tracker.flush()
     off, live = statistics.median(seconds["off"]), statistics.median(seconds["live"])
+    spread = (max(seconds["off"]) - min(seconds["off"])) / off
+    direct = in_calls / calls / args.log_every  # seconds per step
     print(f"\nlive MLflow logging (engine loop, contrastive, micro batch {args.batch_size}, a "
-          f"row every step, sqlite store)")
+          f"row every {args.log_every} step(s), sqlite store, sent every "
+          f"{tracker.send_every_s:.0f} s)")
     print(f"{'':<14}{'step s':>9}")
     print(f"{'no logging':<14}{off:>9.4f}\n{'live':<14}{live:>9.4f}")
-    print(f"overhead per step: {1000 * (live - off):.1f} ms ({100 * (live - off) / off:.1f}% "
-          f"of a step here; a row every log_every steps divides it by log_every)")
+    print(f"whole step: {100 * (live - off) / off:+.1f}% (the no-logging runs alone spread over "
+          f"{100 * spread:.1f}%)")
+    print(f"inside the logging calls: {1000 * direct:.2f} ms per step "
+          f"({100 * direct / off:.2f}% of a step here)")
 
 
 def main() -> None:
@@ -193,6 +212,8 @@ def main() -> None:
                         help="only compare train.precision fp32 / amp_bf16 / bf16")
     parser.add_argument("--mlflow", action="store_true",
                         help="only compare the step without and with live MLflow logging")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="a history row (and an MLflow row) every this many steps")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}, batch {args.batch_size}, "

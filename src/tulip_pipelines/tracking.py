@@ -25,6 +25,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_CHARS = 250  # MLflow's limit on a parameter value
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on one log_batch
+SEND_EVERY_S = 5.0  # per-step metrics reach the store this often (live, in few transactions)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -43,9 +45,13 @@ class StageTracker:
     """What a stage logs into its MLflow run (a no-op when ``run_id`` is None);
     ``parent_run_id``: the run it is nested in (kedro-mlflow's run of the ``kedro run``)."""
 
-    def __init__(self, run_id: str | None, parent_run_id: str | None = None):
+    def __init__(self, run_id: str | None, parent_run_id: str | None = None,
+                 send_every_s: float = SEND_EVERY_S):
         self.run_id = run_id
         self.parent_run_id = parent_run_id
+        self.send_every_s = send_every_s
+        self._pending: list = []
+        self._sent_at = time.monotonic()
 
     @property
     def client(self):
@@ -54,12 +60,24 @@ class StageTracker:
         return mlflow.MlflowClient()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Metrics of ``step``, stamped now. They reach the store in one batch every
+        ``send_every_s`` seconds (and at :meth:`flush`), so that a training step seldom waits
+        for it (``bench/train_step.py --mlflow``)."""
         if self.run_id:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            if time.monotonic() - self._sent_at >= self.send_every_s:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send every metric logged so far."""
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id,
+                                  metrics=pending[start:start + MAX_METRICS_PER_BATCH])
+        self._sent_at = time.monotonic()
 
     def target(self) -> dict[str, str] | None:
         """Where another process (a launched rank 0) logs into this run: tracking URI and run
@@ -68,7 +86,8 @@ class StageTracker:
             return None
         import mlflow
 
-        return {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id}
+        return {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id,
+                "send_every_s": self.send_every_s}
 
     def log_final(self, metrics: Mapping[str, float]) -> None:
         self.log({f"final/{k}": float(v) for k, v in metrics.items()}, step=0)
@@ -227,4 +246,8 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
             mlflow.log_params(flatten({"deepspeed": dict(ds_config)}))
             mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
         logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
-        yield StageTracker(run.info.run_id, outer.info.run_id if outer else None)
+        tracker = StageTracker(run.info.run_id, outer.info.run_id if outer else None)
+        try:
+            yield tracker
+        finally:
+            tracker.flush()

@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from tulip_pipelines.training.launch import _Prefixed, job_from_plan, rank_log_fn
+from tulip_pipelines.training.launch import _Prefixed, job_from_plan, rank_tracker
 
 
 def test_job_from_plan_names_a_bad_builder():
@@ -28,7 +28,6 @@ def test_every_whole_line_is_prefixed_with_the_rank():
 
 def test_only_rank_0_of_a_tracked_plan_logs_metrics():
     plan = {"mlflow": {"tracking_uri": "sqlite:///unused.db", "run_id": "abc"}}
-    assert rank_log_fn(plan, 1) is None
-    assert rank_log_fn({"mlflow": None}, 0) is None
-    log = rank_log_fn(plan, 0)
-    assert log.__self__.run_id == "abc"
+    assert rank_tracker(plan, 1) is None
+    assert rank_tracker({"mlflow": None}, 0) is None
+    assert rank_tracker(plan, 0).run_id == "abc"

@@ -123,8 +123,8 @@ def prefix_output(rank: int) -> None:
     sys.stderr = _Prefixed(sys.__stderr__, prefix)
 
 
-def rank_log_fn(plan: Mapping[str, Any], rank: int):
-    """Rank 0's metrics logger: the plan's MLflow run (None elsewhere or without one)."""
+def rank_tracker(plan: Mapping[str, Any], rank: int):
+    """Rank 0's :class:`~tulip_pipelines.tracking.StageTracker` of the plan's MLflow run."""
     target = plan.get("mlflow") or {}
     if rank != 0 or not target.get("run_id"):
         return None
@@ -133,7 +133,8 @@ def rank_log_fn(plan: Mapping[str, Any], rank: int):
     from tulip_pipelines.tracking import StageTracker
 
     mlflow.set_tracking_uri(target["tracking_uri"])
-    return StageTracker(target["run_id"]).log
+    return StageTracker(target["run_id"],
+                        send_every_s=target.get("send_every_s", StageTracker(None).send_every_s))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -156,9 +157,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     init_distributed(timeout_s=plan.get("node_timeout_s"))
     job = job_from_plan(plan)
+    tracker = rank_tracker(plan, dist.get_rank())
     result = train(job.task, job.train_dataset, job.params, plan["ds_config"],
                    collate_fn=job.collate_fn, val_dataset=job.val_dataset,
-                   log_fn=rank_log_fn(plan, dist.get_rank()), fingerprint=job.fingerprint)
+                   log_fn=tracker.log if tracker else None, fingerprint=job.fingerprint)
+    if tracker is not None:
+        tracker.flush()
     if dist.get_rank() == 0:
         write_result(result, job.task, args.result_dir)
     dist.barrier()
