@@ -2,6 +2,7 @@
 after a resume), the launch plan carrying the image source, and a two-process run that
 resumes exactly."""
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -57,11 +58,12 @@ def test_the_launch_plan_carries_the_image_source(prepared, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_two_processes_on_prepared_data_resume_exactly(prepared, tmp_path, project_root,
+def test_two_processes_on_prepared_data_resume_on_one_process(prepared, tmp_path, project_root,
                                                        monkeypatch):
     """A Long-CLIP stage on TULIP-Tiny through torchrun (2 CPU processes, gloo),
     reading the prepared shards; the last checkpoint is removed (the state a kill after the
-    previous one leaves) and the rerun continues with the same losses."""
+    previous one leaves) and the rerun, in this process with accumulation 2 (the same global
+    batch on what is left: one process), continues with the same losses."""
     monkeypatch.setenv("PYTHONPATH", f"{project_root / 'src'}{os.pathsep}{project_root}")
     params = LongclipEqualBudgetParams(  # torchrun: the lighter launcher (DeepSpeed's: e2e)
         run_dir=str(tmp_path / "run"), num_processes=2, launcher="torchrun",
@@ -70,20 +72,21 @@ def test_two_processes_on_prepared_data_resume_exactly(prepared, tmp_path, proje
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
 
-    def run():
+    def run(params, ds_config):
         inputs = StageInputs({"teacher": teacher},
                              {"train": prepared["train"], "val": prepared["val"]},
                              prepared["source"])
-        model, history, _, _ = run_stage(STAGE, params, inputs, DS_FP32)
+        model, history, _, _ = run_stage(STAGE, params, inputs, ds_config)
         return model.spec.extra["training"], history
 
-    straight, straight_history = run()
+    straight, straight_history = run(params, DS_FP32)
     assert straight["steps"] == 6 and straight["resumed_from"] is None
     checkpoints = Path(params.stage_run_dir) / "checkpoints"
     assert [s for s, _, _ in complete_checkpoints(checkpoints)] == [3, 6]
     shutil.rmtree(checkpoints / "step_00000006")
 
-    resumed, resumed_history = run()
+    resumed, resumed_history = run(dataclasses.replace(params, num_processes=1),
+                                   {**DS_FP32, "gradient_accumulation_steps": 2})
     assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
     assert resumed_history["step"].tolist() == list(range(1, 7))
     assert resumed_history["loss"].tolist() == pytest.approx(
