@@ -261,3 +261,15 @@ def test_a_stage_run_records_system_metrics_while_it_runs(tracking_uri, monkeypa
     history = mlflow.MlflowClient().get_metric_history(tracker.run_id,
                                                        "system/cpu_utilization_percentage")
     assert len(history) >= 2  # sampled over the run, not once
+
+
+def test_logging_a_model_leaves_the_random_numbers_as_they_were(tracking_uri):
+    """Tracking on or off, what runs after a stage draws the same random numbers (logging the
+    MLflow model loads it, which initialises a model before reading its weights)."""
+    bundle = create_teacher("TULIP-Tiny")
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    with stage_run("teacher", {}) as tracker:
+        tracker.log_model(bundle, registered_model_name="tulip-teacher")
+    assert torch.equal(torch.rand(3), expected)

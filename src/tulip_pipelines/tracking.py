@@ -123,7 +123,12 @@ class StageTracker:
             save_model(model_bundle, directory)
             self.client.log_artifacts(self.run_id, str(directory), artifact_path)
             self.client.set_tag(self.run_id, MODEL_CARD_TAG, f"{artifact_path}/{CARD}")
-            self._log_mlflow_model(directory, registered_model_name)
+            import torch
+
+            # logging loads the model to check its input example: that must not move the
+            # random numbers of what runs next (a stage's initialisation) when tracking is on
+            with torch.random.fork_rng(devices=[]):
+                self._log_mlflow_model(directory, registered_model_name)
 
     def _log_mlflow_model(self, directory: Path, registered_model_name: str | None) -> None:
         import mlflow
