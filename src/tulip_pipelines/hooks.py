@@ -64,7 +64,7 @@ class ProjectHooks:
         read = {name[len("params:"):] for name in pipeline.inputs() if name.startswith("params:")}
         problems = check_parameters(params, pipeline_names=_node_tags(pipeline), shared=read)
         stages = {} if problems else _stages(params, _node_tags(pipeline))
-        if stages and _other_node(params):
+        if stages and _other_node_of(stages):
             from tulip_pipelines.training.stages.node_session import follow_stages
 
             followed = follow_stages(stages, params.get("deepspeed") or {})
@@ -134,13 +134,18 @@ def _other_node(params: dict[str, Any]) -> bool:
             and int(os.environ.get("SLURM_NNODES", "1") or 1) <= 1:
         return False
     from tulip_pipelines.training.stages import PIPELINE_PARAMS
-    from tulip_pipelines.training.stages.node_session import multinode_stages
 
     try:
-        clusters = multinode_stages(_stages(params, PIPELINE_PARAMS))
+        return _other_node_of(_stages(params, PIPELINE_PARAMS))
     except (ValueError, TypeError, KeyError):
         return False  # the parameter checks report it
-    return any(c.node_rank > 0 for c in clusters.values())
+
+
+def _other_node_of(stages: dict) -> bool:
+    """Whether these stages' parameters make this process node R > 0 of a multi-node stage."""
+    from tulip_pipelines.training.stages.node_session import multinode_stages
+
+    return any(c.node_rank > 0 for c in multinode_stages(stages).values())
 
 
 def _stages(params: dict[str, Any], pipeline_names) -> dict:

@@ -17,8 +17,9 @@ Rank 0 writes into ``--result-dir``: ``history.parquet``, ``result.json`` (final
 from, checkpoint dir, wall time, final metrics) and ``model.safetensors`` (the task's trained
 float32 state, loadable with ``safetensors.torch.load_model``).
 
-Optional plan keys: ``"mlflow"`` (``{"tracking_uri", "run_id"}``: rank 0 logs its metrics to that
-run as it trains) and ``"node_timeout_s"`` (how long the ranks wait for each other to join).
+Optional plan keys: ``"mlflow"`` (``{"tracking_uri", "run_id", "send_every_s"}``: rank 0 logs its
+metrics to that run as it trains) and ``"node_timeout_s"`` (how long the ranks wait for each
+other to join).
 Every line a rank prints is prefixed with ``[rank R]`` (:data:`RANK_PREFIX`).
 """
 
@@ -130,11 +131,10 @@ def rank_tracker(plan: Mapping[str, Any], rank: int):
         return None
     import mlflow
 
-    from tulip_pipelines.tracking import StageTracker
+    from tulip_pipelines.tracking import SEND_EVERY_S, StageTracker
 
     mlflow.set_tracking_uri(target["tracking_uri"])
-    return StageTracker(target["run_id"],
-                        send_every_s=target.get("send_every_s", StageTracker(None).send_every_s))
+    return StageTracker(target["run_id"], send_every_s=target.get("send_every_s", SEND_EVERY_S))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

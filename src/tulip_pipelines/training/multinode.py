@@ -210,6 +210,8 @@ class OtherNode:
         self.dir, self.cluster, self.timeout_s = launch_dir(run_dir), cluster, timeout_s
         self.me = f"node {cluster.node_rank}"
         self.session: str | None = None
+        self._last_count: Any = None  # node 0's counter as last read, and when it last moved
+        self._last_change = time.monotonic()
 
     def join(self, mine: str) -> None:
         """Answer node 0's live session with fingerprint ``mine``; wait for the verdict."""
@@ -255,9 +257,6 @@ class OtherNode:
             if time.monotonic() > deadline:
                 raise NodeError(f"{self.me}: no {what} from node 0 within {self.timeout_s:.0f} s")
             time.sleep(0.2)
-
-    _last_count: Any = None
-    _last_change: float = 0.0
 
     def _check_node0(self, what: str) -> None:
         """Node 0 must keep its session open and its counter advancing."""
