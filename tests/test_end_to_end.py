@@ -23,6 +23,7 @@ from kedro.framework.startup import bootstrap_project
 from tests.conftest import copy_project
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.pipeline_registry import register_pipelines
+from tulip_pipelines.serving.registry import resolve_bundle
 from tulip_pipelines.training.distributed import free_port
 from tulip_pipelines.training.processes import run_distributed
 from tulip_pipelines.training.stages.run import build_job
@@ -185,7 +186,7 @@ def test_default_run_registers_five_models_tagged_with_their_r1_rows(default_run
                 tag = version.tags[f"r1/{row.benchmark}/{row.direction}"]
                 assert float(tag) == pytest.approx(row.recall, abs=0.006), (name, row)
             assert "| urban1k_demo" in version.description
-        loaded = load_bundle("models:/tulip-expanded/latest")
+        loaded = resolve_bundle("models:/tulip-expanded/latest")
         exported = load_bundle(default_run / "data/06_models/expanded_model")
         for key, value in exported.model.state_dict().items():
             assert torch.equal(loaded.model.state_dict()[key], value), key

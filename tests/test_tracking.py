@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from tests.conftest import DS_FP32
-from tulip_pipelines.models import create_teacher, load_bundle, save_model
+from tulip_pipelines.models import create_teacher, save_model
 from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
 from tulip_pipelines.serving.pyfunc import log_embedding_model
+from tulip_pipelines.serving.registry import resolve_bundle
 from tulip_pipelines.tracking import (
     flatten,
     lineage,
@@ -183,16 +184,16 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     # models:/ and runs:/ URIs load the same weights as the exported model
     for uri in ("models:/tulip-expanded/latest", "models:/tulip-expanded/1",
                 f"runs:/{exp['run_id']}/model"):
-        loaded = load_bundle(uri)
+        loaded = resolve_bundle(uri)
         assert loaded.spec.kind == "rope" and loaded.spec.context_length == 248
         state = loaded.model.state_dict()
         for key, value in expanded.model.state_dict().items():
             assert torch.equal(state[key], value), (uri, key)
     with pytest.raises(ValueError, match="no registered model 'tulip-distilled'.*"
                                          "registered: tulip-expanded"):
-        load_bundle("models:/tulip-distilled/latest")
+        resolve_bundle("models:/tulip-distilled/latest")
     with pytest.raises(ValueError, match=r"no version 2; versions: \[1\]"):
-        load_bundle("models:/tulip-expanded/2")
+        resolve_bundle("models:/tulip-expanded/2")
 
 
 def test_evaluation_tags_the_registered_version_with_its_r1_rows(tracking_uri, tmp_path,

@@ -11,11 +11,11 @@ def load_model(path, device="cpu", **original_kwargs):
     """Load a model exported by this project (its directory, or an MLflow URI such as
     ``models:/tulip-expanded/latest``), or a published TULIP ``epoch_N.pt`` (name its teacher
     with ``teacher=``/``pretrained=``). Returns ``(model, preprocess, tokenizer)``.
-    See :mod:`tulip_pipelines.models.files`.
+    See :mod:`tulip_pipelines.models.files` and :mod:`tulip_pipelines.serving.registry`.
     """
-    from tulip_pipelines.models.files import load_model as _load_model
+    from tulip_pipelines.serving.registry import resolve_bundle
 
-    return _load_model(path, device=device, **original_kwargs)
+    return resolve_bundle(path, device=device, **original_kwargs).as_tuple()
 
 
 __all__ = ["load_model", "__version__"]

@@ -63,17 +63,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(args):
     from tulip_pipelines.compare import DEFAULT_TRACKING_URI  # the project's store
-    from tulip_pipelines.models import load_bundle
     from tulip_pipelines.models.device import resolve_device
+    from tulip_pipelines.serving.registry import SCHEMES, resolve_bundle
 
-    if args.model.startswith(("models:/", "runs:/")):
+    if args.model.startswith(SCHEMES):
         os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     device = resolve_device(args.device)
     original = {k: v for k, v in (("teacher", args.teacher), ("pretrained", args.pretrained))
                 if v is not None}
     if original.get("pretrained") == "none":
         original["pretrained"] = None
-    bundle = load_bundle(args.model, device=str(device), **original)
+    bundle = resolve_bundle(args.model, device=str(device), **original)
     return bundle, device, None if args.autocast == "none" else args.autocast
 
 

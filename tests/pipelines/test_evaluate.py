@@ -11,7 +11,7 @@ from kedro.runner import SequentialRunner
 from PIL import Image
 
 from tests.conftest import kept_memory_dataset
-from tulip_pipelines.data.images import FolderImages
+from tulip_pipelines.data.images import SKIPPED_COLUMNS, FolderImages
 from tulip_pipelines.evaluation.encode import image_tower_key
 from tulip_pipelines.evaluation.evaluate import EvaluateParams
 from tulip_pipelines.models import (
@@ -23,7 +23,6 @@ from tulip_pipelines.models import (
 )
 from tulip_pipelines.pipelines.evaluate import create_pipeline
 from tulip_pipelines.pipelines.evaluate.pipeline import SKIPPED_FROM
-from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
 
 COLORS = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250), (250, 0, 250)]
 

@@ -85,11 +85,11 @@ def test_unreadable_benchmark_images_are_left_out_with_their_texts_and_counted(t
     from kedro.io import DataCatalog, MemoryDataset
     from kedro.runner import SequentialRunner
 
+    from tulip_pipelines.data.images import SKIPPED_COLUMNS as COLUMNS
     from tulip_pipelines.data.images import FolderImages
     from tulip_pipelines.models import build_student, stretch_position_embedding
     from tulip_pipelines.pipelines.evaluate import create_pipeline
     from tulip_pipelines.pipelines.evaluate.pipeline import SKIPPED_FROM
-    from tulip_pipelines.training.skipped import COLUMNS
 
     urban = tmp_path / "urban"
     frame = write_images(urban, 8)

@@ -41,6 +41,10 @@ INDEX_FILE = "index.json"  # the wids shard index
 RECORDS_FILE = "records.parquet"  # id, image, split, row, position, sample (-1: left out), reason
 
 
+# the ``skipped_samples`` table: an image that could not be read when training or evaluating
+SKIPPED_COLUMNS = ["stage", "split", "step", "record_id", "path", "error"]
+
+
 class StaleImagesError(RuntimeError):
     """The prepared images do not match the caption tables being read."""
 

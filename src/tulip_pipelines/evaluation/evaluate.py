@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tulip_pipelines.data.images import ImageSource
+from tulip_pipelines.data.images import SKIPPED_COLUMNS, ImageSource
 from tulip_pipelines.evaluation import analysis
 from tulip_pipelines.evaluation.encode import (
     encode_images,
@@ -49,7 +49,6 @@ from tulip_pipelines.models.device import (
 )
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.params import Params, Problems, is_int
-from tulip_pipelines.training.skipped import COLUMNS as SKIPPED_COLUMNS
 
 logger = logging.getLogger(__name__)
 

@@ -1,35 +1,44 @@
-"""Models of TULIP: teachers, the RoPE student, the Long-CLIP baseline, model files (no Kedro)."""
+"""Models of TULIP: teachers, the RoPE student, the Long-CLIP baseline, model files (no Kedro).
 
-from tulip_pipelines.models.clip import create_teacher, get_tokenizer
-from tulip_pipelines.models.configs import (
-    check_model_name,
-    register_tiny_configs,
-    teacher_context_length,
-)
-from tulip_pipelines.models.files import build_architecture, load_bundle, load_model, save_model
-from tulip_pipelines.models.longclip import stretch_position_embedding, stretch_positions
-from tulip_pipelines.models.original import load_original_checkpoint
-from tulip_pipelines.models.spec import ModelBundle, ModelSpec
-from tulip_pipelines.models.student import RopeCLIP, build_student, expand_rope_context
+The names below are imported on first use (PEP 562), so that importing a light module such as
+:mod:`.spec` does not pull in open_clip; this package's open_clip configs (``TULIP-Tiny``) are
+registered by the functions that look model names up (:mod:`.configs`), not at import.
+"""
 
-register_tiny_configs()
+from __future__ import annotations
 
-__all__ = [
-    "ModelBundle",
-    "ModelSpec",
-    "RopeCLIP",
-    "build_architecture",
-    "build_student",
-    "check_model_name",
-    "create_teacher",
-    "expand_rope_context",
-    "get_tokenizer",
-    "load_bundle",
-    "load_model",
-    "load_original_checkpoint",
-    "register_tiny_configs",
-    "save_model",
-    "stretch_position_embedding",
-    "stretch_positions",
-    "teacher_context_length",
-]
+import importlib
+
+_WHERE = {
+    "create_teacher": "clip",
+    "get_tokenizer": "clip",
+    "check_model_name": "configs",
+    "register_tiny_configs": "configs",
+    "teacher_context_length": "configs",
+    "build_architecture": "files",
+    "load_bundle": "files",
+    "load_model": "files",
+    "save_model": "files",
+    "stretch_position_embedding": "longclip",
+    "stretch_positions": "longclip",
+    "load_original_checkpoint": "original",
+    "ModelBundle": "spec",
+    "ModelSpec": "spec",
+    "RopeCLIP": "student",
+    "build_student": "student",
+    "expand_rope_context": "student",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -47,16 +47,10 @@ def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
 
 
 def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> ModelBundle:
-    """Load a model directory written by :func:`save_model`, an MLflow URI of one
-    (``models:/tulip-expanded/latest``, ``runs:/<run id>/model``: the current tracking store,
-    :mod:`tulip_pipelines.serving.registry`), or an original TULIP file (``original_kwargs``
-    such as ``teacher="ViT-L-14"``, ``pretrained=...`` go to :func:`load_original_checkpoint`)."""
-    if isinstance(path, str) and path.startswith(("models:/", "runs:/")):
-        if original_kwargs:
-            raise TypeError(f"{sorted(original_kwargs)} only apply to original TULIP files")
-        from tulip_pipelines.serving.registry import load_mlflow_model
-
-        return load_mlflow_model(path, device)
+    """Load a model directory written by :func:`save_model` or an original TULIP file
+    (``original_kwargs`` such as ``teacher="ViT-L-14"``, ``pretrained=...`` go to
+    :func:`load_original_checkpoint`). MLflow URIs are resolved above this layer
+    (:func:`tulip_pipelines.serving.registry.resolve_bundle`)."""
     path = Path(path)
     if path.is_file():
         return _to(load_original_checkpoint(path, **original_kwargs), device)
@@ -78,9 +72,8 @@ def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> Mod
 
 
 def load_model(path: str | Path, device: str = "cpu", **original_kwargs):
-    """One call: ``(model, preprocess, tokenizer)`` from a model directory, an MLflow URI
-    (``models:/tulip-expanded/latest``) or epoch_N.pt (for a stage-1 file name its teacher:
-    ``load_model(p, teacher="ViT-L-14", pretrained="openai")``)."""
+    """One call: ``(model, preprocess, tokenizer)`` from a model directory or epoch_N.pt (for a
+    stage-1 file name its teacher: ``load_model(p, teacher="ViT-L-14", pretrained="openai")``)."""
     return load_bundle(path, device, **original_kwargs).as_tuple()
 
 

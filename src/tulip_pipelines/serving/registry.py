@@ -17,8 +17,18 @@ logger = logging.getLogger(__name__)
 SCHEMES = ("models:/", "runs:/")
 
 
-def is_mlflow_uri(path) -> bool:
-    return isinstance(path, str) and path.startswith(SCHEMES)
+def resolve_bundle(source, device: str = "cpu", **original_kwargs):
+    """The :class:`~tulip_pipelines.models.ModelBundle` a user names: an MLflow URI
+    (``models:/tulip-expanded/latest``, ``runs:/<run id>/model``, read from the current tracking
+    store), a model directory or an authors' epoch_N.pt (``original_kwargs`` go to
+    :func:`tulip_pipelines.models.load_bundle`)."""
+    if isinstance(source, str) and source.startswith(SCHEMES):
+        if original_kwargs:
+            raise TypeError(f"{sorted(original_kwargs)} only apply to original TULIP files")
+        return load_mlflow_model(source, device)
+    from tulip_pipelines.models.files import load_bundle
+
+    return load_bundle(source, device, **original_kwargs)
 
 
 def registered_names() -> list[str]:

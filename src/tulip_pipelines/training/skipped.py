@@ -15,9 +15,8 @@ from typing import Any
 import pandas as pd
 import torch.distributed as dist
 
+from tulip_pipelines.data.images import SKIPPED_COLUMNS
 from tulip_pipelines.training.batches import count_samples
-
-COLUMNS = ["stage", "split", "step", "record_id", "path", "error"]
 
 
 class TooManyBadSamples(RuntimeError):
@@ -62,4 +61,4 @@ class SkippedSamples:
             gathered: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
             dist.all_gather_object(gathered, self.records)
             records = [record for part in gathered for record in part]
-        return pd.DataFrame(records, columns=COLUMNS)
+        return pd.DataFrame(records, columns=SKIPPED_COLUMNS)

@@ -138,7 +138,7 @@ without an optimizer step log a warning saying where each rank is. The stage's
 class TrainResult:
     """What ``train`` returns; ``history`` has one row per logged step (resumed runs included).
     ``last_checkpoint`` is the folder of the final step's training checkpoint; ``skipped`` the
-    unreadable samples met (``training.skipped.COLUMNS``; since this process started)."""
+    unreadable samples met (``data.images.SKIPPED_COLUMNS``; since this process started)."""
 
     history: pd.DataFrame
     final_step: int
