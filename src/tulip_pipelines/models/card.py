@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from tulip_pipelines import atomic
 from tulip_pipelines.models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -167,14 +166,7 @@ def write_model_card(directory: str | Path, retrieval: pd.DataFrame | None = Non
     directory = Path(directory)
     spec = ModelSpec.from_dict(json.loads((directory / "config.json").read_text()))
     path = directory / CARD
-    fd, tmp = tempfile.mkstemp(prefix=f".{CARD}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(render_model_card(spec, retrieval))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic.write_text(path, render_model_card(spec, retrieval))
     return path
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tulip_pipelines import atomic
 from tulip_pipelines.models.card import CARD, render_model_card
 from tulip_pipelines.models.clip import AbsoluteCLIP, bundle, new_clip, set_text_activation
 from tulip_pipelines.models.configs import check_model_name
@@ -29,21 +28,12 @@ CONFIG = "config.json"
 def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
     """Write ``path/`` atomically (a temporary sibling directory renamed into place): the
     weights, ``config.json`` and the model card ``MODEL_CARD.md`` (:mod:`.card`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic.atomic_directory(path) as tmp:
         weights = model_bundle.model.state_dict()
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(model_bundle.spec.to_dict(), indent=2) + "\n")
         (tmp / CARD).write_text(render_model_card(model_bundle.spec), encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def load_bundle(path: str | Path, device: str = "cpu", **original_kwargs) -> ModelBundle:

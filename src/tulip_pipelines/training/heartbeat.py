@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tulip_pipelines import atomic
+
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_DIR = "heartbeat"
@@ -47,9 +49,7 @@ class Heartbeat:
         if changed or now - self._written >= self.min_interval_s:
             record = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(),
                       "step": step, "phase": phase, "phase_since": self._since, "time": now}
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.path)
+            atomic.write_text(self.path, json.dumps(record))
             self._written = now
 
 
