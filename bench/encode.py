@@ -21,7 +21,7 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 import torch  # noqa: E402
 from sharegpt4v_tree import long_caption, write_photo  # noqa: E402
 
-from tulip_pipelines.evaluation.encode import encode_images, encode_texts  # noqa: E402
+from tulip_pipelines.evaluation.encode import encode_images, encode_tokens, tokenize  # noqa: E402
 from tulip_pipelines.models import create_teacher  # noqa: E402
 from tulip_pipelines.training.teacher_embeddings import (  # noqa: E402
     TeacherEmbeddingsRequest,
@@ -64,8 +64,9 @@ def main() -> None:
             images = rate(len(paths), lambda: encode_images(
                 teacher, paths, args.batch_size, num_workers=min(8, os.cpu_count() or 1),
                 device=device, autocast="bf16"))
-            texts = rate(len(captions), lambda: encode_texts(
-                teacher, captions, args.batch_size, device=device, autocast="bf16"))
+            texts = rate(len(captions), lambda: encode_tokens(
+                teacher, tokenize(teacher, captions), args.batch_size, device=device,
+                autocast="bf16"))
             request = TeacherEmbeddingsRequest(teacher, {"train": captions},
                                                batch_size=args.batch_size, device=name)
             embeddings = rate(len(captions), lambda: list(compute_teacher_embeddings(request, {})))

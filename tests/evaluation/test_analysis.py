@@ -19,7 +19,7 @@ from tulip_pipelines.evaluation.analysis import (
     recall_by_tokens_read,
     token_lengths,
 )
-from tulip_pipelines.evaluation.encode import encode_texts, encode_tokens, tokenize
+from tulip_pipelines.evaluation.encode import encode_tokens, tokenize
 from tulip_pipelines.evaluation.metrics import RetrievalRanks, bootstrap_interval
 from tulip_pipelines.models import build_student, create_teacher
 
@@ -74,13 +74,13 @@ def test_encoding_keeps_the_longest_captions_end_token():
     torch.manual_seed(0)
     bundle = build_student(create_teacher("TULIP-Tiny"), 248)
     texts = ["a red sign reading sale!(50% off) look!(here) price!$5 above", "a cat"]
-    together = encode_texts(bundle, texts, batch_size=2)
+    tokens = tokenize(bundle, texts, batch_size=1)
+    assert tokens.dtype == torch.int32 and tokens.shape == (2, 248)
+    together = encode_tokens(bundle, tokens, batch_size=2)
     with torch.no_grad():  # the whole padded context: the reference
         padded = bundle.model.eval().encode_text(bundle.tokenizer(texts), normalize=True)
     assert torch.allclose(together, padded, atol=1e-5)
-    tokens = tokenize(bundle, texts, batch_size=1)
-    assert tokens.dtype == torch.int32 and tokens.shape == (2, 248)
-    assert torch.allclose(encode_tokens(bundle, tokens, 2), together)
+    assert torch.allclose(encode_tokens(bundle, tokens, 1), together, atol=1e-6)
 
 
 def _ranks(i2t, t2i, images=None, cap=1):

@@ -124,14 +124,6 @@ def encode_tokens(
     return torch.cat(out)
 
 
-def encode_texts(
-    bundle: ModelBundle, texts: Sequence[str], batch_size: int, desc: str = "texts",
-    device: torch.device | None = None, autocast: str | None = None,
-) -> torch.Tensor:
-    """L2-normalised text features [n, d] with the bundle's own tokenizer (its context length)."""
-    return encode_tokens(bundle, tokenize(bundle, texts), batch_size, desc, device, autocast)
-
-
 def image_tower_key(bundle: ModelBundle) -> str:
     """A hash of the image tower's weights and preprocessing: equal towers encode images alike."""
     digest = hashlib.sha1(repr(bundle.preprocess).encode())
