@@ -47,7 +47,10 @@ def project_imports(path: Path, package_dir: Path) -> list[tuple[int, str]]:
                 module = ".".join(base) + (f".{node.module}" if node.module else "")
             else:
                 module = node.module or ""
-            found.append((node.lineno, module))
+            if module == "tulip_pipelines":  # from tulip_pipelines import atomic
+                found += [(node.lineno, f"{module}.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, module))
     return [(line, m) for line, m in found
             if m == "tulip_pipelines" or m.startswith("tulip_pipelines.")]
 
