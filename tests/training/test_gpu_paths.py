@@ -254,3 +254,21 @@ def test_bf16_weights_reduce_their_gradients_in_float32(tmp_path):
         assert next(engine.module.head.parameters()).dtype == torch.bfloat16
     finally:
         engine.destroy()
+
+
+def test_bfloat16_emulated_on_an_older_gpu_is_named(monkeypatch, caplog):
+    """Below compute capability 8.0 torch emulates bfloat16 (``is_bf16_supported`` says True
+    only with emulation): the run says so rather than training slower than fp32 in silence."""
+    import logging
+
+    from tulip_pipelines.training.engine import warn_if_bf16_emulated
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)  # a V100
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with caplog.at_level(logging.WARNING):
+        warn_if_bf16_emulated("fp32", torch.device("cuda", 0))
+        warn_if_bf16_emulated("amp_bf16", torch.device("cpu"))
+        assert not caplog.records
+        warn_if_bf16_emulated("amp_bf16", torch.device("cuda", 0))
+    assert "emulates" in caplog.text and "Tesla V100" in caplog.text

@@ -108,6 +108,7 @@ def train(
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
                                                  "load_universal": True}}
     engine, task_state = initialize_engine(task, params, ds_config)
+    warn_if_bf16_emulated(params.precision, engine.device)
     position, history, start_step = DataPosition(), [], 0
     if resume is not None:
         _, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag)
@@ -346,6 +347,18 @@ def _under_autocast(method: Callable, device_type: str) -> Callable:
         with torch.autocast(device_type, dtype=torch.bfloat16):
             return method(*args, **kwargs)
     return wrapped
+
+
+def warn_if_bf16_emulated(precision: str | None, device: torch.device) -> None:
+    """A warning when bfloat16 (``amp_bf16``, ``bf16``) has no hardware support on this CUDA
+    device (compute capability below 8.0: V100, T4): torch emulates it there, slower than
+    float32, where the CPU and an A100/H100 run it natively."""
+    if device.type != "cuda" or precision not in ("amp_bf16", "bf16"):
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("train.precision=%s on %s (%s): no native bfloat16 below compute "
+                       "capability 8.0, torch emulates it (slower than fp32); consider "
+                       "precision: fp32", precision, device, torch.cuda.get_device_name(device))
 
 
 def set_tf32(enabled: bool | None) -> None:
