@@ -10,6 +10,13 @@ stage: steps, samples/s, wall time and peak device memory; then ``bench/gpu.py``
 MFU and peak memory. Fails if any stage trained, or the teacher text embeddings or the
 evaluation ran, on the CPU while a GPU was present.
 
+First, the CUDA paths of docs/gpu.md (``bench/lib/cuda_paths.py``): one amp_bf16 expand step of
+the engine, whose gradient pass (inside DeepSpeed's ``engine(batch)``) and cache pass must run
+the towers' Linear layers in bfloat16 (the count of each dtype is printed), the TF32 flags that
+``train.tf32: true`` set, and a run checkpointed with every GPU visible and resumed with one
+(with a single GPU: from an RNG file that lists 8 devices' generators). Fails if either check
+does.
+
     .venv/bin/python bench/gpu_check.py            # on a GPU machine (make gpu-check)
     .venv/bin/python bench/gpu_check.py --tiny     # the CPU fallback CI runs: TULIP-Tiny, 1 process
                                                    # (what it runs anyway where there is no GPU)
@@ -30,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent / "lib"))  # the helpers: the gener
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from cuda_paths import amp_bf16_step, resume_with_fewer_devices  # noqa: E402
 from sharegpt4v_tree import write_teacher_weights, write_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +94,26 @@ def report(project: Path, log: str, gpu: bool, seconds: float) -> list[str]:
     return problems
 
 
+def cuda_paths(work: Path) -> list[str]:
+    """Print the CUDA-path checks (bench/lib/cuda_paths.py); return what failed."""
+    problems = []
+    amp = amp_bf16_step(work)
+    print(f"amp_bf16 expand step: Linear outputs, gradient pass {amp['gradient_pass']}, cache "
+          f"pass {amp['cache_pass']}; TF32 after train.tf32: true: matmul "
+          f"{amp['tf32_matmul']}, cuDNN {amp['tf32_cudnn']}")
+    if not amp["ok"]:
+        problems.append("the amp_bf16 step did not run its towers in bfloat16")
+    if not (amp["tf32_matmul"] and amp["tf32_cudnn"]):
+        problems.append("train.tf32: true did not set TF32")
+    resume = resume_with_fewer_devices(work)
+    print(f"resume: checkpoint written with {resume['saved_with']} visible device(s), resumed "
+          f"with {resume['resumed_with']} ({resume['how']}): from step "
+          f"{resume['resumed_from']} to {resume['final_step']}")
+    if not resume["ok"]:
+        problems.append("the run did not resume on fewer visible devices")
+    return problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
@@ -101,6 +129,9 @@ def main() -> None:
     records = args.records or (100 if args.tiny else 400)
     model = "TULIP-Tiny" if args.tiny else "ViT-L-14"
     work = args.keep or Path(tempfile.mkdtemp(prefix="tulip-gpu-check-"))
+    if not gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    problems = cuda_paths(work)
     started = time.perf_counter()
     tree = write_tree(work / "tree", records=records, benchmark_images=12 if args.tiny else 40)
     weights = write_teacher_weights(work / "tree" / f"{model}.safetensors", model)
@@ -126,7 +157,7 @@ def main() -> None:
     (work / "kedro_run.log").write_text(log)
     if done.returncode != 0:
         sys.exit(f"kedro run failed ({done.returncode}); the log ends with:\n{log[-6000:]}")
-    problems = report(project, log, gpu, seconds)
+    problems += report(project, log, gpu, seconds)
     if args.bench:
         bench = [sys.executable, str(ROOT / "bench" / "gpu.py")] + ([] if gpu else ["--smoke"])
         print("\n" + " ".join(bench), flush=True)

@@ -139,7 +139,10 @@ def test_a_device_that_is_not_here_is_a_parameter_problem(monkeypatch):
 
 def test_models_spread_over_the_devices_score_as_one_device_does(tmp_path, monkeypatch):
     """``parallel_models``: every model on its own device at once (two CPU threads here, one per
-    GPU on a GPU node), results in the models' order and equal to the serial scoring."""
+    GPU on a GPU node), results in the models' order and equal to the serial scoring. The image
+    loaders those threads start do not fork the multithreaded process (a forked child can
+    inherit a lock another thread held, CUDA's or the allocator's, and deadlock): their workers
+    come from a forkserver."""
     import threading
 
     torch.manual_seed(0)
@@ -157,9 +160,21 @@ def test_models_spread_over_the_devices_score_as_one_device_does(tmp_path, monke
         threads.add(threading.get_ident())
         return real(*args, **kwargs)
 
+    contexts = []
+
+    class RecordingLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            contexts.append((threading.get_ident(), self.multiprocessing_context))
+
     monkeypatch.setattr(tulip_pipelines.evaluation.evaluate, "encode_tokens", recording)
-    spread = score(models, bench, EvaluateParams.from_params({**base, "parallel_models": 2}))
+    monkeypatch.setattr(encode_module, "DataLoader", RecordingLoader)
+    spread = score(models, bench, EvaluateParams.from_params(
+        {**base, "parallel_models": 2, "num_workers": 1}))
     assert len(threads) == 2  # two workers encoded texts
+    assert len({thread for thread, _ in contexts}) == 2  # each device thread loaded images
+    assert all(c is not None and c.get_start_method() in ("forkserver", "spawn")
+               for _, c in contexts), contexts
     pd.testing.assert_frame_equal(spread.metrics, serial.metrics)
     pd.testing.assert_frame_equal(spread.by_tokens_read, serial.by_tokens_read)
     pd.testing.assert_frame_equal(spread.by_caption_length, serial.by_caption_length)

@@ -129,3 +129,46 @@ def test_the_clamp_holds_in_the_master_weights(tmp_path, ds):
     logged = result.history["logit_scale"].tolist()
     assert logged[0] == pytest.approx(math.exp(5.0), rel=2e-2)
     assert logged[1:] == pytest.approx([100.0] * 2, rel=2e-2)  # bf16: ln 100 -> 4.59375
+
+
+def test_amp_bf16_holds_inside_deepspeed_as_on_a_gpu(tmp_path, monkeypatch):
+    """DeepSpeed 0.19.8's ``engine(batch)`` runs the module under
+    ``runtime/torch_autocast.autocast_if_enabled``, which switches an autocast entered outside
+    it off when ``torch.is_autocast_enabled()`` says one is on. Without an argument that asks
+    about CUDA: on a GPU it is true, on the CPU false. Patched here to ask about the CPU's
+    autocast, as it does on a GPU: in the gradient pass of one amp_bf16 expand step (2 micro
+    batches, the cache pass first) every Linear output of the towers is bfloat16, and the
+    features each micro batch gets in the cache pass are exactly those of its gradient pass."""
+    from tulip_pipelines.training.tasks import ContrastiveTask
+
+    real = torch.is_autocast_enabled
+
+    def as_on_a_gpu(*args):
+        return real(*args) if args else real("cpu")
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", as_on_a_gpu)
+    linear_dtypes = {True: [], False: []}  # grad enabled (the gradient pass) -> output dtypes
+    features = {True: [], False: []}
+    task = contrastive_task()
+    for module in task.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, out: linear_dtypes[
+                torch.is_grad_enabled()].append(out.dtype))
+    real_features = ContrastiveTask.features
+
+    def recording_features(self, batch):
+        out = real_features(self, batch)
+        features[torch.is_grad_enabled()].append({k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(ContrastiveTask, "features", recording_features)
+    params = small_train_params(tmp_path, batch_size=4, lr=1e-3, max_steps=1, warmup_steps=0,
+                                log_every=1, precision="amp_bf16")
+    train(task, PairData(8), params, {**DS_FP32, "gradient_accumulation_steps": 2})
+    assert linear_dtypes[True] and set(linear_dtypes[True]) == {torch.bfloat16}
+    assert set(linear_dtypes[False]) == {torch.bfloat16}  # the cache pass
+    assert len(features[False]) == len(features[True]) == 2
+    for cached, fresh in zip(features[False], features[True]):
+        for key in cached:
+            assert torch.equal(cached[key], fresh[key]), key
+    assert "forward" not in vars(task) and "features" not in vars(task)  # put back

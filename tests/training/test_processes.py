@@ -127,3 +127,59 @@ def test_launcher_commands_for_one_node_and_for_several(tmp_path):
     assert cmd[cmd.index("--hostfile") + 1] == "hosts" and "--no_ssh" not in cmd
     with pytest.raises(ValueError, match="launcher"):
         launcher_command("mpirun", 2, tmp_path / "s.json", tmp_path / "r", one)
+
+
+RANK_OUTPUT = r"""
+import sys
+lines = ["[rank 0] [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Read "
+         "error [127.0.0.1]:29500: Connection reset by peer",
+         "[rank 0] closing tag [/x] and [bold]bold[/bold] and [/data/runs/expand]",
+         "[rank 1] [/x] [bold] on another rank"]
+lines += [f"[rank {int(i % 50 > 0)}] line {i} [/x] " + "[bold]" * 250 for i in range(1000)]  # 1 MB
+for line in lines:
+    print(line)
+print("[rank 0] done")
+"""
+
+
+def test_the_output_pump_outlives_lines_that_look_like_markup(tmp_path):
+    """Kedro's rich handler reads markup: ``[/...]`` from a gloo warning raised MarkupError in
+    the launch-output thread, which ended; the ranks then blocked on the full pipe (a hang with
+    no error). A rank printing bracketed paths, ``[/x]``, ``[bold]`` and 1 MB finishes, every
+    line in launch.log, rank 0's in the log as plain text."""
+    import io
+    import logging
+    import subprocess
+    import sys
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from tulip_pipelines.training import processes
+
+    console = io.StringIO()
+    handler = RichHandler(console=Console(file=console, width=10_000), markup=True)  # Kedro's
+    pump_logger = logging.getLogger(processes.__name__)
+    pump_logger.addHandler(handler)
+    old_level = pump_logger.level
+    pump_logger.setLevel(logging.INFO)
+    log_file = tmp_path / "launch.log"
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_OUTPUT)
+    try:
+        code, tail = processes._run_streaming([sys.executable, str(script)],
+                                              {"PATH": "/usr/bin:/bin"}, log_file, timeout_s=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks blocked: the output pump stopped reading")
+    finally:
+        pump_logger.removeHandler(handler)
+        pump_logger.setLevel(old_level)
+    assert code == 0
+    written = log_file.read_text().splitlines()[1:]  # after the command line
+    expected = subprocess.run([sys.executable, str(script)], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    assert written == expected and len(expected) == 1004
+    assert sum(len(line) + 1 for line in expected) > 1_000_000
+    shown = console.getvalue()
+    assert "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561]" in shown
+    assert "[bold]bold[/bold]" in shown and "done" in shown

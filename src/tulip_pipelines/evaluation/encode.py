@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tulip_pipelines.data.images import ImageSource, preprocess_size
 from tulip_pipelines.evaluation.analysis import token_lengths
-from tulip_pipelines.models.device import inference_autocast, on_device
+from tulip_pipelines.models.device import inference_autocast, loader_context, on_device
 from tulip_pipelines.models.spec import ModelBundle
 from tulip_pipelines.progress import track
 
@@ -74,7 +74,8 @@ def encode_images(bundle: ModelBundle, paths: Sequence[Any], batch_size: int, nu
     device = device or _device(model)
     loader = DataLoader(_Images(paths, bundle.preprocess, source), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=_collate_images,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda",
+                        multiprocessing_context=loader_context(device, num_workers))
     out: torch.Tensor | None = None
     with on_device(model, device), inference_autocast(device, autocast):
         for indices, pixels, errors in track(loader, desc, "batch", enabled=show_progress):

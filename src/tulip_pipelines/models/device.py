@@ -6,7 +6,9 @@ float32."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -19,6 +21,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DEVICE_THREAD = threading.local()  # .active: this thread is one of map_on_devices' workers
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -57,7 +60,11 @@ def map_on_devices(work: Callable[[T, torch.device], R], items: Sequence[T],
     shares = [range(rank, len(items), len(devices)) for rank in range(len(devices))]
 
     def run(rank: int) -> list[R]:
-        return [work(items[i], devices[rank]) for i in shares[rank]]
+        _DEVICE_THREAD.active = True  # DataLoaders started here must not fork (loader_context)
+        try:
+            return [work(items[i], devices[rank]) for i in shares[rank]]
+        finally:
+            _DEVICE_THREAD.active = False
 
     with ThreadPoolExecutor(len(devices)) as pool:
         done = list(pool.map(run, range(len(devices))))
@@ -66,6 +73,22 @@ def map_on_devices(work: Callable[[T, torch.device], R], items: Sequence[T],
         for i, result in zip(share, done[rank]):
             results[i] = result
     return results
+
+
+def loader_context(device: torch.device, num_workers: int):
+    """The multiprocessing context for the workers of a DataLoader feeding ``device``:
+    ``forkserver`` (workers forked from a fresh single-threaded server) inside
+    :func:`map_on_devices`' threads or for a CUDA device, else None (the default ``fork``).
+    Forking a process that runs several threads, or holds CUDA, copies locks that other threads
+    held (CUDA's, the allocator's) into the child, where they are never released: a worker can
+    deadlock. None without workers."""
+    if num_workers == 0:
+        return None
+    if device.type == "cuda" or getattr(_DEVICE_THREAD, "active", False):
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() \
+            else "spawn"
+        return multiprocessing.get_context(method)
+    return None
 
 
 def check_placement(problems, device_field: str, device: str, autocast_field: str,

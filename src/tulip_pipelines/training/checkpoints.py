@@ -183,13 +183,22 @@ def needs_universal(root: Path, resume: Resume, layout: Layout) -> bool:
     return any((root / resume.tag).glob("*zero_pp_rank_*_optim_states.pt"))
 
 
-def convert_to_universal(root: Path, step_tag: str, rank: int) -> Path:
+def convert_to_universal(root: Path, step_tag: str, rank: int,
+                         poll_s: float = 1.0) -> Path:
     """DeepSpeed's universal checkpoint of ``step_tag`` (``ds_to_universal``), written once by
     rank 0 into ``<tag>/universal`` (through a temporary folder); every rank waits for it.
     Returns the folder to give ``engine.load_checkpoint`` as ``load_dir`` with tag
-    ``universal``."""
+    ``universal``.
+
+    The other ranks wait on the shared filesystem (``universal/`` or rank 0's
+    ``universal.failed``, every ``poll_s``), not in a collective: a conversion of a large ZeRO-2
+    state can outlast the process group's collective timeout (10 minutes for NCCL), which would
+    abort the job while it converts. They meet in a barrier only once the folder is there."""
     tag_dir = root / step_tag
-    out = tag_dir / UNIVERSAL_DIR
+    out, failed = tag_dir / UNIVERSAL_DIR, tag_dir / f"{UNIVERSAL_DIR}.failed"
+    if rank == 0:
+        failed.unlink(missing_ok=True)  # an earlier attempt's
+    dist.barrier()  # short: every rank comes from select_resume's barrier
     if rank == 0 and not out.is_dir():
         started = time.perf_counter()
         tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp"
@@ -200,16 +209,34 @@ def convert_to_universal(root: Path, step_tag: str, rank: int) -> Path:
                "--num_merge_workers", "1"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"converting checkpoint {tag_dir} to DeepSpeed's universal format "
-                               f"failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
+            message = (f"converting checkpoint {tag_dir} to DeepSpeed's universal format "
+                       f"failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
+            atomic_write(failed, message)  # the other ranks stop waiting and say so
+            raise RuntimeError(message)
         os.replace(tmp, out)
         logger.info("checkpoint %s converted to the universal format in %.1f s (%.1f MB)",
                     tag_dir, time.perf_counter() - started, folder_size(out) / 1e6)
+    elif rank != 0:
+        _wait_for_conversion(out, failed, rank, poll_s)
     dist.barrier()
     if not out.is_dir():
         raise RuntimeError(f"rank {rank} does not see {out} that rank 0 wrote: the run dir must "
                            f"be on a filesystem every node shares")
     return tag_dir
+
+
+def _wait_for_conversion(out: Path, failed: Path, rank: int, poll_s: float) -> None:
+    """Until rank 0's universal folder (or its failure note) appears; a log line a minute."""
+    started = last_said = time.monotonic()
+    while not out.is_dir():
+        if failed.is_file():
+            raise RuntimeError(f"rank {rank}: rank 0 could not convert the checkpoint: "
+                               f"{failed.read_text()[-1000:]}")
+        if time.monotonic() - last_said >= 60:
+            last_said = time.monotonic()
+            logger.info("rank %d: waiting for rank 0 to convert %s (%.0f s)", rank, out.parent,
+                        last_said - started)
+        time.sleep(poll_s)
 
 
 def folder_size(path: Path) -> int:
@@ -238,7 +265,12 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random number generators (torch CPU and CUDA, numpy, python) as JSON."""
+    """This process's random number generators (torch CPU, its own CUDA device's, numpy, python)
+    as JSON.
+
+    Only the generator of this process's current CUDA device is kept (``cuda_device``): a rank
+    draws on its own GPU only, and a run resumed with fewer visible GPUs (elastic resume) has no
+    device to put the others' states on (``set_rng_state_all`` would raise IndexError)."""
     def encode(tensor: torch.Tensor) -> str:
         return base64.b64encode(tensor.numpy().tobytes()).decode()
 
@@ -246,8 +278,7 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     return {
         "torch": encode(torch.get_rng_state()),
-        "cuda": [encode(s) for s in torch.cuda.get_rng_state_all()]
-        if torch.cuda.is_available() else [],
+        "cuda_device": encode(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None,
         "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
         "python": [version, list(internal), gauss],
     }
@@ -265,8 +296,13 @@ def restore_rng_state(root: Path, step_tag: str, rank: int) -> bool:
         return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
     torch.set_rng_state(decode(state["torch"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+    if torch.cuda.is_available():
+        local = state.get("cuda_device")
+        if local is None and state.get("cuda"):  # written with every visible device's state
+            index = torch.cuda.current_device()
+            local = state["cuda"][index] if index < len(state["cuda"]) else None
+        if local is not None:  # this process's device (the current one) only
+            torch.cuda.set_rng_state(decode(local))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]

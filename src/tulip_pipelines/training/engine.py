@@ -10,8 +10,14 @@ Batches: tensors (also inside dicts/lists/tuples) are moved to the engine's devi
 ones cast to bf16 when ``bf16.enabled``; a frozen fp32 teacher kept outside the task's modules must
 cast its inputs itself (and, on a GPU, be moved there by the task). With ``precision: amp_bf16``
 every forward (the cache pass of a global-batch step, the gradient pass, validation) runs under
-bfloat16 autocast; the task computes its loss in float32 (:mod:`.tasks`). A task may bound some
-of its parameters (``parameter_bounds()``): they are clamped after every optimizer step.
+bfloat16 autocast; the task computes its loss in float32 (:mod:`.tasks`). The autocast is entered
+inside the task's ``forward`` and ``features`` (:func:`autocast_inside`), within DeepSpeed's
+``engine(batch)``: DeepSpeed 0.19.8 runs the module under ``torch.autocast(enabled=False)`` when
+an autocast is active outside it on a GPU (``runtime/torch_autocast.autocast_if_enabled``), so
+an autocast around the engine call would leave the gradient pass in float32 there (docs/gpu.md).
+A task may bound some of its parameters (``parameter_bounds()``): they are clamped after every
+optimizer step. Every tensor handed to a collective lives on the engine's device (NCCL maps
+only ``cuda``).
 
 Where the other jobs live: :mod:`.train_params` (parameters, result), :mod:`.job` (the training
 job a stage builds), :mod:`.checkpoints` (training state on disk), :mod:`.deepspeed_setup`
@@ -22,10 +28,12 @@ job a stage builds), :mod:`.checkpoints` (training state on disk), :mod:`.deepsp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
@@ -76,6 +84,7 @@ def train(
     existing checkpoints belong to this run.
     """
     started = time.perf_counter()
+    set_tf32(params.tf32)
     rank, world_size = init_distributed()
     ds_config = prepare_ds_config(ds_config, params, world_size)
     root = checkpoints.checkpoints_dir(params.run_dir)
@@ -99,6 +108,7 @@ def train(
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
                                                  "load_universal": True}}
     engine, task_state = initialize_engine(task, params, ds_config)
+    warn_if_bf16_emulated(params.precision, engine.device)
     position, history, start_step = DataPosition(), [], 0
     if resume is not None:
         _, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag)
@@ -126,7 +136,8 @@ def train(
     )
     loop = _Loop(engine, params, layout, rank, val_dataset, collate_fn, log_fn, root,
                  run_hash, history)
-    loop.run(loader, sampler, position, start_step)
+    with autocast_inside(task, engine.device.type, params.precision == "amp_bf16"):
+        loop.run(loader, sampler, position, start_step)
     loop.heartbeat.beat(loop.step, "done")
     export_fp32_weights(engine, task, task_state)
     history_df = pd.DataFrame(loop.history)
@@ -156,7 +167,6 @@ class _Loop:
                  root, run_hash: str, history: list[dict[str, float]]):
         self.engine, self.params = engine, params
         self.gas, self.compute_dtype = engine.gradient_accumulation_steps(), compute_dtype(engine)
-        self.autocast = params.precision == "amp_bf16"
         self.layout, self.world_size, self.rank = layout, layout.processes, rank
         self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
         self.root, self.run_hash, self.history = root, run_hash, history
@@ -209,12 +219,11 @@ class _Loop:
                              self.compute_dtype) for b in batches]
         task, cached = self.engine.module, None
         if len(batches) > 1 and getattr(task, "global_batch", False):
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad():  # features() enters the autocast itself (autocast_inside)
                 cached = [task.features(batch) for batch in batches]
         for index, batch in enumerate(batches):
             kwargs = {} if cached is None else {"cache": StepCache(cached, index)}
-            with self._autocast():
-                out = self.engine(batch, **kwargs)
+            out = self.engine(batch, **kwargs)
             if "loss" not in out:
                 raise KeyError(f"run {self.params.run_name!r}: task.forward must return a 'loss' "
                                f"entry, got keys {sorted(out)}")
@@ -231,11 +240,6 @@ class _Loop:
         bounds = task.parameter_bounds() if hasattr(task, "parameter_bounds") else {}
         if bounds:
             clamp_parameters(self.engine, bounds)
-
-    def _autocast(self):
-        """bfloat16 autocast on the engine's device with ``precision: amp_bf16``, else nothing."""
-        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16,
-                              enabled=self.autocast)
 
     def _after_step(self, position: DataPosition, bar) -> None:
         params, step = self.params, self.step
@@ -288,7 +292,9 @@ class _Loop:
         return row
 
     def _all_reduce(self, values: list[float]) -> list[float]:
-        totals = torch.tensor(values, dtype=torch.float64)
+        """Sums over the ranks, reduced on the engine's device (an NCCL group has no backend
+        for CPU tensors: "No backend type associated with device type cpu")."""
+        totals = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         if self.world_size > 1:
             dist.all_reduce(totals)
         return totals.tolist()
@@ -306,8 +312,7 @@ class _Loop:
         for batch in loader:
             batch = self.skipped.take(batch, "val", self.step)
             size = count_samples(batch)
-            with self._autocast():
-                out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
+            out = self.engine(to_device(batch, self.engine.device, self.compute_dtype))
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + scalar(value) * size
             count += size
@@ -318,6 +323,52 @@ class _Loop:
             raise ValueError(f"run {self.params.run_name!r}: the validation set is empty")
         self._window_start += time.perf_counter() - started  # keep throughput about training
         return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+
+
+@contextmanager
+def autocast_inside(task: torch.nn.Module, device_type: str, enabled: bool) -> Iterator[None]:
+    """While the block runs, ``task.forward`` (and ``task.features``, the cache pass of a
+    global-batch step) enter bfloat16 autocast on ``device_type`` themselves: inside DeepSpeed's
+    ``engine(batch)``, whose ``autocast_if_enabled`` would switch an outer autocast off on a GPU.
+    One place for every forward; the task's methods are put back afterwards."""
+    names = [n for n in ("forward", "features") if enabled and callable(getattr(task, n, None))]
+    for name in names:
+        setattr(task, name, _under_autocast(getattr(task, name), device_type))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(task, name)  # the instance attribute: the class's method shows again
+
+
+def _under_autocast(method: Callable, device_type: str) -> Callable:
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return method(*args, **kwargs)
+    return wrapped
+
+
+def warn_if_bf16_emulated(precision: str | None, device: torch.device) -> None:
+    """A warning when bfloat16 (``amp_bf16``, ``bf16``) has no hardware support on this CUDA
+    device (compute capability below 8.0: V100, T4): torch emulates it there, slower than
+    float32, where the CPU and an A100/H100 run it natively."""
+    if device.type != "cuda" or precision not in ("amp_bf16", "bf16"):
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("train.precision=%s on %s (%s): no native bfloat16 below compute "
+                       "capability 8.0, torch emulates it (slower than fp32); consider "
+                       "precision: fp32", precision, device, torch.cuda.get_device_name(device))
+
+
+def set_tf32(enabled: bool | None) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA (as TULIP's and open_clip's
+    training scripts set it: ``allow_tf32 = True``); ``None`` leaves torch's settings. No effect
+    on the CPU."""
+    if enabled is None:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 def data_position(client_state: Mapping[str, Any], layout: checkpoints.Layout) -> DataPosition:

@@ -152,10 +152,7 @@ def _run_streaming(cmd: list[str], env: dict[str, str], log_file: Path,
 
         def pump() -> None:
             for line in proc.stdout:
-                log.write(line)
-                tail.append(line)
-                if line.startswith(rank0):
-                    logger.info("%s", line[len(rank0):].rstrip())
+                _pass_on(line, log, tail, rank0)
 
         reader = threading.Thread(target=pump, name="launch-output", daemon=True)
         reader.start()
@@ -167,6 +164,24 @@ def _run_streaming(cmd: list[str], env: dict[str, str], log_file: Path,
         finally:
             reader.join(timeout=10)
     return proc.returncode, list(tail)
+
+
+def _pass_on(line: str, log, tail: collections.deque, rank0: str) -> None:
+    """One line of the ranks' output: into the launch log, the tail, and (rank 0's) this
+    process's log, as plain text (``markup: False``: Kedro's rich handler would read
+    ``[/path/...]`` or ``[bold]`` as markup and raise). Whatever one line does, the pump goes
+    on reading: a pump that stops leaves the ranks blocked on a full pipe, a hang without an
+    error."""
+    try:
+        log.write(line)
+    except (OSError, ValueError) as err:  # a full disk: keep the ranks' pipe flowing
+        logger.warning("launch log: could not write a line (%s)", err)
+    tail.append(line)
+    if line.startswith(rank0):
+        try:
+            logger.info("%s", line[len(rank0):].rstrip(), extra={"markup": False})
+        except Exception:  # noqa: BLE001 - a handler's error must not end the pump
+            logger.debug("could not log a rank 0 line", exc_info=True)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

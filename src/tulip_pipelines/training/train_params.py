@@ -34,6 +34,10 @@ without an optimizer step log a warning saying where each rank is. The stage's
     autocast, features and losses in float32); ``bf16``, DeepSpeed's ``bf16.enabled`` (weights
     and activations in bfloat16, losses included; fp32 master weights in the optimizer). ``None``
     follows the DeepSpeed config's ``bf16.enabled``.
+
+    ``tf32``: TF32 for float32 matmuls and cuDNN convolutions on CUDA
+    (``torch.backends.cuda.matmul.allow_tf32`` and cuDNN's), as TULIP's and open_clip's training
+    scripts set it; ``None`` leaves torch's default (off for matmuls). No effect on the CPU.
     """
 
     section = "train"
@@ -62,6 +66,7 @@ without an optimizer step log a warning saying where each rank is. The stage's
     max_bad_fraction: float = 0.001  # unreadable samples tolerated (skipped and recorded)
     precision: str | None = None  # fp32 | amp_bf16 | bf16; None: as params:deepspeed's bf16
     stall_minutes: float = 30.0  # warn when no optimizer step for this long (0: never)
+    tf32: bool | None = None  # CUDA float32 matmuls/convolutions in TF32; None: torch's default
 
     def __post_init__(self) -> None:
         p = Problems(f"train ({self.run_name})")
@@ -99,6 +104,8 @@ without an optimizer step log a warning saying where each rank is. The stage's
         p.number_in("max_bad_fraction", self.max_bad_fraction, 0, 1)
         p.one_of("precision", self.precision, (None, *PRECISIONS))
         p.number_in("stall_minutes", self.stall_minutes, 0)
+        p.check(self.tf32 is None or isinstance(self.tf32, bool), "tf32",
+                f"must be true, false or null, got {self.tf32!r}")
         p.raise_if_any()
 
     @classmethod
@@ -131,7 +138,10 @@ without an optimizer step log a warning saying where each rank is. The stage's
         """The fields that change the trained weights (not where/how often things are written)."""
         ignored = {"run_dir", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
                    "num_workers", "resume", "max_bad_fraction", "stall_minutes"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+        if fields["tf32"] is None:  # torch's default: the fingerprint of runs before tf32 existed
+            del fields["tf32"]
+        return fields
 
 
 @dataclass
