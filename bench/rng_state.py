@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from timing import make_engine  # noqa: E402
 from train_step import demo_dataset  # noqa: E402
 
+from tulip_pipelines.atomic import write_text as atomic_write  # noqa: E402
 from tulip_pipelines.models import create_teacher  # noqa: E402
 from tulip_pipelines.training.checkpoints import (  # noqa: E402
     RNG_FILE,
-    atomic_write,
     rng_state,
 )
 from tulip_pipelines.training.sampler import SeededSamples  # noqa: E402

@@ -1,6 +1,7 @@
-"""The project files whose code runs on the way from the expand node to the first AdamW (torch.optim.Adam.step, which AdamW inherits)
-``optimizer.step()``, at the embedded default's settings (conf/base), in this process: what
-``docs/architecture.md`` traces. Module-level code (imports) does not count; the calls do."""
+"""The project files whose code runs on the way from the expand node to the first AdamW
+``optimizer.step()`` (``torch.optim.Adam.step``, which AdamW inherits), at the embedded
+default's settings (conf/base), in this process: what ``docs/architecture.md`` traces.
+Module-level code (imports) does not count; the calls do."""
 
 from __future__ import annotations
 
@@ -94,5 +95,4 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as d:
         files = files_to_first_step(Path(d))
-    print(len(files))
-    print("\n".join(files))
+    sys.stdout.write(f"{len(files)} files\n" + "".join(f"{f}\n" for f in files))

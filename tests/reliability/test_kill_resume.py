@@ -34,13 +34,13 @@ from tulip_pipelines.training.engine import train
 
 params, ds_config, hang_at = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 if hang_at:  # hang inside the save of that step, after DeepSpeed wrote it, before COMPLETE
-    real = checkpoints.atomic_write
+    real = checkpoints.atomic.write_text
     def slow_write(path, text):
         if path.name == checkpoints.COMPLETE_MARKER and json.loads(text)["step"] == hang_at:
             Path(params["run_dir"], "in_save").write_text("1")
             time.sleep(600)
         real(path, text)
-    checkpoints.atomic_write = slow_write
+    checkpoints.atomic.write_text = slow_write
 train(RegressionTask(delay_s=0.05, dropout=0.2), NoisyRegressionData(256), TrainParams(**params),
       ds_config)
 """

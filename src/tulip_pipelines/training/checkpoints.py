@@ -22,7 +22,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tulip_pipelines import atomic
 from tulip_pipelines.training.train_params import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -201,19 +201,17 @@ def convert_to_universal(root: Path, step_tag: str, rank: int,
     dist.barrier()  # short: every rank comes from select_resume's barrier
     if rank == 0 and not out.is_dir():
         started = time.perf_counter()
-        tmp = tag_dir / f"{UNIVERSAL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(tag_dir), "--output_folder", str(tmp),
-               "--inject_missing_state", "--num_extract_workers", "2",
-               "--num_merge_workers", "1"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            message = (f"converting checkpoint {tag_dir} to DeepSpeed's universal format "
-                       f"failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
-            atomic_write(failed, message)  # the other ranks stop waiting and say so
-            raise RuntimeError(message)
-        os.replace(tmp, out)
+        with atomic.atomic_directory(out) as tmp:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+                   "--inject_missing_state", "--num_extract_workers", "2",
+                   "--num_merge_workers", "1"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                message = (f"converting checkpoint {tag_dir} to DeepSpeed's universal format "
+                           f"failed ({' '.join(cmd)}):\n{(done.stdout + done.stderr)[-3000:]}")
+                atomic.write_text(failed, message)  # the other ranks stop waiting and say so
+                raise RuntimeError(message)
         logger.info("checkpoint %s converted to the universal format in %.1f s (%.1f MB)",
                     tag_dir, time.perf_counter() - started, folder_size(out) / 1e6)
     elif rank != 0:
@@ -251,11 +249,11 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict[str, Any],
     step_tag = tag(step)
     engine.save_checkpoint(str(root), tag=step_tag, client_state=client_state)
     tag_dir = root / step_tag
-    atomic_write(tag_dir / RNG_FILE.format(rank=rank), json.dumps(rng_state()))
+    atomic.write_text(tag_dir / RNG_FILE.format(rank=rank), json.dumps(rng_state()))
     dist.barrier()
     if rank == 0:
-        atomic_write(tag_dir / HISTORY_FILE, json.dumps(history))
-        atomic_write(tag_dir / COMPLETE_MARKER,
+        atomic.write_text(tag_dir / HISTORY_FILE, json.dumps(history))
+        atomic.write_text(tag_dir / COMPLETE_MARKER,
                      json.dumps({"step": step, "fingerprint": client_state.get("fingerprint"),
                                  "layout": client_state.get("layout")}))
         prune(root, keep)
@@ -329,8 +327,3 @@ def _unused_sibling(path: Path, suffix: str) -> Path:
         n += 1
     return candidate
 
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

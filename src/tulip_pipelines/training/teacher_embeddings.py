@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import queue
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from tulip_pipelines import atomic
 from tulip_pipelines.models.device import (
     autocast_in_effect,
     inference_autocast,
@@ -275,8 +275,8 @@ def write_part(part: EmbeddingsPart, folder: str | Path) -> None:
         _reset(folder)
     if part.values is not None:
         path = folder / f"{part.role}-{part.chunk:05d}.safetensors"
-        save_file({"embeddings": part.values.contiguous()}, str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
+        with atomic.atomic_path(path) as tmp:
+            save_file({"embeddings": part.values.contiguous()}, str(tmp))
     _write_manifest(folder, part.manifest)
 
 
@@ -353,10 +353,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    atomic.write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def _reset(folder: Path) -> None:
