@@ -158,7 +158,9 @@ def test_the_other_ranks_wait_for_the_conversion_outside_any_collective(tmp_path
 
     def slow_conversion(cmd, **kwargs):
         time.sleep(1.5)
-        (tmp_path / cmd[cmd.index("--output_folder") + 1]).mkdir()
+        out = tmp_path / cmd[cmd.index("--output_folder") + 1]
+        out.mkdir(exist_ok=True)  # as ds_to_universal, which writes into the folder it is given
+        (out / "zero").mkdir()
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(checkpoints.dist, "barrier", nccl_barrier)
