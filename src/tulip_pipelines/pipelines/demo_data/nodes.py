@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
+from tulip_pipelines.data.demo import DemoDataParams, generate_demo_classes, generate_demo_data
 
 
 def generate_demo(
@@ -28,3 +28,9 @@ def generate_demo(
         data.short_benchmark_images,
         data.short_benchmark_results_csv,
     )
+
+
+def generate_demo_class_folder(params: dict[str, Any]) -> tuple[dict[str, Image.Image],
+                                                                 dict[str, str]]:
+    """Draw the zero-shot classification folder (``<colour>/<image>``) and its class names."""
+    return generate_demo_classes(DemoDataParams.from_params(params))

@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import generate_demo
+from .nodes import generate_demo, generate_demo_class_folder
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -22,7 +22,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "demo_short_benchmark_index",
                 ],
                 name="generate_demo_data",
-            )
+            ),
+            Node(
+                func=generate_demo_class_folder,
+                inputs="params:demo_data",
+                outputs=["demo_class_images", "demo_class_names"],
+                name="generate_demo_class_folder",
+            ),
         ],
         tags="demo_data",
     )
