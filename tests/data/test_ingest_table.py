@@ -287,6 +287,16 @@ def test_webdataset_decode_check_quarantines_a_corrupt_member(tmp_path):
     assert rejected["reason"].tolist() == ["unreadable_image"]
 
 
+def test_the_raw_annotations_entry_hands_a_folder_of_shards_to_the_ingest_node(shards):
+    from tulip_pipelines.io.annotations import ShareGPT4VAnnotationsDataset
+    from tulip_pipelines.pipelines.ingest.nodes import ingest_annotations
+
+    handle = ShareGPT4VAnnotationsDataset(str(shards / "shards")).load()
+    batches = list(ingest_annotations(handle, {"format": "webdataset", "batch_size": 10},
+                                      str(shards)))
+    assert sum(len(kept) for kept, _ in batches) == 3
+
+
 def test_shards_outside_the_image_root_are_a_clear_error(shards, tmp_path):
     other = tmp_path / "elsewhere"
     other.mkdir()
