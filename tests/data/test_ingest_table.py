@@ -297,6 +297,15 @@ def test_the_raw_annotations_entry_hands_a_folder_of_shards_to_the_ingest_node(s
     assert sum(len(kept) for kept, _ in batches) == 3
 
 
+def test_a_table_may_name_images_inside_tar_files(shards, tmp_path):
+    path = write_table(tmp_path / "t.csv", frame([
+        ("a", "shards/part-000.tar/k1.png", "In a tar."),
+        ("b", "shards/part-000.tar/k4.png", "Not in that tar.")]))
+    kept, rejected, _ = ingest(path, shards, format="table", columns={"id": "id"})
+    assert kept["id"].tolist() == ["a"]
+    assert rejected["reason"].tolist() == ["image_not_found"]
+
+
 def test_shards_outside_the_image_root_are_a_clear_error(shards, tmp_path):
     other = tmp_path / "elsewhere"
     other.mkdir()

@@ -41,6 +41,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tulip_pipelines.data.annotations import iter_records
+from tulip_pipelines.data.decode import image_file_exists
 from tulip_pipelines.data.paths import check_image_path
 from tulip_pipelines.data.tables import MalformedRow, iter_table_rows
 from tulip_pipelines.data.webdataset_input import iter_shard_records
@@ -278,7 +279,7 @@ def _checked_row(index: int, image: str, relative: str, record_id: str, caption:
                 f"record {index}: field {fields.image!r} {image!r} resolves outside the image "
                 f"root (symlink to {candidate})",
             )
-        if not candidate.is_file():
+        if not image_file_exists(candidate):  # a file, or a member of a tar under the root
             return None, Rejection(
                 Reason.IMAGE_NOT_FOUND,
                 f"record {index}: field {fields.image!r} file {candidate} not found"
