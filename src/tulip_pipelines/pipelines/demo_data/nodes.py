@@ -15,9 +15,13 @@ def generate_demo(
 ) -> tuple[
     list[dict], dict[str, Image.Image], pd.DataFrame, pd.DataFrame,
     dict[str, Image.Image], dict[str, str], dict[str, Image.Image], str,
+    dict[str, Image.Image], dict[str, str],
 ]:  # fmt: skip
-    """Draw the demo dataset and its held-out benchmarks (one node: all on disk before ingest)."""
-    data = generate_demo_data(DemoDataParams.from_params(params))
+    """Draw the demo dataset, its held-out benchmarks and the zero-shot class folder (one node:
+    all on disk before ingest; the class folder from a random stream of its own)."""
+    config = DemoDataParams.from_params(params)
+    data = generate_demo_data(config)
+    class_images, class_names = generate_demo_classes(config)
     return (
         data.records,
         data.images,
@@ -27,10 +31,6 @@ def generate_demo(
         data.long_benchmark_captions,
         data.short_benchmark_images,
         data.short_benchmark_results_csv,
+        class_images,
+        class_names,
     )
-
-
-def generate_demo_class_folder(params: dict[str, Any]) -> tuple[dict[str, Image.Image],
-                                                                 dict[str, str]]:
-    """Draw the zero-shot classification folder (``<colour>/<image>``) and its class names."""
-    return generate_demo_classes(DemoDataParams.from_params(params))

@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import generate_demo, generate_demo_class_folder
+from .nodes import generate_demo
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -20,15 +20,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "demo_long_benchmark_captions",
                     "demo_short_benchmark_images",
                     "demo_short_benchmark_index",
+                    "demo_class_images",
+                    "demo_class_names",
                 ],
                 name="generate_demo_data",
-            ),
-            Node(
-                func=generate_demo_class_folder,
-                inputs="params:demo_data",
-                outputs=["demo_class_images", "demo_class_names"],
-                name="generate_demo_class_folder",
-            ),
+            )
         ],
         tags="demo_data",
     )

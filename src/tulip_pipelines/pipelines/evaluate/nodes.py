@@ -78,8 +78,9 @@ def score_retrieval(evaluated_models: dict[str, ModelBundle], retrieval_benchmar
             issues_table(scores.benchmarks), unreadable_images_table(scores.benchmarks))
 
 
-def load_zero_shot_benchmarks(params: dict[str, Any]):
-    """Every configured ``imagefolder`` benchmark that is present."""
+def load_zero_shot_benchmarks(evaluated_models: dict[str, ModelBundle], params: dict[str, Any]):
+    """Every configured ``imagefolder`` benchmark that is present; ``evaluated_models`` only
+    orders this after the models, so after the demo data that the default run draws first."""
     return load_classification_benchmarks(EvaluateParams.from_params(params))
 
 
