@@ -82,6 +82,21 @@ def test_default_run_shows_tulip_beating_the_teacher_on_long_captions(default_ru
     assert "urban1k_demo" in (project / "data/08_reporting/retrieval_report.md").read_text()
 
 
+def test_default_run_compares_every_model_on_the_demo_class_folder(default_run):
+    project = default_run
+    metrics = pd.read_parquet(project / "data/08_reporting/classification_metrics.parquet")
+    assert set(metrics["benchmark"]) == {"classes_demo"}
+    assert sorted(metrics.groupby("model")["k"].apply(sorted).tolist()) == [[1, 5]] * 6
+    assert set(metrics["model"]) == {"teacher", "longclip_stretched", "longclip_authors",
+                                     "longclip_equal_budget", "tulip_distilled", "tulip_expanded"}
+    assert (metrics["n_images"] == 80).all() and (metrics["n_classes"] == 8).all()
+    # every model is at least as good within its top 5 as at top 1 (the same ranking)
+    top = metrics.pivot_table(index="model", columns="k", values="accuracy")
+    assert (top[5] >= top[1]).all()
+    report = (project / "data/08_reporting/retrieval_report.md").read_text()
+    assert "# Zero-shot classification" in report and "| classes_demo" in report
+
+
 def test_default_run_prepares_the_images_and_trains_and_evaluates_on_the_shards(default_run):
     project = default_run
     described = json.loads((project / "data/05_model_input/prepared_images.json").read_text())

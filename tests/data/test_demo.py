@@ -127,3 +127,22 @@ def test_first_sentence():
 def test_config_mistakes_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         DemoDataParams.from_params(bad)
+
+
+def test_the_class_folder_draws_grids_of_one_colour_from_its_own_stream():
+    import numpy as np
+
+    from tulip_pipelines.data.demo import COLOURS, DemoDataParams, generate_demo_classes
+
+    params = DemoDataParams(n_groups=2, n_benchmark_groups=0, n_short_benchmark_images=0,
+                            n_class_images=3)
+    images, classes = generate_demo_classes(params)
+    assert len(images) == 3 * len(COLOURS)
+    assert classes["red"] == "grid of red shapes" and set(classes) == set(COLOURS)
+    for key, image in images.items():
+        colour = key.split("/")[0]
+        pixels = {tuple(p) for p in np.asarray(image).reshape(-1, 3).tolist()}
+        # every cell is drawn in the class colour: it is one of the image's two colours
+        assert tuple(COLOURS[colour]) in pixels and len(pixels) <= 2, key
+    again, _ = generate_demo_classes(params)
+    assert all(np.array_equal(np.asarray(images[k]), np.asarray(again[k])) for k in images)

@@ -16,7 +16,9 @@ tower does, although its text tower reads 77 tokens: the generator also emits ea
 its cell sentences in shuffled order (the summary stays first), which the teacher trains on.
 
 Held-out benchmarks are drawn from their own random streams and never enter the annotation file:
-a long-caption one in Urban1k's layout and a short-caption one in Flickr30k's layout.
+a long-caption one in Urban1k's layout and a short-caption one in Flickr30k's layout. A class
+folder for zero-shot classification (:func:`generate_demo_classes`) is drawn apart, from a stream
+of its own: the draws of the dataset and benchmarks above are the same with or without it.
 """
 
 from __future__ import annotations
@@ -81,12 +83,14 @@ class DemoDataParams(Params):
     shuffled_variants: int = 8
     n_benchmark_groups: int = 50
     n_short_benchmark_images: int = 200
+    n_class_images: int = 10
 
     def __post_init__(self) -> None:
         cells = GRID * GRID
         minimum = {"seed": 0, "image_size": GRID, "n_groups": 1, "group_size": 2,
                    "shared_cells": 1, "min_differing_cells": 1, "shuffled_variants": 1,
-                   "n_benchmark_groups": 0, "n_short_benchmark_images": 0}  # fmt: skip
+                   "n_benchmark_groups": 0, "n_short_benchmark_images": 0,
+                   "n_class_images": 0}  # fmt: skip
         p = Problems(self.section)
         for name, low in minimum.items():
             p.int_at_least(name, getattr(self, name), low)
@@ -364,3 +368,32 @@ def generate_demo_data(params: DemoDataParams) -> DemoData:
         short_benchmark_images=short_images,
         short_benchmark_results_csv=results_csv,
     )
+
+
+# The class folder's random stream: a child of the seed that generate_demo_data never spawns
+# (it spawns children 0-3), so adding the folder changes none of the dataset's draws.
+_CLASS_STREAM = 4
+
+
+def class_name(colour: str) -> str:
+    """The class name of the folder ``colour`` (what the prompt templates are filled with)."""
+    return f"grid of {colour} shapes"
+
+
+def generate_demo_classes(params: DemoDataParams) -> tuple[dict[str, Image.Image], dict[str, str]]:
+    """A zero-shot classification folder: ``n_class_images`` images per colour of
+    :data:`COLOURS`, every cell of an image that colour (random shapes, sizes, textures and
+    background); returns ``({"<colour>/<name>": image}, {colour: class name})``."""
+    rng = np.random.default_rng(np.random.SeedSequence(params.seed).spawn(_CLASS_STREAM + 1)[-1])
+    images = {}
+    for colour_index, colour in enumerate(COLOURS):
+        for i in range(params.n_class_images):
+            background = int(rng.integers(len(BACKGROUNDS)))
+            cells = tuple((int(rng.integers(len(SHAPES))), colour_index,
+                           int(rng.integers(len(SIZES))), int(rng.integers(len(TEXTURES))))
+                          for _ in range(GRID * GRID))
+            images[f"{colour}/demo_class_{colour}_{i:04d}"] = draw_image(background, cells,
+                                                                         params.image_size)
+    classes = {colour: class_name(colour) for colour in COLOURS} if images else {}
+    logger.info("demo class folder: %d images in %d classes", len(images), len(classes))
+    return images, classes

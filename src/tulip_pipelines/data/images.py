@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tulip_pipelines.data.decode import open_image_file
+from tulip_pipelines.data.decode import image_file_exists, open_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class FolderImages(ImageSource):
         return str(self.root / handle)
 
     def exists(self, handle: str) -> bool:
-        return (self.root / handle).is_file()
+        return image_file_exists(self.root / handle)  # a file, or a member of a tar under root
 
     def to_dict(self) -> dict[str, Any]:
         # draft only when false: the fingerprints of runs made before the switch stay the same

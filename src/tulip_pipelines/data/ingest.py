@@ -1,8 +1,18 @@
-"""Ingest: ShareGPT4V records validated one by one into the ``captions`` table, unusable ones
+"""Ingest: caption records validated one by one into the ``captions`` table, unusable ones
 into the ``rejected_captions`` quarantine table with a reason (no Kedro).
 
+Three ways in (``ingest.format``), one set of rules and one ``captions`` table out:
+    * ``sharegpt4v``: ShareGPT4V's JSON array of records (:mod:`.annotations`);
+    * ``table``: a CSV, TSV, JSONL or Parquet file, columns named by ``ingest.columns``
+      (:mod:`.tables`); a row is a record whose caption is its caption column;
+    * ``webdataset``: WebDataset tar shards (:mod:`.webdataset_input`): a key is a record, its
+      image named inside its shard; a key without an image or a caption is quarantined.
+
 Decisions:
-    * caption = the first ``gpt`` turn's value, stripped of surrounding whitespace;
+    * caption = the first ``gpt`` turn's value (``sharegpt4v``) or the caption column / the
+      ``.txt`` or ``.json`` caption (``table``, ``webdataset``), stripped of surrounding
+      whitespace; in a table or a shard a caption that is not text (a number, a list; also
+      a text that is only a number, what a CSV column of numbers holds) is ``invalid_caption``;
     * ``image`` is stored normalised and relative to the image root; ``source`` is its first
       path component (``coco``, ``sam``, ``llava``, ...);
     * a record without an ``id`` (or with an empty one) takes its image path as id; an integer id
@@ -31,7 +41,10 @@ import pandas as pd
 import pyarrow as pa
 
 from tulip_pipelines.data.annotations import iter_records
+from tulip_pipelines.data.decode import image_file_exists
 from tulip_pipelines.data.paths import check_image_path
+from tulip_pipelines.data.tables import MalformedRow, iter_table_rows
+from tulip_pipelines.data.webdataset_input import iter_shard_records
 from tulip_pipelines.params import Params, Problems
 
 logger = logging.getLogger(__name__)
@@ -56,6 +69,26 @@ class Reason(str, Enum):
     IMAGE_NOT_FOUND = "image_not_found"
     UNREADABLE_IMAGE = "unreadable_image"
     DUPLICATE_ID = "duplicate_id"
+    MISSING_CAPTION = "missing_caption"  # table / webdataset: no caption value or file
+    INVALID_CAPTION = "invalid_caption"  # table / webdataset: a number, a list, ...
+    MALFORMED_ROW = "malformed_row"  # CSV/TSV: a row with the wrong number of fields
+
+
+FORMATS = ("sharegpt4v", "table", "webdataset")
+DEFAULT_COLUMNS = {"image": "image", "caption": "caption", "id": None}
+
+
+@dataclass(frozen=True)
+class RecordFields:
+    """Where a table row or shard record keeps its fields (``ingest.columns``): ``caption`` is
+    ``None`` for a ShareGPT4V record (the caption is its first ``gpt`` turn)."""
+
+    image: str = "image"
+    caption: str | None = None
+    id: str | None = "id"
+
+
+SHAREGPT4V_FIELDS = RecordFields()
 
 
 class CountMismatchError(RuntimeError):
@@ -72,6 +105,12 @@ class IngestParams(Params):
             ``decode_workers`` processes, and rejects unreadable ones (``unreadable_image``);
             ``false`` checks nothing (for 1.2M-record runs on slow disks). ``true`` = ``exists``.
         batch_size: records per Parquet part written.
+        format: ``sharegpt4v`` (the ``raw_annotations`` file is ShareGPT4V's JSON), ``table``
+            (a CSV, TSV, JSONL or Parquet file, by its extension) or ``webdataset`` (a ``.tar``
+            shard or a folder of them, under the image root).
+        columns: ``image``, ``caption`` and optional ``id``: the table's column names
+            (``webdataset``: ``caption`` is the field of a ``.json`` caption); ``id`` null: a
+            record's id is its image path (``webdataset``: its key).
     """
 
     section = "ingest"
@@ -79,13 +118,36 @@ class IngestParams(Params):
     check_images: bool | str = "exists"
     batch_size: int = 50_000
     decode_workers: int | None = None  # None: every core
+    format: str = "sharegpt4v"
+    columns: dict[str, str | None] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
+        p.one_of("format", self.format, FORMATS)
+        columns = self.columns if isinstance(self.columns, dict) else None
+        p.check(columns is not None and set(columns) <= set(DEFAULT_COLUMNS), "columns",
+                f"must be a mapping with keys among {sorted(DEFAULT_COLUMNS)}, got "
+                f"{self.columns!r}")
+        if columns is not None:
+            merged = {**DEFAULT_COLUMNS, **columns}
+            for key in ("image", "caption"):
+                p.check(isinstance(merged[key], str) and bool(merged[key]), f"columns.{key}",
+                        f"must be a column name, got {merged[key]!r}")
+            p.check(merged["id"] is None or (isinstance(merged["id"], str) and bool(merged["id"])),
+                    "columns.id", f"must be a column name or null, got {merged['id']!r}")
         p.one_of("check_images", self.check_images, (False, True, "exists", "decode"))
         p.int_at_least("decode_workers", self.decode_workers, 1, optional=True)
         p.int_at_least("batch_size", self.batch_size, 1)
         p.raise_if_any()
+
+    def fields(self) -> RecordFields:
+        """Where this format's records keep image, caption and id."""
+        if self.format == "sharegpt4v":
+            return SHAREGPT4V_FIELDS
+        merged = {**DEFAULT_COLUMNS, **self.columns}
+        if self.format == "webdataset":
+            return RecordFields("image", merged["caption"], "id")
+        return RecordFields(merged["image"], merged["caption"], merged["id"])
 
 
 @dataclass(frozen=True)
@@ -112,38 +174,50 @@ def validate_record(
     image_root: Path,
     check_images: bool,
     seen_ids: dict[str, int] | None,
+    fields: RecordFields = SHAREGPT4V_FIELDS,
 ) -> tuple[CaptionRow | None, Rejection | None]:
     """Validate one record: exactly one of the returned pair is set.
 
     ``image_root`` must be resolved (absolute, symlinks followed) when ``check_images`` is on.
     ``seen_ids`` maps the ids of kept records to their index; a kept record's id is added to it
-    (:func:`claim_id`; ``None`` leaves that to the caller, after more checks).
+    (:func:`claim_id`; ``None`` leaves that to the caller, after more checks). ``fields`` says
+    where the record keeps its image, caption and id (a ShareGPT4V record by default; a table
+    row by its columns).
     """
+    if isinstance(record, MalformedRow):
+        return None, Rejection(Reason.MALFORMED_ROW, f"record {index}: {record.describe()}")
     if not isinstance(record, dict):
         return None, Rejection(
             Reason.NOT_AN_OBJECT, f"record {index} is a {type(record).__name__}, not an object"
         )
-    image = record.get("image")
+    image = record.get(fields.image)
     if not isinstance(image, str) or not image.strip():
         return None, Rejection(
             Reason.MISSING_IMAGE,
-            f"record {index}: field 'image' is missing or not a non-empty string",
+            f"record {index}: field {fields.image!r} is missing or not a non-empty string",
         )
     relative = check_image_path(image)
     if relative is None:
         return None, Rejection(
             Reason.UNSAFE_IMAGE_PATH,
-            f"record {index}: field 'image' {image!r} is absolute or escapes the image root",
+            f"record {index}: field {fields.image!r} {image!r} is absolute or escapes the image "
+            "root",
         )
-    raw_id = record.get("id")
+    raw_id = record.get(fields.id) if fields.id else None
     if raw_id is None or raw_id == "":
         record_id = relative
     elif isinstance(raw_id, str) or (isinstance(raw_id, int) and not isinstance(raw_id, bool)):
         record_id = str(raw_id)
     else:
         return None, Rejection(
-            Reason.INVALID_ID, f"record {index}: field 'id' is a {type(raw_id).__name__}"
+            Reason.INVALID_ID, f"record {index}: field {fields.id!r} is a {type(raw_id).__name__}"
         )
+    if fields.caption is not None:
+        caption, rejection = _column_caption(index, record.get(fields.caption), fields.caption)
+        if rejection is not None:
+            return None, rejection
+        return _checked_row(index, image, relative, record_id, caption, image_root, check_images,
+                            seen_ids, fields)
     conversations = record.get("conversations")
     if not isinstance(conversations, list):
         return None, Rejection(
@@ -163,17 +237,52 @@ def validate_record(
             Reason.EMPTY_CAPTION,
             f"record {index}: field 'conversations[from=gpt].value' is empty or not a string",
         )
+    return _checked_row(index, image, relative, record_id, caption, image_root, check_images,
+                        seen_ids, fields)
+
+
+def _column_caption(index: int, value: Any, column: str) -> tuple[str, Rejection | None]:
+    """A table's or shard's caption value, or why it is not a caption."""
+    if value is None:
+        return "", Rejection(Reason.MISSING_CAPTION,
+                             f"record {index}: field {column!r} is missing (null)")
+    if not isinstance(value, str):
+        what = f"a {type(value).__name__} ({value!r:.60})"
+        return "", Rejection(Reason.INVALID_CAPTION,
+                             f"record {index}: field {column!r} is {what}, not text")
+    if not value.strip():
+        return "", Rejection(Reason.EMPTY_CAPTION, f"record {index}: field {column!r} is empty")
+    if _is_number(value):
+        return "", Rejection(Reason.INVALID_CAPTION,
+                             f"record {index}: field {column!r} holds only a number "
+                             f"({value.strip()[:40]!r}): a column of numbers, not captions?")
+    return value, None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _checked_row(index: int, image: str, relative: str, record_id: str, caption: str,
+                 image_root: Path, check_images: bool, seen_ids: dict[str, int] | None,
+                 fields: RecordFields) -> tuple[CaptionRow | None, Rejection | None]:
+    """The checks after the caption: the image file, then the id's claim."""
     if check_images:
         candidate = (image_root / relative).resolve()
         if not candidate.is_relative_to(image_root):
             return None, Rejection(
                 Reason.UNSAFE_IMAGE_PATH,
-                f"record {index}: field 'image' {image!r} resolves outside the image root "
-                f"(symlink to {candidate})",
+                f"record {index}: field {fields.image!r} {image!r} resolves outside the image "
+                f"root (symlink to {candidate})",
             )
-        if not candidate.is_file():
+        if not image_file_exists(candidate):  # a file, or a member of a tar under the root
             return None, Rejection(
-                Reason.IMAGE_NOT_FOUND, f"record {index}: field 'image' file {candidate} not found"
+                Reason.IMAGE_NOT_FOUND,
+                f"record {index}: field {fields.image!r} file {candidate} not found"
             )
     row = CaptionRow(record_id, relative, caption.strip(), relative.split("/", 1)[0])
     if seen_ids is not None:
@@ -243,8 +352,8 @@ def rejected_frame(rows: list[tuple[int, str | None, Rejection]]) -> pd.DataFram
     return pa.table(columns, schema=REJECTED_SCHEMA).to_pandas()
 
 
-def _raw_id(record: Any) -> str | None:
-    raw = record.get("id") if isinstance(record, dict) else None
+def _raw_id(record: Any, id_field: str | None) -> str | None:
+    raw = record.get(id_field) if isinstance(record, dict) and id_field else None
     return None if raw is None else str(raw)
 
 
@@ -255,8 +364,13 @@ def iter_ingest_batches(
     batch_size: int = 50_000,
     stats: IngestStats | None = None,
     decode_workers: int | None = None,
+    format: str = "sharegpt4v",
+    fields: RecordFields | None = None,
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
     """Stream ``path`` and yield ``(kept, rejected)`` DataFrames per ``batch_size`` records.
+
+    ``format`` and ``fields`` say how to read ``path`` (:class:`IngestParams`; ``fields``
+    defaults to ``IngestParams(format=format).fields()``).
 
     Every record lands in exactly one of the two tables. When the stream ends the counts are
     reconciled (``CountMismatchError`` if records read != kept + rejected) and logged. With
@@ -271,6 +385,9 @@ def iter_ingest_batches(
         )
     stats = stats if stats is not None else IngestStats()
     decode = check_images == "decode"
+    fields = fields or IngestParams(format=format).fields()
+    records = _records(path, format, fields, root)
+    shards = format == "webdataset"  # images are tar members: present by construction
     seen_ids: dict[str, int] = {}
     pending: list[tuple[int, CaptionRow]] = []  # decode: checked but for the image's decoding
     kept: list[CaptionRow] = []
@@ -278,16 +395,21 @@ def iter_ingest_batches(
     n_yielded = 0
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ProcessPoolExecutor(decode_workers)) if decode else None
-        for index, record in iter_records(path, show_progress=True):
+        for index, record in records:
             stats.n_in += 1
-            row, rejection = validate_record(index, record, root, bool(check_images),
-                                             None if decode else seen_ids)
+            rejection = _shard_sample_rejection(index, record) if shards else None
+            if rejection is None:
+                row, rejection = validate_record(index, record, root,
+                                                 bool(check_images) and not shards,
+                                                 None if decode else seen_ids, fields)
+            else:
+                row = None
             if row is not None and decode:
                 pending.append((index, row))
             elif row is not None:
                 kept.append(row)
             else:
-                rejected.append((index, _raw_id(record), rejection))
+                rejected.append((index, _raw_id(record, fields.id), rejection))
                 stats.reasons[rejection.reason.value] += 1
             if len(pending) + len(kept) + len(rejected) >= batch_size:
                 if pending:
@@ -316,6 +438,32 @@ def iter_ingest_batches(
         stats.n_rejected,
         dict(sorted(stats.reasons.items())),
     )
+
+
+def _records(path: str | os.PathLike, format: str, fields: RecordFields, root: Path
+             ) -> Iterator[tuple[int, Any]]:
+    """``(index, record)`` of ``path`` read as ``format``; a table's needed columns are checked
+    before the first record."""
+    if format == "table":
+        needed = {"ingest.columns.image": fields.image, "ingest.columns.caption": fields.caption}
+        if fields.id:
+            needed["ingest.columns.id"] = fields.id
+        return iter_table_rows(path, needed, show_progress=True)
+    if format == "webdataset":
+        return iter_shard_records(path, root, fields.caption or "caption", show_progress=True)
+    return iter_records(path, show_progress=True)
+
+
+def _shard_sample_rejection(index: int, record: dict[str, Any]) -> Rejection | None:
+    """A WebDataset key without an image or without a caption."""
+    where = f"record {index}: key {record['id']!r} of shard {record['shard']}"
+    if record["image"] is None:
+        return Rejection(Reason.MISSING_IMAGE, f"{where} has no image (.jpg, .jpeg, .png, .webp)"
+                         + ("" if record["caption"] is None else " but a caption"))
+    if record["caption"] is None:
+        return Rejection(Reason.MISSING_CAPTION,
+                         f"{where} has an image but no caption (.txt, .json)")
+    return None
 
 
 def _decode_pending(pending: list[tuple[int, CaptionRow]], root: Path, pool,

@@ -24,6 +24,9 @@ class IssueReason(str, Enum):
     EMPTY_CAPTION = "empty_caption"
     MALFORMED_ROW = "malformed_row"
     UNREADABLE_IMAGE = "unreadable_image"  # found at scoring time: it would not open or decode
+    UNSAFE_IMAGE_PATH = "unsafe_image_path"  # table: an absolute path or one escaping the root
+    CLASS_WITHOUT_IMAGES = "class_without_images"  # imagefolder: still a candidate label
+    NOT_AN_IMAGE = "not_an_image"  # imagefolder: a file without an image suffix
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@ import torch
 
 from tulip_pipelines.data.images import SKIPPED_COLUMNS, ImageSource
 from tulip_pipelines.evaluation import analysis
+from tulip_pipelines.evaluation.classification import (
+    ClassificationBenchmark,
+    check_templates,
+    classification_frame,
+    classify,
+    read_imagefolder,
+)
 from tulip_pipelines.evaluation.encode import (
     encode_images,
     encode_tokens,
@@ -55,7 +62,8 @@ logger = logging.getLogger(__name__)
 METRIC_COLUMNS = ["benchmark", "model", "direction", "k", "recall", "n_queries", "ci_low",
                   "ci_high"]
 ISSUE_COLUMNS = ["benchmark", "item", "reason", "detail"]
-FORMATS = {**READERS, "sharegpt4v": read_sharegpt4v}
+FORMATS = {**READERS, "sharegpt4v": read_sharegpt4v, "imagefolder": read_imagefolder}
+CLASSIFICATION_FORMATS = ("imagefolder",)  # scored by zero-shot classification, not retrieval
 # Options of a dci_long entry used to build dci_long.csv from the DCI release (not by the reader).
 DCI_BUILD_OPTIONS = ("annotations", "photos_prefix")
 _SET_BY_CONFIG = {"root", "name", "kind", "val_captions", "images"}
@@ -91,6 +99,8 @@ class BenchmarkParams:
         if unknown:
             raise ValueError(f"{where}: unknown option(s) {unknown} for format {self.format}; "
                              f"known: {sorted(_reader_options(self.format))}")
+        if self.format == "imagefolder":
+            check_templates(where, self.options.get("templates"))
 
     @classmethod
     def from_params(cls, name: str, params: Mapping[str, Any]) -> "BenchmarkParams":
@@ -124,6 +134,8 @@ class EvaluateParams(Params):
             null: float32); similarities, recall and intervals are float32 whatever it is.
         parallel_models: models encoded at once, each on its own device (null: one per GPU of
             the node with ``device: auto``, else 1).
+        top_k: the k of the zero-shot classification's top-k accuracy (``imagefolder``
+            benchmarks; a k above a benchmark's number of classes is left out).
     """
 
     section = "evaluate"
@@ -140,6 +152,7 @@ class EvaluateParams(Params):
     device: str = "auto"
     autocast: str | None = "bf16"
     parallel_models: int | None = None
+    top_k: tuple[int, ...] = (1, 5)
 
     def __post_init__(self) -> None:
         self.benchmarks = {
@@ -148,11 +161,15 @@ class EvaluateParams(Params):
             for name, entry in (self.benchmarks or {}).items() if entry is not None
         }
         self.ks = tuple(self.ks) if isinstance(self.ks, (list, tuple)) else self.ks
+        self.top_k = tuple(self.top_k) if isinstance(self.top_k, (list, tuple)) else self.top_k
         if isinstance(self.tokens_read, (list, tuple)):
             self.tokens_read = tuple(self.tokens_read)
         p = Problems(self.section)
         p.check(bool(self.ks) and isinstance(self.ks, tuple) and all(is_int(k, 1) for k in self.ks),
                 "ks", f"must be a list of positive integers, got {self.ks!r}")
+        p.check(bool(self.top_k) and isinstance(self.top_k, tuple)
+                and all(is_int(k, 1) for k in self.top_k),
+                "top_k", f"must be a list of positive integers, got {self.top_k!r}")
         p.int_at_least("batch_size", self.batch_size, 1)
         p.int_at_least("chunk_size", self.chunk_size, 1)
         p.int_at_least("num_workers", self.num_workers, 0)
@@ -179,6 +196,8 @@ def load_benchmarks(
     usable pair) is skipped with a log line naming the path, and gets no rows in the results."""
     out = {}
     for name, entry in params.benchmarks.items():
+        if entry.format in CLASSIFICATION_FORMATS:
+            continue
         options = {k: v for k, v in entry.options.items() if k not in DCI_BUILD_OPTIONS}
         try:
             if entry.format == "sharegpt4v":
@@ -200,6 +219,49 @@ def load_benchmarks(
             continue
         out[name] = bench
     return out
+
+
+def load_classification_benchmarks(params: EvaluateParams) -> dict[str, ClassificationBenchmark]:
+    """Every configured ``imagefolder`` benchmark that is present (one whose folder is absent is
+    skipped with a log line naming the path)."""
+    out = {}
+    for name, entry in params.benchmarks.items():
+        if entry.format not in CLASSIFICATION_FORMATS:
+            continue
+        try:
+            bench = read_imagefolder(entry.root, name=name, **entry.options)
+        except BenchmarkMissing as err:
+            logger.warning("skipping %s: %s not found", name, err.path)
+            continue
+        logger.info("benchmark %s (zero-shot classification): %d images in %d classes; %d "
+                    "entries reported", name, len(bench.image_paths), len(bench.class_names),
+                    len(bench.issues))
+        for issue in bench.issues[:5]:
+            logger.warning("%s: %s (%s: %s)", name, issue.item, issue.reason.value, issue.detail)
+        if not bench.image_paths:
+            logger.warning("skipping %s: no image under %s", name, entry.root)
+            continue
+        out[name] = bench
+    return out
+
+
+def score_classification(models: Mapping[str, ModelBundle],
+                         benchmarks: Mapping[str, ClassificationBenchmark],
+                         params: EvaluateParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Top-k zero-shot accuracy (percent, with its 95% bootstrap interval over images) of every
+    model on every classification benchmark, and the entries left out or reported."""
+    device = worker_devices(params.device, 1)[0]
+    rows, issues = [], []
+    for bench in benchmarks.values():
+        bench_rows, scored = classify(models, bench, params.top_k, params.batch_size, device,
+                                      params.autocast, params.bootstrap_resamples,
+                                      params.bootstrap_seed)
+        rows += bench_rows
+        issues.append(scored.issues_frame())
+    frames = [f for f in issues if len(f)]
+    return (classification_frame(rows),
+            pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=ISSUE_COLUMNS))
 
 
 def issues_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:

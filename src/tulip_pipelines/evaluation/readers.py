@@ -18,6 +18,10 @@ Formats (facts from the benchmarks' releases and the TULIP / Long-CLIP evaluatio
 * **Flickr30k**: ``results.csv`` with header ``image_name| comment_number| comment`` (``|`` then a
   space), images in ``flickr30k_images/``; optionally only Karpathy's test split
   (``dataset_flickr30k.json``: ``images[].filename`` with ``split == "test"``).
+* **table** (a user's own benchmark): a captions table (CSV, TSV, JSONL or Parquet, by its
+  extension; :mod:`tulip_pipelines.data.tables`) with an image column (paths relative to the
+  root) and a caption column; an image may have several rows (one caption each); images in order
+  of first appearance, their captions in row order.
 * **ShareGPT4V-1k**: the first 1,000 validation records (``val_captions``), their images read
   through the ``prepared_images`` source (the prepared shards, or the files under the image root).
 """
@@ -34,6 +38,8 @@ import numpy as np
 import pandas as pd
 
 from tulip_pipelines.data.images import FolderImages, ImageSource, as_image_source
+from tulip_pipelines.data.paths import check_image_path
+from tulip_pipelines.data.tables import MalformedRow, iter_table_rows
 from tulip_pipelines.evaluation.benchmark import (
     BenchmarkIssue,
     BenchmarkMissing,
@@ -43,7 +49,7 @@ from tulip_pipelines.evaluation.benchmark import (
 
 __all__ = ["BenchmarkIssue", "BenchmarkMissing", "IssueReason", "RetrievalBenchmark", "READERS",
            "build_dci_long", "read_coco", "read_dci_long", "read_flickr30k", "read_sharegpt4v",
-           "read_urban1k"]
+           "read_table", "read_urban1k"]
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +284,48 @@ def read_flickr30k(
 
 
 # ---------------------------------------------------------------------------------------------
+# A captions table (a user's own benchmark)
+
+
+def read_table(root: str | Path, name: str = "table", kind: str = "long",
+               captions: str = "captions.csv", image_column: str = "image",
+               caption_column: str = "caption") -> RetrievalBenchmark:
+    """``captions`` (a table file relative to ``root``, or absolute): one row per caption, its
+    image relative to ``root``; images in order of first appearance."""
+    root = Path(root)
+    path = _require(name, root / captions)
+    by_image: dict[str, list[str]] = {}
+    issues = []
+    needed = {f"evaluate.benchmarks.{name}.image_column": image_column,
+              f"evaluate.benchmarks.{name}.caption_column": caption_column}
+    for index, row in iter_table_rows(path, needed):
+        item = f"{Path(captions).name} record {index}"
+        if isinstance(row, MalformedRow):
+            issues.append(BenchmarkIssue(item, IssueReason.MALFORMED_ROW, row.describe()))
+            continue
+        image, caption = row[image_column], row[caption_column]
+        relative = check_image_path(image) if isinstance(image, str) and image.strip() else None
+        if relative is None:
+            issues.append(BenchmarkIssue(item, IssueReason.UNSAFE_IMAGE_PATH if image else
+                                         IssueReason.MISSING_IMAGE,
+                                         f"{image_column} {image!r} is empty, absolute or "
+                                         "escapes the root"))
+        elif not isinstance(caption, str) or not caption.strip():
+            issues.append(BenchmarkIssue(item, IssueReason.EMPTY_CAPTION,
+                                         f"{caption_column} {caption!r:.60} is not a text"))
+        else:
+            by_image.setdefault(relative, []).append(caption.strip())
+    items = []
+    for relative, texts in by_image.items():
+        if not (root / relative).is_file():
+            issues.append(BenchmarkIssue(relative, IssueReason.MISSING_IMAGE,
+                                         f"{root / relative} not found ({len(texts)} captions)"))
+        else:
+            items.append((str((root / relative).resolve()), texts))
+    return _pairs(name, kind, items, issues)
+
+
+# ---------------------------------------------------------------------------------------------
 # ShareGPT4V-1k
 
 
@@ -321,4 +369,5 @@ READERS = {
     "dci_long": read_dci_long,
     "coco": read_coco,
     "flickr30k": read_flickr30k,
+    "table": read_table,
 }

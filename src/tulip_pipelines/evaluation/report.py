@@ -30,13 +30,17 @@ def _with_interval(metrics: pd.DataFrame) -> pd.Series:
 
 def report_markdown(metrics: pd.DataFrame, issues: pd.DataFrame | None = None,
                     by_tokens_read: pd.DataFrame | None = None,
-                    by_caption_length: pd.DataFrame | None = None) -> str:
+                    by_caption_length: pd.DataFrame | None = None,
+                    classification: pd.DataFrame | None = None,
+                    classification_issues: pd.DataFrame | None = None) -> str:
     """One row per benchmark and model, columns ``I2T R@k`` / ``T2I R@k`` (recall in percent and
     its 95% bootstrap interval); below it, the number of queries per benchmark and the entries
-    left out, by reason; then R@1 against the tokens read and R@1 by caption length."""
+    left out, by reason; then R@1 against the tokens read and R@1 by caption length; then the
+    zero-shot classification's top-k accuracy of every model (``classification``)."""
+    zero_shot = classification_section(classification, classification_issues)
     if metrics.empty:
         return ("# Retrieval\n\nNo benchmark was found, so nothing was scored "
-                "(the log names the paths).\n")
+                "(the log names the paths).\n" + zero_shot)
     wide = metrics.assign(cell=_with_interval(metrics)).pivot_table(
         index=["benchmark", "model"], columns=["direction", "k"], values="cell", sort=False,
         aggfunc="first")
@@ -75,6 +79,29 @@ def report_markdown(metrics: pd.DataFrame, issues: pd.DataFrame | None = None,
                   "longest caption); each column gives the tokens of its bin and its queries."]
         for bench, group in by_caption_length.groupby("benchmark", sort=False):
             lines += ["", f"### {bench}", "", caption_length_markdown(group)]
+    return "\n".join(lines) + "\n" + zero_shot
+
+
+def classification_section(classification: pd.DataFrame | None,
+                           issues: pd.DataFrame | None = None) -> str:
+    """The zero-shot classification table and its benchmarks' reported entries ('' without
+    classification benchmarks)."""
+    if classification is None or classification.empty:
+        return ""
+    from tulip_pipelines.evaluation.classification import classification_markdown
+
+    lines = ["", "# Zero-shot classification", "",
+             "Top-k accuracy in percent, with its 95% bootstrap interval over images in "
+             "brackets: every class name in every prompt template, averaged per class (open_clip's "
+             "zero-shot classifier); what a long-text model keeps of CLIP's short-text skill.",
+             "", classification_markdown(classification), ""]
+    for bench, group in classification.groupby("benchmark", sort=False):
+        reported = ""
+        if issues is not None and not issues.empty:
+            counts = issues[issues["benchmark"] == bench]["reason"].value_counts()
+            reported = ", ".join(f"{c} {r}" for r, c in counts.items())
+        lines.append(f"- {bench}: {int(group['n_images'].iloc[0])} images, "
+                     f"{int(group['n_classes'].iloc[0])} classes; reported: {reported or 'none'}")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,9 @@ from tulip_pipelines.data.annotations import AnnotationFile
 class ShareGPT4VAnnotationsDataset(AbstractDataset[list[dict[str, Any]], AnnotationFile]):
     """``load()`` returns a streaming handle (the file is not read); ``save(records)`` writes them.
 
+    The handle is only a path: with ``ingest.format: table`` or ``webdataset`` the same entry
+    names a captions table or WebDataset shards, which the ingest node reads by that format.
+
     Example catalog entry::
 
         raw_annotations:
@@ -27,6 +30,8 @@ class ShareGPT4VAnnotationsDataset(AbstractDataset[list[dict[str, Any]], Annotat
 
     def load(self) -> AnnotationFile:
         if not self._filepath.is_file():
+            if self._filepath.is_dir():  # a folder of WebDataset shards (ingest.format)
+                return AnnotationFile(self._filepath)
             raise DatasetError(
                 f"ShareGPT4V annotation file {self._filepath} not found. Set `sharegpt4v_root` in "
                 "conf/<env>/globals.yml (or `raw_annotations.filepath` in the catalog) to the "
@@ -47,7 +52,7 @@ class ShareGPT4VAnnotationsDataset(AbstractDataset[list[dict[str, Any]], Annotat
         tmp.replace(self._filepath)
 
     def _exists(self) -> bool:
-        return self._filepath.is_file()
+        return self._filepath.is_file() or self._filepath.is_dir()
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath)}

@@ -20,6 +20,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "demo_long_benchmark_captions",
                     "demo_short_benchmark_images",
                     "demo_short_benchmark_index",
+                    "demo_class_images",
+                    "demo_class_names",
                 ],
                 name="generate_demo_data",
             )

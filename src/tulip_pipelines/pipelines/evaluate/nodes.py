@@ -12,8 +12,10 @@ from tulip_pipelines.evaluation.evaluate import (
     EvaluateParams,
     issues_table,
     load_benchmarks,
+    load_classification_benchmarks,
     prepare_dci_long,
     score,
+    score_classification,
     unreadable_images_table,
 )
 from tulip_pipelines.evaluation.report import (
@@ -76,13 +78,31 @@ def score_retrieval(evaluated_models: dict[str, ModelBundle], retrieval_benchmar
             issues_table(scores.benchmarks), unreadable_images_table(scores.benchmarks))
 
 
+def load_zero_shot_benchmarks(evaluated_models: dict[str, ModelBundle], params: dict[str, Any]):
+    """Every configured ``imagefolder`` benchmark that is present; ``evaluated_models`` only
+    orders this after the models, so after the demo data that the default run draws first."""
+    return load_classification_benchmarks(EvaluateParams.from_params(params))
+
+
+def score_zero_shot(evaluated_models: dict[str, ModelBundle], classification_benchmarks,
+                    params: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Top-k zero-shot accuracy of every model on every image folder
+    (``classification_metrics``) and the entries left out or reported
+    (``classification_issues``)."""
+    return score_classification(evaluated_models, classification_benchmarks,
+                                EvaluateParams.from_params(params))
+
+
 def report_retrieval(retrieval_metrics: pd.DataFrame, benchmark_issues: pd.DataFrame,
                      recall_by_tokens_read: pd.DataFrame,
-                     recall_by_caption_length: pd.DataFrame):
+                     recall_by_caption_length: pd.DataFrame,
+                     classification_metrics: pd.DataFrame | None = None,
+                     classification_issues: pd.DataFrame | None = None):
     """The report (Markdown) and its two charts: recall@1 of every model, R@1 against the
-    tokens read."""
+    tokens read. The zero-shot classification table follows the retrieval ones."""
     report = report_markdown(retrieval_metrics, benchmark_issues, recall_by_tokens_read,
-                             recall_by_caption_length)
+                             recall_by_caption_length, classification_metrics,
+                             classification_issues)
     logger.info("retrieval results:\n%s", report)
     return report, report_figure(retrieval_metrics), tokens_read_figure(recall_by_tokens_read)
 
@@ -90,7 +110,8 @@ def report_retrieval(retrieval_metrics: pd.DataFrame, benchmark_issues: pd.DataF
 def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
                    retrieval_report: str, benchmark_issues: pd.DataFrame,
                    recall_by_tokens_read: pd.DataFrame, recall_by_caption_length: pd.DataFrame,
-                   evaluate_skipped_samples: pd.DataFrame, expanded_model: ModelBundle) -> None:
+                   evaluate_skipped_samples: pd.DataFrame, expanded_model: ModelBundle,
+                   classification_metrics: pd.DataFrame | None = None) -> None:
     """The evaluation's MLflow run (nested in the ``kedro run``'s, child of the expand run):
     every recall as a metric, the report, both charts and the tables. (The charts are drawn
     again from the tables: a catalogued figure is a PNG that Kedro cannot load back.)"""
@@ -101,6 +122,8 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
               "recall_by_caption_length": recall_by_caption_length}
     if len(evaluate_skipped_samples):
         tables["skipped_samples"] = evaluate_skipped_samples
+    if classification_metrics is not None and len(classification_metrics):
+        tables["classification_metrics"] = classification_metrics
     order = list(evaluate_params.benchmarks)
     benchmarks = sorted(set(retrieval_metrics["benchmark"]), key=order.index)
     with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(evaluate_params.ks)},
@@ -109,6 +132,9 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
                       {"retrieval_report.png": report_figure(retrieval_metrics),
                        "recall_by_tokens_read.png": tokens_read_figure(recall_by_tokens_read)},
                       tables)
+        if tracker.run_id and classification_metrics is not None and len(classification_metrics):
+            tracker.log({f"accuracy/{r.benchmark}/{r.model}/top{r.k}": r.accuracy
+                         for r in classification_metrics.itertuples()}, step=0)
 
 
 def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],

@@ -1,4 +1,5 @@
-"""evaluate pipeline: long- and short-caption retrieval of every model, side by side."""
+"""evaluate pipeline: long- and short-caption retrieval and zero-shot classification of every
+model, side by side."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -8,9 +9,11 @@ from .nodes import (
     collect_skipped_samples,
     gather_models,
     load_retrieval_benchmarks,
+    load_zero_shot_benchmarks,
     log_evaluation,
     report_retrieval,
     score_retrieval,
+    score_zero_shot,
 )
 
 # Stages whose unreadable samples go into `skipped_samples` (the demo teacher is not one:
@@ -35,15 +38,23 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["retrieval_metrics", "recall_by_tokens_read", "recall_by_caption_length",
                   "benchmark_issues", "evaluate_skipped_samples"],
                  name="score_retrieval"),
+            Node(load_zero_shot_benchmarks, ["evaluated_models", "params:evaluate"],
+                 "classification_benchmarks",
+                 name="load_classification_benchmarks"),
+            Node(score_zero_shot,
+                 ["evaluated_models", "classification_benchmarks", "params:evaluate"],
+                 ["classification_metrics", "classification_issues"],
+                 name="score_classification"),
             Node(report_retrieval,
                  ["retrieval_metrics", "benchmark_issues", "recall_by_tokens_read",
-                  "recall_by_caption_length"],
+                  "recall_by_caption_length", "classification_metrics",
+                  "classification_issues"],
                  ["retrieval_report", "retrieval_report_plot", "recall_by_tokens_read_plot"],
                  name="report_retrieval"),
             Node(log_evaluation,
                  ["params:evaluate", "retrieval_metrics", "retrieval_report", "benchmark_issues",
                   "recall_by_tokens_read", "recall_by_caption_length",
-                  "evaluate_skipped_samples", "expanded_model"],
+                  "evaluate_skipped_samples", "expanded_model", "classification_metrics"],
                  None, name="log_evaluation"),
             Node(add_retrieval_to_model_cards, ["evaluated_models", "retrieval_metrics"], None,
                  name="add_retrieval_to_model_cards"),

@@ -1,4 +1,5 @@
-"""Ingest node: a generator, so Kedro saves each batch as it comes (bounded memory)."""
+"""Ingest node (ShareGPT4V JSON, a captions table or WebDataset shards): a generator, so Kedro
+saves each batch as it comes (bounded memory)."""
 
 from __future__ import annotations
 
@@ -22,4 +23,6 @@ def ingest_annotations(
         check_images=config.check_images,
         batch_size=config.batch_size,
         decode_workers=config.decode_workers,
+        format=config.format,
+        fields=config.fields(),
     )
