@@ -19,13 +19,13 @@ from tulip_pipelines.evaluation.classification import (
     classification_frame,
     classify,
     default_templates,
+    load_classification_benchmarks,
     read_imagefolder,
 )
 from tulip_pipelines.evaluation.evaluate import (
     BenchmarkParams,
     EvaluateParams,
     load_benchmarks,
-    load_classification_benchmarks,
 )
 from tulip_pipelines.evaluation.readers import read_table
 from tulip_pipelines.evaluation.report import report_markdown

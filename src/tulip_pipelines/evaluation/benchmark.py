@@ -17,6 +17,9 @@ from tulip_pipelines.data.images import ImageSource
 logger = logging.getLogger(__name__)
 
 
+ISSUE_COLUMNS = ["benchmark", "item", "reason", "detail"]  # benchmark_issues and the like
+
+
 class IssueReason(str, Enum):
     MISSING_IMAGE = "missing_image"
     CAPTION_WITHOUT_IMAGE = "caption_without_image"
@@ -92,7 +95,7 @@ class RetrievalBenchmark:
                 "reason": [i.reason.value for i in self.issues],
                 "detail": [i.detail for i in self.issues],
             },
-            columns=["benchmark", "item", "reason", "detail"],
+            columns=ISSUE_COLUMNS,
         )
 
     def log_summary(self) -> None:

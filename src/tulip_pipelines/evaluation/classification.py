@@ -19,19 +19,29 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tulip_pipelines.evaluation.benchmark import BenchmarkIssue, BenchmarkMissing, IssueReason
+from tulip_pipelines.evaluation.benchmark import (
+    ISSUE_COLUMNS,
+    BenchmarkIssue,
+    BenchmarkMissing,
+    IssueReason,
+)
 from tulip_pipelines.evaluation.encode import encode_images, image_tower_key
 from tulip_pipelines.evaluation.metrics import bootstrap_interval
-from tulip_pipelines.models.device import inference_autocast, on_device
+from tulip_pipelines.models.device import inference_autocast, on_device, worker_devices
 from tulip_pipelines.models.spec import ModelBundle
 
+if TYPE_CHECKING:
+    from tulip_pipelines.evaluation.evaluate import EvaluateParams
+
 logger = logging.getLogger(__name__)
+
+CLASSIFICATION_FORMATS = ("imagefolder",)  # scored by zero-shot classification, not retrieval
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CLASSIFICATION_COLUMNS = ["benchmark", "model", "k", "accuracy", "n_images", "n_classes",
@@ -176,3 +186,46 @@ def classification_markdown(metrics: pd.DataFrame) -> str:
                                                   values="cell", aggfunc="first", sort=False)
     wide.columns = [f"top-{k}" for k in wide.columns]
     return wide.reset_index().to_markdown(index=False)
+
+
+def load_classification_benchmarks(params: EvaluateParams) -> dict[str, ClassificationBenchmark]:
+    """Every configured ``imagefolder`` benchmark that is present (one whose folder is absent is
+    skipped with a log line naming the path)."""
+    out = {}
+    for name, entry in params.benchmarks.items():
+        if entry.format not in CLASSIFICATION_FORMATS:
+            continue
+        try:
+            bench = read_imagefolder(entry.root, name=name, **entry.options)
+        except BenchmarkMissing as err:
+            logger.warning("skipping %s: %s not found", name, err.path)
+            continue
+        logger.info("benchmark %s (zero-shot classification): %d images in %d classes; %d "
+                    "entries reported", name, len(bench.image_paths), len(bench.class_names),
+                    len(bench.issues))
+        for issue in bench.issues[:5]:
+            logger.warning("%s: %s (%s: %s)", name, issue.item, issue.reason.value, issue.detail)
+        if not bench.image_paths:
+            logger.warning("skipping %s: no image under %s", name, entry.root)
+            continue
+        out[name] = bench
+    return out
+
+
+def score_classification(models: Mapping[str, ModelBundle],
+                         benchmarks: Mapping[str, ClassificationBenchmark],
+                         params: EvaluateParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Top-k zero-shot accuracy (percent, with its 95% bootstrap interval over images) of every
+    model on every classification benchmark, and the entries left out or reported."""
+    device = worker_devices(params.device, 1)[0]
+    rows, issues = [], []
+    for bench in benchmarks.values():
+        bench_rows, scored = classify(models, bench, params.top_k, params.batch_size, device,
+                                      params.autocast, params.bootstrap_resamples,
+                                      params.bootstrap_seed)
+        rows += bench_rows
+        issues.append(scored.issues_frame())
+    frames = [f for f in issues if len(f)]
+    return (classification_frame(rows),
+            pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=ISSUE_COLUMNS))

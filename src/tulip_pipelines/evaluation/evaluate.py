@@ -22,11 +22,10 @@ import torch
 
 from tulip_pipelines.data.images import SKIPPED_COLUMNS, ImageSource
 from tulip_pipelines.evaluation import analysis
+from tulip_pipelines.evaluation.benchmark import ISSUE_COLUMNS
 from tulip_pipelines.evaluation.classification import (
-    ClassificationBenchmark,
+    CLASSIFICATION_FORMATS,
     check_templates,
-    classification_frame,
-    classify,
     read_imagefolder,
 )
 from tulip_pipelines.evaluation.encode import (
@@ -61,9 +60,7 @@ logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["benchmark", "model", "direction", "k", "recall", "n_queries", "ci_low",
                   "ci_high"]
-ISSUE_COLUMNS = ["benchmark", "item", "reason", "detail"]
 FORMATS = {**READERS, "sharegpt4v": read_sharegpt4v, "imagefolder": read_imagefolder}
-CLASSIFICATION_FORMATS = ("imagefolder",)  # scored by zero-shot classification, not retrieval
 # Options of a dci_long entry used to build dci_long.csv from the DCI release (not by the reader).
 DCI_BUILD_OPTIONS = ("annotations", "photos_prefix")
 _SET_BY_CONFIG = {"root", "name", "kind", "val_captions", "images"}
@@ -219,49 +216,6 @@ def load_benchmarks(
             continue
         out[name] = bench
     return out
-
-
-def load_classification_benchmarks(params: EvaluateParams) -> dict[str, ClassificationBenchmark]:
-    """Every configured ``imagefolder`` benchmark that is present (one whose folder is absent is
-    skipped with a log line naming the path)."""
-    out = {}
-    for name, entry in params.benchmarks.items():
-        if entry.format not in CLASSIFICATION_FORMATS:
-            continue
-        try:
-            bench = read_imagefolder(entry.root, name=name, **entry.options)
-        except BenchmarkMissing as err:
-            logger.warning("skipping %s: %s not found", name, err.path)
-            continue
-        logger.info("benchmark %s (zero-shot classification): %d images in %d classes; %d "
-                    "entries reported", name, len(bench.image_paths), len(bench.class_names),
-                    len(bench.issues))
-        for issue in bench.issues[:5]:
-            logger.warning("%s: %s (%s: %s)", name, issue.item, issue.reason.value, issue.detail)
-        if not bench.image_paths:
-            logger.warning("skipping %s: no image under %s", name, entry.root)
-            continue
-        out[name] = bench
-    return out
-
-
-def score_classification(models: Mapping[str, ModelBundle],
-                         benchmarks: Mapping[str, ClassificationBenchmark],
-                         params: EvaluateParams) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Top-k zero-shot accuracy (percent, with its 95% bootstrap interval over images) of every
-    model on every classification benchmark, and the entries left out or reported."""
-    device = worker_devices(params.device, 1)[0]
-    rows, issues = [], []
-    for bench in benchmarks.values():
-        bench_rows, scored = classify(models, bench, params.top_k, params.batch_size, device,
-                                      params.autocast, params.bootstrap_resamples,
-                                      params.bootstrap_seed)
-        rows += bench_rows
-        issues.append(scored.issues_frame())
-    frames = [f for f in issues if len(f)]
-    return (classification_frame(rows),
-            pd.concat(frames, ignore_index=True) if frames
-            else pd.DataFrame(columns=ISSUE_COLUMNS))
 
 
 def issues_table(benchmarks: Mapping[str, RetrievalBenchmark]) -> pd.DataFrame:

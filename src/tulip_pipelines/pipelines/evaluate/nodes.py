@@ -8,14 +8,16 @@ from typing import Any
 import pandas as pd
 
 from tulip_pipelines.data.images import ImageSource
+from tulip_pipelines.evaluation.classification import (
+    load_classification_benchmarks,
+    score_classification,
+)
 from tulip_pipelines.evaluation.evaluate import (
     EvaluateParams,
     issues_table,
     load_benchmarks,
-    load_classification_benchmarks,
     prepare_dci_long,
     score,
-    score_classification,
     unreadable_images_table,
 )
 from tulip_pipelines.evaluation.report import (
