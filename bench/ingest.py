@@ -98,7 +98,8 @@ def run_streaming(annotations: Path, out: Path, format: str = "sharegpt4v") -> t
 
 def run_naive(annotations: Path, out: Path) -> tuple[int, int]:
     """Load everything with ``json.load``, validate, build DataFrames, write one Parquet each."""
-    from tulip_pipelines.data.ingest import captions_frame, rejected_frame, validate_record
+    from tulip_pipelines.data.ingest import captions_frame, rejected_frame
+    from tulip_pipelines.data.records import validate_record
 
     with annotations.open("rb") as f:
         records = json.load(f)

@@ -14,11 +14,10 @@ from tulip_pipelines.data.ingest import (
     CountMismatchError,
     IngestParams,
     IngestStats,
-    Reason,
-    check_image_path,
     iter_ingest_batches,
-    validate_record,
 )
+from tulip_pipelines.data.paths import check_image_path
+from tulip_pipelines.data.records import Reason, validate_record
 
 
 def record(i: int, caption: str = "A red circle on a grey background.", **overrides) -> dict:
