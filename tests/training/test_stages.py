@@ -218,6 +218,8 @@ STAGE_BOUNDS = {
                 "window_overlap": ([0], [-1]), "max_windows": ([1], [0])},
 }
 STAGE_BOUNDS["longclip_equal_budget"] = STAGE_BOUNDS["longclip_authors"]
+# the demo teacher's loss weights, checked before it trains (not only when its task is built)
+STAGE_BOUNDS["teacher"] = {"long_weight": ([0.0], [-1e-9]), "short_weight": ([0.0], [-1e-9])}
 for _stage in STAGES:  # every stage's own process and node settings
     STAGE_BOUNDS.setdefault(_stage, {}).update(
         {"num_processes": ([1], [0]), "node_timeout_s": ([1e-9], [0.0, -1.0])})
@@ -234,12 +236,14 @@ def test_each_stage_bound_accepts_its_edge_and_rejects_one_step_past(stage, name
     accepted, rejected = STAGE_BOUNDS[stage][name]
 
     def make(**values):
+        if stage == "teacher" and name == "long_weight":
+            values["short_weight"] = 1.0  # its default is 0: long_weight 0 alone is no loss
         return STAGES[stage].params_cls.from_params({"train": TRAIN, **values})
 
     assert_bounds(make, name, accepted, rejected)
 
 
-@pytest.mark.parametrize("stage", ["expand", "longclip_authors"])
+@pytest.mark.parametrize("stage", ["expand", "longclip_authors", "teacher"])
 def test_both_loss_weights_at_zero_are_rejected(stage):
     with pytest.raises(ValueError, match="must not both be 0"):
         STAGES[stage].params_cls.from_params({"train": TRAIN, "long_weight": 0.0,
