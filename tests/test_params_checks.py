@@ -106,3 +106,26 @@ def test_the_real_scale_stages_run_as_the_papers_recipes(project_root):
     assert expand.train_augment == "random_resized_crop" and authors.train_augment == "none"
     assert authors.train_params().precision == "amp_bf16"
     assert "bf16" not in params["deepspeed"]  # the precision is each stage's
+
+
+def test_the_shared_checks_hold_at_both_ends_of_a_range():
+    """``Problems``: a closed bound accepts its value and rejects the next one, an open one
+    rejects its value; integers are not booleans or floats."""
+    from tulip_pipelines.params import Problems
+
+    def problems(check, *args, **kw):
+        p = Problems("s")
+        getattr(p, check)("f", *args, **kw)
+        return p.items
+
+    assert problems("number_in", 0.0, 0, 1) == [] and problems("number_in", 1.0, 0, 1) == []
+    assert problems("number_in", -1e-12, 0, 1) and problems("number_in", 1 + 1e-12, 0, 1)
+    assert problems("number_in", 0.0, 0, low_open=True) and problems("number_in", 1e-12, 0,
+                                                                     low_open=True) == []
+    assert problems("number_in", None, 0, optional=True) == [] and problems("number_in", None, 0)
+    assert problems("number_in", True, 0) and problems("number_in", "1", 0)
+    assert problems("int_at_least", 3, 3) == [] and problems("int_at_least", 2, 3)
+    assert problems("int_at_least", True, 0) and problems("int_at_least", 3.0, 3)
+    assert problems("int_at_least", None, 1, optional=True) == [] and problems("int_at_least",
+                                                                               None, 1)
+    assert problems("number_in", 2.0, 0, 1) == ["s.f must be a number >= 0 and <= 1, got 2.0"]

@@ -146,3 +146,28 @@ def test_the_class_folder_draws_grids_of_one_colour_from_its_own_stream():
         assert tuple(COLOURS[colour]) in pixels and len(pixels) <= 2, key
     again, _ = generate_demo_classes(params)
     assert all(np.array_equal(np.asarray(images[k]), np.asarray(again[k])) for k in images)
+
+
+@pytest.mark.parametrize("name, accepted, rejected", [
+    ("seed", [0], [-1]), ("image_size", [3], [0, 2]), ("n_groups", [1], [0]),
+    ("group_size", [2], [1]), ("shared_cells", [1, 8], [0, 9]),
+    ("min_differing_cells", [1, 4], [0, 5]),  # at most the 9 - 5 cells after the shared ones
+    ("shuffled_variants", [1], [0]), ("n_benchmark_groups", [0], [-1]),
+    ("n_short_benchmark_images", [0], [-1])])
+def test_each_bound_accepts_its_edge_and_rejects_one_step_past(name, accepted, rejected):
+    from tests.bounds import assert_bounds
+    from tulip_pipelines.data.demo import DemoDataParams
+
+    def make(**values):
+        if "shared_cells" in values:  # room for at least one differing cell
+            values["min_differing_cells"] = 1
+        return DemoDataParams(**values)
+
+    assert_bounds(make, name, accepted, rejected)
+
+
+def test_the_image_size_is_a_multiple_of_the_grid():
+    from tests.bounds import assert_bounds
+    from tulip_pipelines.data.demo import DemoDataParams
+
+    assert_bounds(DemoDataParams, "image_size", [6, 9], [7, 8], message="multiple of 3")

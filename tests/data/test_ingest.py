@@ -290,3 +290,12 @@ def test_missing_image_root_is_a_clear_error(tmp_path):
     path = write(tmp_path / "ann.json", [record(1)])
     with pytest.raises(FileNotFoundError, match="image_root"):
         list(iter_ingest_batches(path, tmp_path / "nope", True, 10))
+
+
+@pytest.mark.parametrize("name, accepted, rejected", [
+    ("batch_size", [1], [0]), ("decode_workers", [1, None], [0])])
+def test_each_bound_accepts_its_edge_and_rejects_one_step_past(name, accepted, rejected):
+    from tests.bounds import assert_bounds
+    from tulip_pipelines.data.ingest import IngestParams
+
+    assert_bounds(IngestParams, name, accepted, rejected)

@@ -198,3 +198,77 @@ def test_draft_decoding_of_the_original_files_gives_the_same_tensor_size(tmp_pat
     assert full.size == (1000, 1500) and draft.size == (250, 375)  # decoded at 1/4 scale
     assert preprocess(draft).shape == preprocess(full).shape == (3, 224, 224)
     assert (preprocess(draft) - preprocess(full)).abs().mean() < 0.02  # the same picture
+
+
+def _keys(records, encoding=ENCODING, shard_size=2):
+    import pandas as pd
+
+    from tulip_pipelines.data.prepare import plan_shards
+
+    frame = pd.DataFrame(records, columns=["id", "image"])
+    return [t.cache_key for t in plan_shards(frame, "root", Path("out"), encoding, shard_size)]
+
+
+RECORDS = [("a", "x/a.jpg"), ("b", "x/b.jpg"), ("c", "x/c.jpg"), ("d", "x/d.jpg")]
+
+
+def test_a_shards_key_covers_its_records_and_every_encoding_setting():
+    base = _keys(RECORDS)
+    assert len(base) == 2 and base[0] != base[1]
+    # each encoding setting, one at a time, changes every shard's key
+    for what, encoding in {"size": Encoding(25, 95, "4:4:4"),
+                           "quality": Encoding(24, 94, "4:4:4"),
+                           "subsampling": Encoding(24, 95, "4:2:0"),
+                           "draft decoding": Encoding(24, 95, "4:4:4", draft=False)}.items():
+        changed = _keys(RECORDS, encoding)
+        assert changed[0] != base[0] and changed[1] != base[1], what
+    # a record's id or image changes its shard's key, not the other shard's
+    for what, records in {"id": [("a", "x/a.jpg"), ("B", "x/b.jpg"), *RECORDS[2:]],
+                          "image": [("a", "x/a.jpg"), ("b", "x/B.jpg"), *RECORDS[2:]],
+                          "order": [RECORDS[1], RECORDS[0], *RECORDS[2:]]}.items():
+        changed = _keys(records)
+        assert changed[0] != base[0] and changed[1] == base[1], what
+    # the same records and encoding give the same keys (a rerun skips the shards)
+    assert _keys(list(RECORDS)) == base
+    # a record moved into another shard changes both shards' keys
+    moved = _keys(RECORDS, shard_size=3)
+    assert moved[0] != base[0] and moved[1] != base[1]
+
+
+def test_the_shard_size_from_the_teacher_is_open_clips_input_size():
+    """With ``size`` unset, the shards store the teacher's input side as open_clip's own
+    transforms resize to it."""
+    import open_clip
+
+    from tulip_pipelines.models.configs import register_tiny_configs
+
+    register_tiny_configs()
+    for name in ("TULIP-Tiny", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
+        cfg = open_clip.get_model_config(name)["vision_cfg"]
+        expected = open_clip.image_transform(cfg["image_size"], is_train=False).transforms[0].size
+        expected = max(expected) if isinstance(expected, (list, tuple)) else expected
+        assert PrepareImagesParams().encoding(name).size == expected, name
+    assert PrepareImagesParams().encoding("ViT-L-14-336").size == 336
+    assert PrepareImagesParams(size=100).encoding("ViT-L-14").size == 100
+    defaults = PrepareImagesParams().encoding("ViT-L-14")
+    assert (defaults.quality, defaults.subsampling, defaults.draft) == (95, "4:4:4", True)
+
+
+# field -> (values at the bound, accepted; one step past it, rejected)
+PREPARE_BOUNDS = {"size": ([1, None], [0]), "quality": ([1, 100], [0, 101]),
+                  "shard_size": ([1], [0]), "num_workers": ([0, None], [-1]),
+                  "num_nodes": ([1], [0]), "node_rank": ([0], [-1])}
+
+
+@pytest.mark.parametrize("name", sorted(PREPARE_BOUNDS))
+def test_each_bound_accepts_its_edge_and_rejects_one_step_past(name):
+    from tests.bounds import assert_bounds
+
+    accepted, rejected = PREPARE_BOUNDS[name]
+    assert_bounds(PrepareImagesParams, name, accepted, rejected)
+
+
+def test_the_last_node_rank_is_one_below_the_number_of_nodes():
+    from tests.bounds import assert_bounds
+
+    assert_bounds(lambda **v: PrepareImagesParams(num_nodes=3, **v), "node_rank", [0, 2], [3])

@@ -61,3 +61,11 @@ def test_val_size_must_leave_training_data():
 def test_config_errors_name_the_field(params, match):
     with pytest.raises(ValueError, match=match):
         SplitParams.from_params(params)
+
+
+@pytest.mark.parametrize("name, accepted, rejected", [
+    ("val_size", [1], [0]), ("max_train", [1, None], [0])])
+def test_each_bound_accepts_its_edge_and_rejects_one_step_past(name, accepted, rejected):
+    from tests.bounds import assert_bounds
+
+    assert_bounds(SplitParams, name, accepted, rejected)

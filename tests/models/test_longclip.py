@@ -78,3 +78,38 @@ def test_longclip_stretch(teacher):
     assert new.shape == (248, old.shape[1])
     torch.testing.assert_close(new, longclip_reference(old), rtol=0, atol=1e-6)
     assert longclip.tokenizer([LONG]).shape == (1, 248)
+
+
+def test_the_defaults_are_long_clips_published_stretch():
+    """Without arguments: 248 positions, the first 20 kept, 4x interpolation (the paper's)."""
+    pre = torch.randn(77, 16, dtype=torch.float64)
+    torch.testing.assert_close(stretch_positions(pre), longclip_reference(pre), rtol=0,
+                               atol=1e-12)
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    stretched = stretch_position_embedding(teacher)
+    torch.testing.assert_close(stretched.model.positional_embedding.detach(),
+                               longclip_reference(teacher.model.positional_embedding.detach()),
+                               rtol=0, atol=1e-6)
+    assert stretched.spec.context_length == 248 and stretched.spec.extra["keep"] == 20
+
+
+def test_the_evaluations_stretched_teacher_is_the_published_stretch():
+    """The evaluation's ``longclip_stretched`` stretches the teacher as the Long-CLIP baseline's
+    own run did (its context and kept rows), by the published rule."""
+    from tulip_pipelines.pipelines.evaluate.nodes import gather_models
+
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    pre = teacher.model.positional_embedding.detach()
+    authors = stretch_position_embedding(teacher, 248, 20)
+    models = gather_models(teacher, authors, authors, teacher, teacher)
+    torch.testing.assert_close(models["longclip_stretched"].model.positional_embedding.detach(),
+                               longclip_reference(pre), rtol=0, atol=1e-6)
+    # another recipe's stretch (kept rows, context) is followed, not the default one
+    other = stretch_position_embedding(teacher, 200, 10)
+    models = gather_models(teacher, other, authors, teacher, teacher)
+    got = models["longclip_stretched"].model.positional_embedding.detach()
+    assert got.shape[0] == 200
+    assert torch.equal(got[:10], pre[:10])
+    torch.testing.assert_close(got[11], (pre[10] + pre[11]) / 2)  # ratio 2 after row 10

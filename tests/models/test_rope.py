@@ -73,3 +73,22 @@ def test_ntk_scaling_raises_theta(student):
     tok = student.tokenizer([LONG])
     with torch.no_grad():
         assert not torch.allclose(longer.model.encode_text(tok), student.model.encode_text(tok))
+
+
+def test_the_default_rope_base_is_10000_as_tulip_evaluates(student):
+    """RoPE's base theta 1e4 (TULIP's ``transformer_rope.py`` and its evaluation at 248) is the
+    default of the rotation, the student and its spec; frequencies theta^(-2i/d)."""
+    from tulip_pipelines.models import ModelSpec, build_student, create_teacher
+
+    rotary = RotaryEmbedding(head_dim=8)
+    x = torch.randn(3, 8)
+    out = rotary.rotate(x, torch.tensor([0, 1, 7]))
+    angle = 7 * 10000.0 ** (-2 * 1 / 8)  # position 7, pair 1
+    assert float(out[2, 2]) == pytest.approx(
+        float(x[2, 2] * math.cos(angle) - x[2, 3] * math.sin(angle)), abs=1e-5)
+    assert student.model.rotary.theta == 10000.0 and student.spec.rope_theta == 10000.0
+    assert ModelSpec("x").rope_theta == 10000.0
+    torch.manual_seed(0)
+    default = build_student(create_teacher("TULIP-Tiny"))
+    assert default.spec.context_length == 248 and default.model.context_length == 248
+    assert default.model.rotary.theta == 10000.0 and default.spec.kind == "rope"

@@ -1,6 +1,7 @@
 """The evaluate pipeline on tiny checkpoints and small benchmarks written in their own layouts."""
 
 import logging
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -235,3 +236,50 @@ def test_parameter_mistakes_name_the_field():
         {"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}}
     )
     assert cfg.benchmarks["d"].options == {"annotations": "a"}
+
+
+def test_each_registered_version_gets_its_own_models_rows_and_card(tmp_path, monkeypatch):
+    """Two models, each trained (logged and registered) in its own run: the evaluation gives
+    each run's versions its own model's R@1 tags and card, never the other's (the registry calls
+    themselves: tests/test_tracking.py)."""
+    import dataclasses
+
+    from tulip_pipelines.pipelines.evaluate import nodes
+
+    torch.manual_seed(0)
+    teacher = create_teacher("TULIP-Tiny")
+    loaded = {}
+    for name, model in (("teacher", teacher), ("tulip_expanded", build_student(teacher, 248))):
+        spec = dataclasses.replace(model.spec, extra={**model.spec.extra,
+                                                      "mlflow_run_id": f"run-of-{name}"})
+        save_model(dataclasses.replace(model, spec=spec), tmp_path / name)
+        loaded[name] = load_bundle(tmp_path / name)
+    loaded["longclip_stretched"] = stretch_position_embedding(teacher, 248, 20)  # no directory
+    metrics = pd.DataFrame({
+        "benchmark": ["urban", "urban", "urban", "flickr"] * 3,
+        "model": ["teacher"] * 4 + ["tulip_expanded"] * 4 + ["longclip_stretched"] * 4,
+        "direction": ["t2i", "i2t", "t2i", "t2i"] * 3,
+        "k": [1, 1, 5, 1] * 3,
+        "recall": [11.111, 22.0, 50.0, 33.3, 44.444, 55.0, 90.0, 66.0, 1.0, 2.0, 3.0, 4.0],
+        "n_queries": [6, 6, 6, 8] * 3,
+    })
+    cards, versions = {}, {}
+    monkeypatch.setattr(nodes, "log_model_card",
+                        lambda card, run_id: cards.setdefault(run_id, Path(card)))
+    monkeypatch.setattr(nodes, "update_registered_versions",
+                        lambda run_id, tags, description: versions.setdefault(
+                            run_id, (tags, description)))
+    nodes.add_retrieval_to_model_cards(loaded, metrics)
+    expected = {"teacher": {"r1/urban/t2i": "11.11", "r1/urban/i2t": "22.00",
+                            "r1/flickr/t2i": "33.30"},
+                "tulip_expanded": {"r1/urban/t2i": "44.44", "r1/urban/i2t": "55.00",
+                                   "r1/flickr/t2i": "66.00"}}
+    assert set(cards) == set(versions) == {"run-of-teacher", "run-of-tulip_expanded"}
+    for name, other in (("teacher", "tulip_expanded"), ("tulip_expanded", "teacher")):
+        card = tmp_path / name / "MODEL_CARD.md"
+        assert cards[f"run-of-{name}"] == card
+        tags, description = versions[f"run-of-{name}"]
+        assert tags == expected[name]
+        assert description == card.read_text(encoding="utf-8")
+        assert f"| {name} " in description and f"| {other} " not in description
+        assert "longclip_stretched" not in description

@@ -95,3 +95,58 @@ def test_a_folder_without_images_gives_no_rows(bundle, tmp_path):
     with pytest.raises(FileNotFoundError):
         folder_embeddings(bundle, tmp_path / "missing")
 
+
+
+def test_a_file_of_another_size_with_the_same_time_is_encoded_again(bundle, folder):
+    folder_embeddings(bundle, folder)
+    before = os.stat(folder / "green.jpg")
+    write(folder / "green.jpg", (250, 250, 0), fmt="PNG")  # another size ...
+    os.utime(folder / "green.jpg", ns=(before.st_atime_ns, before.st_mtime_ns))  # ... same time
+    assert os.stat(folder / "green.jpg").st_size != before.st_size
+    found = folder_embeddings(bundle, folder)
+    assert (found.encoded, found.cached) == (1, 3)
+    check_rows(bundle, found)
+
+
+def test_the_cache_file_is_keyed_by_the_image_tower_its_preprocess_and_the_autocast(bundle,
+                                                                                     tmp_path):
+    """Each of the image tower's weights, its preprocess and the autocast dtype in effect give
+    another cache file; the text tower and the temperature do not."""
+    import copy
+    import dataclasses
+
+    from torchvision import transforms
+
+    from tulip_pipelines.serving.image_cache import cache_path
+
+    def moved(name):
+        model = copy.deepcopy(bundle.model)
+        with torch.no_grad():
+            dict(model.named_parameters())[name].add_(1e-3)
+        return dataclasses.replace(bundle, model=model)
+
+    base = cache_path(tmp_path, bundle, None)
+    other = {
+        "an image block": cache_path(tmp_path, moved("visual.transformer.resblocks.0.ln_1.bias"),
+                                     None),
+        "the image projection": cache_path(tmp_path, moved("visual.proj"), None),
+        "the preprocess": cache_path(tmp_path, dataclasses.replace(
+            bundle, preprocess=transforms.Compose([transforms.Resize(
+                32, interpolation=transforms.InterpolationMode.BICUBIC),
+                *bundle.preprocess.transforms[1:]])), None),
+        "bf16": cache_path(tmp_path, bundle, "bf16"),
+        "fp16": cache_path(tmp_path, bundle, "fp16"),
+    }
+    for what, path in other.items():
+        assert path != base, f"the cache file ignores {what}"
+    assert len(set(other.values())) == len(other)
+    assert cache_path(tmp_path, moved("ln_final.bias"), None) == base  # the text tower
+    assert cache_path(tmp_path, moved("logit_scale"), None) == base
+    assert base.parent == tmp_path / CACHE_DIR and base.suffix == ".parquet"
+
+
+def test_on_the_cpu_no_autocast_applies_so_the_cache_is_the_float32_one(bundle, folder):
+    folder_embeddings(bundle, folder, autocast="bf16")  # on the CPU: float32 features
+    found = folder_embeddings(bundle, folder, autocast=None)
+    assert (found.encoded, found.cached) == (0, 4)
+    assert len(list((folder / CACHE_DIR).iterdir())) == 1

@@ -170,3 +170,67 @@ def test_two_processes_resume_on_one_with_accumulation_doubled(tmp_path, project
     np.testing.assert_allclose(result.history["loss"], full.history["loss"], rtol=1e-5)
     # and it moved: the weights are not those of step 2
     assert not torch.allclose(reference.head.weight, RegressionTask().head.weight)
+
+
+def _hash(ds=None, n_train=100, extra=None, **values):
+    from tulip_pipelines.training.checkpoints import run_fingerprint
+
+    params = TrainParams(**{**dict(run_name="r", run_dir="o", max_steps=10, batch_size=4,
+                                   lr=1e-3), **values})
+    return run_fingerprint(params, {**DS_FP32, **(ds or {})}, n_train,
+                           {"model": "m"} if extra is None else extra)
+
+
+# TrainParams fields that change the trained weights (each set away from its default) ...
+WEIGHT_FIELDS = {"run_name": "other", "lr": 2e-3, "max_steps": 11, "schedule_steps": 20,
+                 "decay_biases_and_norms": True, "weight_decay": 0.05, "betas": (0.9, 0.95),
+                 "eps": 1e-8, "warmup_steps": 1, "min_lr_ratio": 0.1, "seed": 1,
+                 "precision": "fp32", "epochs": 1.0, "schedule_epochs": 2.0}
+# ... and those that do not: where and how often things are written, and the layout (the micro
+# batch; the global batch is compared on its own, so that a run resumes on another layout)
+LAYOUT_FIELDS = {"run_dir": "elsewhere", "log_every": 3, "val_every": 5, "checkpoint_every": 2,
+                 "keep_checkpoints": 5, "num_workers": 2, "resume": False,
+                 "max_bad_fraction": 0.5, "stall_minutes": 1.0, "batch_size": 8}
+
+
+def test_every_train_parameter_is_either_in_the_run_fingerprint_or_layout():
+    import dataclasses
+
+    assert {f.name for f in dataclasses.fields(TrainParams)} == set(WEIGHT_FIELDS) | set(
+        LAYOUT_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHT_FIELDS))
+def test_a_parameter_that_changes_the_weights_changes_the_run_fingerprint(name):
+    value = WEIGHT_FIELDS[name]
+    if name == "epochs":
+        assert _hash(max_steps=None, epochs=value) != _hash()
+    elif name == "schedule_epochs":
+        assert _hash(max_steps=None, epochs=1.0, schedule_epochs=value) != _hash(
+            max_steps=None, epochs=1.0)
+    else:
+        assert _hash(**{name: value}) != _hash()
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_FIELDS))
+def test_the_layout_and_housekeeping_leave_the_run_fingerprint_equal(name):
+    assert _hash(**{name: LAYOUT_FIELDS[name]}) == _hash()
+
+
+def test_the_deepspeed_config_counts_except_printing_and_layout():
+    base = _hash()
+    for key, value in {"steps_per_print": 7, "wall_clock_breakdown": True, "dump_state": True,
+                       "flops_profiler": {"enabled": True}, "checkpoint": {"x": 1},
+                       "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 4,
+                       "train_batch_size": 64}.items():
+        assert _hash(ds={key: value}) == base, key
+    for key, value in {"gradient_clipping": 0.5, "zero_optimization": {"stage": 1},
+                       "bf16": {"enabled": True},
+                       "data_types": {"grad_accum_dtype": "fp32"}}.items():
+        assert _hash(ds={key: value}) != base, key
+
+
+def test_the_training_set_size_and_the_jobs_fingerprint_count():
+    assert _hash(n_train=101) != _hash()
+    assert _hash(extra={"model": "other"}) != _hash()
+    assert _hash(extra={"model": "m", "more": 1}) != _hash()

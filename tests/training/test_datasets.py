@@ -110,3 +110,20 @@ def test_trim_padding_keeps_embeddings(tiny):
         assert torch.allclose(
             student.model.encode_text(tokens), student.model.encode_text(trimmed), atol=1e-5
         )
+
+
+def test_a_window_overlap_must_leave_a_stride_of_at_least_one_token():
+    """A 77-token window holds 75 caption tokens: an overlap of 74 moves by 1, 75 by nothing."""
+    from tulip_pipelines.models import get_tokenizer
+    from tulip_pipelines.training.datasets import window_tokens
+
+    tokenizer = get_tokenizer("TULIP-Tiny", 77)
+    text = " ".join(f"word{i}" for i in range(40))
+    ids = tokenizer.encode(text)
+    windows, mask = window_tokens([text], tokenizer, overlap=74, max_windows=3)
+    assert mask[0].tolist() == [True] * 3
+    assert windows[0, 1, 1:76].tolist() == ids[1:76]  # the second window starts 1 token later
+    assert windows[0, 0, 0] == tokenizer.sot_token_id
+    assert windows[0, 0, 76] == tokenizer.eot_token_id  # 75 caption tokens, then the end token
+    with pytest.raises(ValueError, match="no stride"):
+        window_tokens([text], tokenizer, overlap=75, max_windows=3)

@@ -4,6 +4,8 @@ when a run makes no step for ``stall_minutes``."""
 import logging
 import time
 
+import pytest
+
 from tests.conftest import DS_FP32, small_train_params
 from tests.training.toy_tasks import RegressionData, RegressionTask
 from tulip_pipelines.training.engine import train
@@ -39,3 +41,14 @@ def test_steps_keep_the_watch_quiet(tmp_path):
             beat.beat(step)
             time.sleep(0.1)
     assert watch.warnings == []
+
+
+@pytest.mark.parametrize("stall_minutes, poll_s", [
+    (1 / 60, 0.2), (2 / 60, 0.2), (3 / 60, 0.3),  # a tenth of the stall, at least 0.2 s ...
+    (299 / 60, 29.9), (5.0, 30.0), (301 / 60, 30.0), (30.0, 30.0),  # ... and at most 30 s
+])
+def test_the_watch_polls_a_tenth_of_the_stall_between_its_bounds(tmp_path, stall_minutes,
+                                                                 poll_s):
+    watch = StallWatch(tmp_path, "x", stall_minutes=stall_minutes)
+    assert watch.poll_s == pytest.approx(poll_s)
+    assert StallWatch(tmp_path, "x", stall_minutes, poll_s=0.01).poll_s == 0.01  # as given

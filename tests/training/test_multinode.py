@@ -124,3 +124,18 @@ def test_a_master_that_never_answers_is_named(monkeypatch):
                                            rf"127.0.0.1:{port} within 2 s .*is node 0 running"):
         join_group("gloo", 2.0)
     assert time.monotonic() - started < 10
+
+
+def test_node_counts_and_ranks_at_both_ends():
+    """num_nodes from 1; node_rank from 0 to num_nodes - 1 (parameters and SLURM's variables)."""
+    assert Cluster.resolve(1, 0, environ={}).num_nodes == 1
+    assert Cluster.resolve(3, 2, "h", environ={}).node_rank == 2
+    assert Cluster.resolve(3, 0, "h", environ={}).node_rank == 0
+    for nodes, rank in ((0, 0), (3, 3), (3, -1)):
+        with pytest.raises(NodeError, match="num_nodes must be an integer >= 1" if nodes < 1
+                           else "node_rank=.* is out of range"):
+            Cluster.resolve(nodes, rank, "h", environ={})
+    slurm = {"SLURM_NNODES": "3", "SLURM_NODEID": "3", "MASTER_ADDR": "h"}
+    with pytest.raises(NodeError, match="out of range"):
+        Cluster.resolve(environ=slurm)
+    assert Cluster.resolve(environ={**slurm, "SLURM_NODEID": "2"}).node_rank == 2

@@ -5,6 +5,7 @@ engine moving to the next epoch's order when one ends."""
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -145,3 +146,21 @@ def test_each_step_reads_the_same_samples_whatever_the_number_of_processes():
             assert layout == reference, (micro, accumulation, processes)
             assert _step_sets(100, micro, accumulation, processes, epoch,
                               skip_steps=2) == reference[2:]
+
+
+@pytest.mark.parametrize("n, world, batch, accumulation, usable", [
+    (10, 1, 3, 1, 9),  # whole micro batches only: 10 -> 9
+    (9, 1, 3, 1, 9),  # exactly three: all of them
+    (10, 1, 3, 2, 6),  # whole optimizer steps (2 x 3): 6
+    (12, 1, 3, 2, 12),
+    (10, 2, 3, 1, 3),  # two ranks of 5 (drop_last), one whole batch each
+    (5, 1, 6, 1, 0),  # fewer samples than one batch: none
+])
+def test_a_rank_reads_whole_optimizer_steps_and_skips_a_consumed_prefix(n, world, batch,
+                                                                       accumulation, usable):
+    sampler = ResumableSampler(list(range(n)), world, 0, 0, batch, accumulation)
+    assert sampler.usable == usable and len(sampler) == usable == len(list(sampler))
+    sampler.start(DataPosition(0, 1))  # one micro batch consumed
+    assert len(sampler) == max(0, usable - batch) == len(list(sampler))
+    sampler.start(DataPosition(0, usable // batch + 1))  # past the end: nothing, not negative
+    assert len(sampler) == 0 and list(sampler) == []

@@ -59,3 +59,23 @@ def test_scheduler_follows_lambda_and_state_is_weights_only_safe():
     fresh = warmup_cosine(torch.optim.AdamW([param], lr=0.5), warmup=3, total=12, min_ratio=0.2)
     fresh.load_state_dict(state)
     assert fresh.get_last_lr() == pytest.approx(scheduler.get_last_lr())
+
+
+def test_each_argument_bound_accepts_its_edge_and_rejects_one_step_past():
+    for ok in [(0, 0, 1, 0.0), (0, 0, 1, 1.0), (0, 1, 1, 0.5)]:
+        lr_lambda(*ok)
+    for bad in [(-1, 0, 1, 0.0), (0, 0, 0, 0.0), (0, -1, 1, 0.0), (0, 0, 1, -1e-9),
+                (0, 0, 1, 1.0 + 1e-9)]:
+        with pytest.raises(ValueError):
+            lr_lambda(*bad)
+
+
+def test_the_floor_holds_from_the_last_step_on_and_a_floor_of_one_is_constant():
+    # min_ratio 1: no decay at all; the cosine's last step is the floor, not below it
+    assert [lr_lambda(s, 2, 10, 1.0) for s in range(2, 15)] == [1.0] * 13
+    assert lr_lambda(9, 0, 10, 0.25) == pytest.approx(
+        0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    assert lr_lambda(9, 0, 10, 0.25) > 0.25
+    assert lr_lambda(10, 0, 10, 0.25) == pytest.approx(0.25)
+    # the first warmup step is 1 / warmup of the rate, the last one the full rate
+    assert lr_lambda(0, 3, 10) == pytest.approx(1 / 3) and lr_lambda(2, 3, 10) == 1.0

@@ -199,3 +199,133 @@ def test_node_parameters_are_checked_before_any_work(values, message, monkeypatc
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ValueError, match=message):
         STAGES["expand"].params_cls.from_params({"train": TRAIN, **values})
+
+
+# stage -> field -> (values at the bound, accepted; one step past it, rejected)
+CONTRASTIVE_BOUNDS = {
+    "long_weight": ([0.0], [-1e-9]),  # >= 0 (the other weight stays positive)
+    "short_weight": ([0.0], [-1e-9]),
+    "label_smoothing": ([0.0, 1.0], [-1e-9, 1.0 + 1e-9]),
+    "short_image_components": ([1, None], [0]),
+    "max_logit_scale": ([1e-9, None], [0.0, -1.0]),  # > 0, or no clamp
+}
+STAGE_BOUNDS = {
+    "expand": {**CONTRASTIVE_BOUNDS, "context_length": ([2, None], [1]),
+               "ntk_scale": ([1e-9, None], [0.0])},
+    "longclip_authors": {**CONTRASTIVE_BOUNDS, "context_length": ([2], [1]), "keep": ([0], [-1])},
+    "distill": {"embedding_batch_size": ([1], [0]), "embedding_processes": ([1, None], [0]),
+                "context_length": ([2], [1]), "rope_theta": ([1.0 + 1e-9], [1.0]),
+                "window_overlap": ([0], [-1]), "max_windows": ([1], [0])},
+}
+STAGE_BOUNDS["longclip_equal_budget"] = STAGE_BOUNDS["longclip_authors"]
+# the demo teacher's loss weights, checked before it trains (not only when its task is built)
+STAGE_BOUNDS["teacher"] = {"long_weight": ([0.0], [-1e-9]), "short_weight": ([0.0], [-1e-9])}
+for _stage in STAGES:  # every stage's own process and node settings
+    STAGE_BOUNDS.setdefault(_stage, {}).update(
+        {"num_processes": ([1], [0]), "node_timeout_s": ([1e-9], [0.0, -1.0])})
+BOUND_CASES = [(stage, name) for stage in sorted(STAGE_BOUNDS)
+               for name in sorted(STAGE_BOUNDS[stage])]
+
+
+@pytest.mark.parametrize(("stage", "name"), BOUND_CASES)
+def test_each_stage_bound_accepts_its_edge_and_rejects_one_step_past(stage, name, monkeypatch):
+    from tests.bounds import assert_bounds
+
+    for key in ("SLURM_NNODES", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    accepted, rejected = STAGE_BOUNDS[stage][name]
+
+    def make(**values):
+        if stage == "teacher" and name == "long_weight":
+            values["short_weight"] = 1.0  # its default is 0: long_weight 0 alone is no loss
+        return STAGES[stage].params_cls.from_params({"train": TRAIN, **values})
+
+    assert_bounds(make, name, accepted, rejected)
+
+
+@pytest.mark.parametrize("stage", ["expand", "longclip_authors", "teacher"])
+def test_both_loss_weights_at_zero_are_rejected(stage):
+    with pytest.raises(ValueError, match="must not both be 0"):
+        STAGES[stage].params_cls.from_params({"train": TRAIN, "long_weight": 0.0,
+                                              "short_weight": 0.0})
+
+
+def test_the_student_may_read_as_many_tokens_as_its_teacher_but_not_fewer():
+    import open_clip
+
+    # ViT-L-14's text context from open_clip's own config (CLIP's 77)
+    context = open_clip.get_model_config("ViT-L-14")["text_cfg"]["context_length"]
+    assert context == 77
+    teacher = {"teacher": {"model_name": "ViT-L-14"}}
+    distill = STAGES["distill"].params_cls
+    distill.from_params({"train": TRAIN, "context_length": 77}).check_with(teacher)
+    with pytest.raises(ValueError, match="shorter than the teacher's 77"):
+        distill.from_params({"train": TRAIN, "context_length": 76}).check_with(teacher)
+
+
+def test_the_defaults_are_the_papers():
+    """TULIP: 248 tokens, RoPE base 10000, loss 0.8 long + 0.2 short, open_clip's temperature
+    clamp at 100, the teacher's text projection at stage 2; Long-CLIP: 248 tokens, the first 20
+    positions kept (frozen); the demo teacher trains on the long caption only."""
+    distill = STAGES["distill"].params_cls(train=TRAIN)
+    assert (distill.context_length, distill.rope_theta, distill.loss_type) == (248, 10000.0,
+                                                                               "cosine")
+    assert (distill.teacher_input, distill.window_overlap, distill.max_windows) == ("tokens",
+                                                                                    20, 5)
+    expand = STAGES["expand"].params_cls(train=TRAIN)
+    assert (expand.long_weight, expand.short_weight, expand.max_logit_scale) == (0.8, 0.2, 100.0)
+    assert (expand.text_projection, expand.label_smoothing) == ("teacher", 0.0)
+    assert (expand.context_length, expand.ntk_scale) == (None, None)  # the student's own
+    for stage in ("longclip_authors", "longclip_equal_budget"):
+        recipe = STAGES[stage].params_cls(train=TRAIN)
+        assert (recipe.context_length, recipe.keep, recipe.freeze_kept) == (248, 20, True)
+    from tulip_pipelines.training.stages.longclip import LongclipParams
+
+    scheme = LongclipParams()
+    assert (scheme.context_length, scheme.keep, scheme.freeze_kept) == (248, 20, True)
+    teacher = STAGES["teacher"].params_cls(train=TRAIN)
+    assert (teacher.long_weight, teacher.short_weight) == (1.0, 0.0)
+
+
+def _fingerprint(stage, inputs, **values):
+    params = STAGES[stage].params_cls.from_params({"train": TRAIN, **values})
+    return params.fingerprint_fields()
+
+
+# fields that say where and how a stage runs, not what it learns: a resumed run may change them
+LAYOUT_FIELDS = {"run_dir": "elsewhere", "num_processes": 2, "launcher": "torchrun",
+                 "node_timeout_s": 17.0, "registered_model_name": "another-name"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stages_fingerprint_covers_what_it_learns_and_not_where_it_runs(stage, inputs):
+    """Every stage parameter checked above (``CHECKS``: each changes the built job) changes the
+    stage's fingerprint fields, except what only shapes the embeddings cache (the cache has its
+    own key); the layout and the registered name leave them equal."""
+    base = _fingerprint(stage, inputs)
+    for name, (value, _) in CHECKS[stage].items():
+        if name in ("embedding_batch_size", "embedding_device", "embedding_processes"):
+            continue  # how the cache is computed, not its values (nor the weights)
+        value = "ViT-B-16" if name == "model_name" else value  # CHECKS' is the default
+        assert _fingerprint(stage, inputs, **{name: value}) != base, f"{stage}.{name}"
+    for name, value in LAYOUT_FIELDS.items():
+        assert _fingerprint(stage, inputs, **{name: value}) == base, f"{stage}.{name}"
+
+
+def test_a_stage_jobs_fingerprint_names_its_models_data_and_images(inputs):
+    """stage_job's fingerprint: the model, the input models, the first and last training ids and
+    their count, and which images (not the folder they are in)."""
+    params, job = _build("expand", inputs)
+    fingerprint = job.fingerprint
+    train = inputs.frames["train"]
+    assert fingerprint["train_ids"] == [str(train["id"].iloc[0]), str(train["id"].iloc[-1]),
+                                        len(train)]
+    assert fingerprint["model"] == job.model.spec.to_dict()
+    assert fingerprint["inputs"] == {k: b.spec.to_dict() for k, b in inputs.models.items()}
+    assert "root" not in fingerprint["images"] and "folder" not in fingerprint["images"]
+    assert fingerprint["params"] == params.fingerprint_fields()
+    # another training set (one record fewer) gives another fingerprint
+    fewer = dataclasses.replace(inputs, frames={**inputs.frames,
+                                                "train": inputs.frames["train"].iloc[:-1]})
+    _, job_fewer = _build("expand", fewer)
+    assert job_fewer.fingerprint["train_ids"] != fingerprint["train_ids"]

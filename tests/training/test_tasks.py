@@ -212,3 +212,31 @@ def test_authors_loss_by_hand():
     assert out["loss"].item() == pytest.approx((expected_long + expected_short).item(), abs=1e-5)
     # the short loss really uses the primary components: with the plain features it differs
     assert abs(loss(image, short).item() - expected_short.item()) > 1e-4
+
+
+def test_the_default_loss_is_tulips_and_the_temperature_bound_open_clips(tiny):
+    """TULIP's stage 2: 0.8 x long + 0.2 x short; open_clip's clamp of the logit_scale parameter
+    to [0, ln 100] (temperature at most 100), both ends; ``None`` (Long-CLIP): no clamp."""
+    teacher, _ = _fresh(tiny)
+    model = teacher.model
+    task = ContrastiveTask(model)
+    assert (task.long_weight, task.short_weight, task.label_smoothing) == (0.8, 0.2, 0.0)
+    assert task.global_batch and task.short_image_components is None
+    [(param, (low, high))] = task.parameter_bounds().items()
+    assert param is model.logit_scale
+    assert low == 0.0
+    assert high == pytest.approx(4.605170185988092, abs=1e-12)  # ln 100
+    [(_, (low, high))] = ContrastiveTask(model, max_logit_scale=50.0).parameter_bounds().items()
+    assert (low, high) == (0.0, pytest.approx(3.912023005428146, abs=1e-12))  # ln 50
+    assert ContrastiveTask(model, max_logit_scale=None).parameter_bounds() == {}
+    # a frozen temperature is not clamped (it does not move)
+    assert ContrastiveTask(model, train_towers=["text"]).parameter_bounds() == {}
+
+
+def test_the_loss_weights_are_at_least_zero_and_not_both_zero(tiny):
+    teacher, _ = _fresh(tiny)
+    for weights in ((0.0, 1.0), (1.0, 0.0)):
+        ContrastiveTask(teacher.model, *weights)
+    for weights in ((-1e-9, 1.0), (1.0, -1e-9), (0.0, 0.0)):
+        with pytest.raises(ValueError, match="loss weights"):
+            ContrastiveTask(teacher.model, *weights)

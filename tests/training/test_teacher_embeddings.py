@@ -159,3 +159,95 @@ def test_a_cache_written_before_parts_were_a_set_resumes(teacher, tmp_path):
     for part in parts:
         write_part(part, tmp_path / "cache")
     assert len(TeacherTextEmbeddings(tmp_path / "cache").role("train")) == 40
+
+
+def _changed(teacher, name, delta=1e-3):
+    """A copy of ``teacher`` whose parameter ``name`` moved by ``delta``."""
+    import copy
+
+    model = copy.deepcopy(teacher.model)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].add_(delta)
+    return dataclasses.replace(teacher, model=model)
+
+
+def test_the_cache_key_covers_each_thing_the_values_depend_on_and_nothing_else(teacher):
+    from tulip_pipelines.training.teacher_embeddings import TeacherEmbeddingsRequest
+
+    texts = {"train": ["a red circle.", "a blue square."], "val": ["a green star."]}
+    base = dict(teacher=teacher, texts=texts, teacher_input="tokens", window_overlap=20,
+                max_windows=5, dtype="float16", batch_size=256, device="cpu", autocast="bf16",
+                processes=None)
+
+    def key(**changes):
+        return TeacherEmbeddingsRequest(**{**base, **changes}).cache_key()
+
+    reference = key()
+    spec = teacher.spec
+    changes = {
+        # the teacher: its spec, and each part of its text tower
+        "spec": dict(teacher=dataclasses.replace(teacher, spec=dataclasses.replace(
+            spec, extra={**spec.extra, "pretrained": "other"}))),
+        "activation": dict(teacher=dataclasses.replace(teacher, spec=dataclasses.replace(
+            spec, activation="gelu"))),
+        "token embedding": dict(teacher=_changed(teacher, "token_embedding.weight")),
+        "positions": dict(teacher=_changed(teacher, "positional_embedding")),
+        "ln_final": dict(teacher=_changed(teacher, "ln_final.bias")),
+        "text projection": dict(teacher=_changed(teacher, "text_projection")),
+        "a text block": dict(teacher=_changed(teacher, "transformer.resblocks.0.mlp.c_fc.bias")),
+        # how it reads the captions, and in which dtype they are stored
+        "teacher_input": dict(teacher_input="windows"),
+        "window_overlap": dict(window_overlap=21),
+        "max_windows": dict(max_windows=4),
+        "dtype": dict(dtype="float32"),
+        # the captions: one text, their order, their split into roles, a role's name
+        "a caption": dict(texts={**texts, "val": ["a green star!"]}),
+        "their order": dict(texts={**texts, "train": texts["train"][::-1]}),
+        "the roles' split": dict(texts={"train": texts["train"][:1],
+                                        "val": [texts["train"][1], *texts["val"]]}),
+        "a role's name": dict(texts={"train": texts["train"], "test": texts["val"]}),
+    }
+    keys = {what: key(**change) for what, change in changes.items()}
+    for what, changed in keys.items():
+        assert changed != reference, f"the cache key ignores {what}"
+    assert len(set(keys.values())) == len(keys)  # each change gives its own key
+    # what does not change a text embedding: the image tower, the temperature, how and where
+    # the values are computed (batch, device, processes; autocast on the CPU: none applies)
+    same = {
+        "the image tower": dict(teacher=_changed(teacher, "visual.proj")),
+        "logit_scale": dict(teacher=_changed(teacher, "logit_scale")),
+        "batch_size": dict(batch_size=7),
+        "processes": dict(processes=2),
+        "autocast on the CPU": dict(autocast=None),
+    }
+    for what, change in same.items():
+        assert key(**change) == reference, f"the cache key depends on {what}"
+
+
+def test_the_cache_key_has_the_autocast_of_an_accelerator(teacher, monkeypatch):
+    """On a GPU the teacher embeds under autocast (bf16 by default): values in another dtype
+    than float32 ones, so the key differs; on the CPU no autocast applies and the key is the
+    same (reproduced here by placing the request on CUDA without computing anything)."""
+    from tulip_pipelines.training import teacher_embeddings as module
+
+    texts = {"train": ["a red circle."]}
+    request = module.TeacherEmbeddingsRequest(teacher, texts, device="cpu", autocast="bf16")
+    on_cpu = request.cache_key()
+    monkeypatch.setattr(module, "resolve_device", lambda name: torch.device("cuda", 0))
+    keys = {autocast: dataclasses.replace(request, autocast=autocast).cache_key()
+            for autocast in ("bf16", "fp16", None)}
+    assert keys[None] == on_cpu
+    assert len(set(keys.values())) == 3
+
+
+def test_distill_asks_for_the_cache_its_parameters_describe(teacher, tmp_path):
+    """Each distill parameter that shapes the cache reaches the request's key."""
+    base = embeddings_request(_params(tmp_path, "x"), teacher, FRAMES).cache_key()
+    for name, value in {"teacher_input": "windows", "window_overlap": 3, "max_windows": 2,
+                        "embedding_dtype": "float32", "rows": "long"}.items():
+        params = _params(tmp_path, "x", **{name: value})
+        assert embeddings_request(params, teacher, FRAMES).cache_key() != base, name
+    for name, value in {"embedding_batch_size": 3, "embedding_processes": 2,
+                        "embedding_device": "cpu"}.items():
+        params = _params(tmp_path, "x", **{name: value})
+        assert embeddings_request(params, teacher, FRAMES).cache_key() == base, name

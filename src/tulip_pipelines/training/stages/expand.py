@@ -20,6 +20,14 @@ TEXT_PROJECTIONS = ("teacher", "distilled")
 TRAIN_AUGMENTS = ("none", "random_resized_crop")
 
 
+def check_loss_weights(problems: Problems, long_weight, short_weight) -> None:
+    """The contrastive loss weights: each at least 0, not both 0 (as ContrastiveTask needs)."""
+    problems.number_in("long_weight", long_weight, 0)
+    problems.number_in("short_weight", short_weight, 0)
+    if long_weight == 0 and short_weight == 0:
+        problems.add("long_weight", "and short_weight must not both be 0")
+
+
 @dataclass
 class ContrastiveParams(StageParams):
     """The contrastive fine-tuning that expand and the Long-CLIP baselines share (defaults:
@@ -36,10 +44,7 @@ class ContrastiveParams(StageParams):
     train_augment: str = "none"  # random_resized_crop: open_clip's train transform (TULIP's)
 
     def check(self, problems: Problems) -> None:
-        problems.number_in("long_weight", self.long_weight, 0)
-        problems.number_in("short_weight", self.short_weight, 0)
-        if self.long_weight == 0 and self.short_weight == 0:
-            problems.add("long_weight", "and short_weight must not both be 0")
+        check_loss_weights(problems, self.long_weight, self.short_weight)
         problems.one_of("short_caption", self.short_caption, SHORT_CAPTIONS)
         problems.check(bool(self.train_towers) and set(self.train_towers) <= set(TOWERS),
                        "train_towers", f"must be a non-empty subset of {list(TOWERS)}, "

@@ -13,6 +13,7 @@ from tulip_pipelines.params import Problems
 from tulip_pipelines.training.datasets import Collate
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
+from tulip_pipelines.training.stages.expand import check_loss_weights
 from tulip_pipelines.training.tasks import ContrastiveTask
 
 CAPTION_SOURCES = ("shuffled", "original")
@@ -34,6 +35,7 @@ class TeacherParams(StageParams):
         except ValueError as err:
             problems.add("model_name", str(err))
         problems.one_of("caption_source", self.caption_source, CAPTION_SOURCES)
+        check_loss_weights(problems, self.long_weight, self.short_weight)
 
 
 def build(params: TeacherParams, inputs: StageInputs) -> TrainJob:
