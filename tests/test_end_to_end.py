@@ -265,7 +265,7 @@ def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(d
     monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
     try:
         plan = json.loads((run_dir / "launch" / "plan.json").read_text())
-        plan["params"]["run_dir"] = str(tmp_path / "one_node")
+        plan["params"].update(run_dir=str(tmp_path / "one_node"), num_nodes=1, launcher=None)
         plan["mlflow"] = None
         job = build_job(plan)
         run_distributed(plan, 2, "torchrun", run_dir=tmp_path / "one_node", module=job.task,
