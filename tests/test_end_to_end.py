@@ -231,7 +231,7 @@ def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(d
     killed after the step-2 checkpoint: srun ends the step on both tasks, the run fails naming
     the task and its node, the checkpoint stays. The rerun resumes from it; its weights equal
     those of 1 node x 2 processes trained from scratch on the same launch plan. Rank 0's lines
-    reach the Kedro log, every rank's the launch log."""
+    reach the Kedro log, every rank's the launch log, rank 0's metrics the stage's MLflow run."""
     project = default_run
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
@@ -259,6 +259,10 @@ def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(d
     assert "0: [rank 0] " in launch_log and "1: [rank 1] " in launch_log
     card = json.loads((project / "data/06_models/distilled_model/config.json").read_text())
     assert card["extra"]["training"]["resumed_from"] == steps[-1]
+    # rank 0, in the srun step, logged its steps to the stage's MLflow run
+    history = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(
+        card["extra"]["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(range(steps[-1] + 1, 9))
 
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(project)  # the plan's relative paths
