@@ -32,6 +32,9 @@ def test_parameters_come_first_then_the_schedulers_environment():
     hand = Cluster.resolve(2, launcher="torchrun", environ={})
     assert (hand.master_addr, hand.master_port, hand.launcher) == (HOST, None, "torchrun")
     assert Cluster.resolve(hostfile="hosts", environ={}).hostfile == "hosts"
+    # the hostfile lists the nodes, also inside an allocation
+    assert Cluster.resolve(hostfile="hosts", environ=JOB) == Cluster(1, "node-a", 29555, "hosts",
+                                                                     "deepspeed")
 
 
 @pytest.mark.parametrize("kwargs, environ, message", [

@@ -52,7 +52,8 @@ class Cluster:
         """Parameters first, then the scheduler's environment (``SLURM_NNODES``,
         ``MASTER_ADDR``, ``MASTER_PORT``). ``where`` names the parameters in errors."""
         env = os.environ if environ is None else environ
-        nodes = num_nodes if num_nodes is not None else _env_int(env, "SLURM_NNODES", 1)
+        nodes = num_nodes if num_nodes is not None else (
+            1 if hostfile else _env_int(env, "SLURM_NNODES", 1))  # a hostfile lists the nodes
         port = master_port if master_port is not None else _env_int(env, "MASTER_PORT", None)
         job = env.get("SLURM_JOB_ID")
         launcher = launcher or ("srun" if job and nodes > 1 else "deepspeed")
