@@ -2,9 +2,10 @@
 127.0.0.1), each comparison in one run:
 
 1. Time to the first optimizer step, and to the end, of the same 4-step job (TULIP-Tiny,
-   contrastive, ZeRO-2) started as 1 node x 2 processes (``run_distributed``) and as 2 nodes x
-   1 process (two node threads through the multi-node session of ``training/multinode.py`` and
-   DeepSpeed's no-ssh launcher).
+   contrastive, ZeRO-2) started as 1 node x 2 processes (``run_distributed``) and as a 2-task
+   srun step x 1 process (``launcher: srun``: each task DeepSpeed's no-ssh launcher; the two
+   tasks share this machine). Needs SLURM (``.ci/slurm-up``): outside an allocation the script
+   runs itself under ``salloc -N1 -n2``; without SLURM the srun row says so.
 2. The cost of converting a 2-process ZeRO-2 checkpoint to DeepSpeed's universal format
    (``ds_to_universal``, what a run resumed on another number of processes does once): seconds
    and disk, on TULIP-Tiny and on a ViT-B-16-size CLIP (``--no-vit-b16`` skips it).
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,9 +34,8 @@ sys.path.insert(0, str(LIB))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIB), os.environ.get("PYTHONPATH")]))
 
 from tulip_pipelines.training import checkpoints  # noqa: E402
-from tulip_pipelines.training.distributed import free_port  # noqa: E402
 from tulip_pipelines.training.heartbeat import read_heartbeats  # noqa: E402
-from tulip_pipelines.training.multinode import Cluster, NodeZero, OtherNode  # noqa: E402
+from tulip_pipelines.training.multinode import Cluster  # noqa: E402
 from tulip_pipelines.training.processes import run_distributed  # noqa: E402
 
 
@@ -67,32 +69,12 @@ def one_node(tmp: Path) -> dict:
     return out
 
 
-def two_nodes(tmp: Path) -> dict:
-    run_dir, out, port = tmp / "two", {}, free_port()
-    clusters = [Cluster(2, rank, "127.0.0.1", port) for rank in (0, 1)]
-    job = plan(run_dir, "TULIP-Tiny", 4, 8)
-
-    def node(rank: int) -> None:
-        if rank == 0:
-            session = NodeZero(run_dir, clusters[0], 120).open()
-            session.gather("same")
-            session.publish(job)
-            run_distributed(job, 1, run_dir=run_dir, cluster=clusters[0], timeout_s=600)
-            session.close()
-        else:
-            other = OtherNode(run_dir, clusters[1], 120)
-            other.join("same")
-            while (published := other.poll_plan()) is None:
-                time.sleep(0.2)
-            run_distributed(published, 1, run_dir=run_dir, cluster=clusters[1], timeout_s=600)
-
+def srun_step(tmp: Path) -> dict:
+    run_dir, out = tmp / "srun", {}
     started = time.perf_counter()
     watch = first_step_watch(run_dir, started, out)
-    threads = [threading.Thread(target=node, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_distributed(plan(run_dir, "TULIP-Tiny", 4, 8), 1, "srun", run_dir=run_dir,
+                    cluster=Cluster.resolve(2, launcher="srun"), timeout_s=600)
     out["total_s"], out["done"] = time.perf_counter() - started, True
     watch.join()
     return out
@@ -122,11 +104,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-vit-b16", dest="vit_b16", action="store_false")
     args = parser.parse_args()
+    if not os.environ.get("SLURM_JOB_ID") and shutil.which("salloc"):  # an allocation of 2 tasks
+        sys.exit(subprocess.call(["salloc", "-N1", "-n2", sys.executable, *sys.argv]))
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
         tmp = Path(tmp)
         print("4 steps of TULIP-Tiny (contrastive, ZeRO-2, micro batch 8), 2 ranks in all")
         print(f"{'layout':<24}{'first step s':>14}{'total s':>10}")
-        for name, fn in (("1 node x 2 processes", one_node), ("2 nodes x 1 process", two_nodes)):
+        for name, fn in (("1 node x 2 processes", one_node),
+                         ("srun 2 tasks x 1 process", srun_step)):
+            if fn is srun_step and not os.environ.get("SLURM_JOB_ID"):
+                print(f"{name:<24}  no SLURM here (.ci/slurm-up starts one)")
+                continue
             figures = fn(tmp)
             print(f"{name:<24}{figures.get('first_step_s', float('nan')):>14.1f}"
                   f"{figures['total_s']:>10.1f}")

@@ -115,3 +115,25 @@ def pytest_collection_modifyitems(config, items):
         return 1 if module in slow_modules else 2
 
     items.sort(key=order)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """A running SLURM on this machine (``.ci/slurm-up`` installs and starts one, as CI does
+    before ``make test``): the name of its idle node; else the test is skipped, saying why."""
+    import subprocess
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("no SLURM here (sbatch not found): run .ci/slurm-up as root to install and "
+                    "start a one-node SLURM")
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True,
+                               text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.skip("SLURM's controller does not answer (sinfo timed out): run .ci/slurm-up")
+    idle = [line.split()[0] for line in nodes.stdout.splitlines()
+            if line.split()[1:] and line.split()[1] in ("idle", "mix")]
+    if nodes.returncode != 0 or not idle:
+        pytest.skip(f"SLURM has no idle node (sinfo: {(nodes.stderr or nodes.stdout).strip()!r}):"
+                    f" run .ci/slurm-up")
+    return idle[0]

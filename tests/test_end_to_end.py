@@ -9,8 +9,11 @@ prepared shards.
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -24,7 +27,7 @@ from tests.conftest import copy_project
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.serving.registry import resolve_bundle
-from tulip_pipelines.training.distributed import free_port
+from tulip_pipelines.training.checkpoints import complete_checkpoints
 from tulip_pipelines.training.processes import run_distributed
 from tulip_pipelines.training.stages.run import build_job
 
@@ -209,86 +212,94 @@ def test_default_run_registers_five_models_tagged_with_their_r1_rows(default_run
         mp.undo()
 
 
-def _kedro(project, params: dict, log, env) -> subprocess.Popen:
-    """``kedro run --pipelines distill,expand --params ...`` in ``project``, output to ``log``."""
+def _sbatch(project, params: dict, log: Path, env: dict) -> subprocess.Popen:
+    """``kedro run --pipelines distill --params ...`` as a batch job of one node and 2 tasks
+    (they stand for 2 nodes), started with ``sbatch --wait``: its exit code is the job's."""
     flat = ",".join(f"{k}={v}" for k, v in params.items())
-    return subprocess.Popen([sys.executable, "-m", "kedro", "run", "--pipelines", "distill,expand",
-                             "--params", flat], cwd=project, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    script = log.with_suffix(".sh")
+    script.write_text(f"#!/bin/bash\nexec {sys.executable} -m kedro run --pipelines distill "
+                      f"--params {flat}\n")
+    return subprocess.Popen(["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--job-name=tulip-e2e",
+                             f"--chdir={project}", f"--output={log}", str(script)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
-def _short_stages(run_dir: str) -> dict:
-    out = {}
-    for stage, steps in (("distill", 4), ("expand", 2)):
-        out.update({f"{stage}.run_dir": f"data/06_models/runs/{stage}_{run_dir}",
-                    f"{stage}.train.max_steps": steps, f"{stage}.train.log_every": 2,
-                    f"{stage}.train.val_every": 0, f"{stage}.train.checkpoint_every": 0,
-                    f"{stage}.train.warmup_steps": 2})
-    return out
+def _kill_rank1_after_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    """SIGKILL rank 1 once it is back to training after the step-``step`` checkpoint."""
+    rank1 = run_dir / "heartbeat" / "rank1.json"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            record = json.loads(rank1.read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("step", 0) >= step and record.get("phase") == "train":
+            os.kill(record["pid"], signal.SIGKILL)
+            return
+        time.sleep(0.02)
+    pytest.fail(f"rank 1 never got past step {step} (job ended: {proc.poll()})")
+
+
+def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(default_run,
+                                                                               slurm, tmp_path):
+    """``kedro run --pipelines distill`` once, in a batch job, with distill on ``launcher:
+    srun`` as 2 tasks x 1 process (two tasks on this one node stand for two nodes). Rank 1 is
+    killed after the step-2 checkpoint: srun ends the step on both tasks, the run fails naming
+    the task and its node, the checkpoint stays. The rerun resumes from it; its weights equal
+    those of 1 node x 2 processes trained from scratch on the same launch plan. Rank 0's lines
+    reach the Kedro log, every rank's the launch log, rank 0's metrics the stage's MLflow run."""
+    project = default_run
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "COLUMNS": "300"}
+    run_dir = project / "data/06_models/runs/distill_srun"
+    params = {"distill.run_dir": "data/06_models/runs/distill_srun", "distill.num_nodes": 2,
+              "distill.launcher": "srun", "distill.train.max_steps": 8,
+              "distill.train.log_every": 1, "distill.train.val_every": 0,
+              "distill.train.checkpoint_every": 2, "distill.train.warmup_steps": 2}
+    first = _sbatch(project, params, tmp_path / "first.log", env)
+    _kill_rank1_after_step(run_dir, 2, first)
+    assert first.wait(timeout=300) != 0
+    log = (tmp_path / "first.log").read_text()
+    assert re.search(rf"distill: srun exited with \d+ \(task 1 on {slurm}: .*srun ended the "
+                     rf"step on every node\)", log), log[-3000:]
+    steps = [s for s, _, _ in complete_checkpoints(run_dir / "checkpoints")]
+    assert steps and 2 <= steps[-1] < 8  # what was checkpointed stays
+
+    second = _sbatch(project, params, tmp_path / "second.log", env)
+    code, log = second.wait(timeout=600), (tmp_path / "second.log").read_text()
+    assert code == 0, log[-3000:]
+    assert f"resumed from step_{steps[-1]:08d}" in log  # rank 0's lines in the Kedro log
+    assert "distill step 8/8" in log
+    launch_log = (run_dir / "launch.log").read_text()
+    assert "0: [rank 0] " in launch_log and "1: [rank 1] " in launch_log
+    card = json.loads((project / "data/06_models/distilled_model/config.json").read_text())
+    assert card["extra"]["training"]["resumed_from"] == steps[-1]
+    # rank 0, in the srun step, logged its steps to the stage's MLflow run
+    history = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(
+        card["extra"]["mlflow_run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(range(steps[-1] + 1, 9))
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(project)  # the plan's relative paths
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    try:
+        plan = json.loads((run_dir / "launch" / "plan.json").read_text())
+        plan["params"].update(run_dir=str(tmp_path / "one_node"), num_nodes=1, launcher=None)
+        plan["mlflow"] = None
+        job = build_job(plan)
+        run_distributed(plan, 2, "torchrun", run_dir=tmp_path / "one_node", module=job.task,
+                        timeout_s=300)
+    finally:
+        monkeypatch.undo()
+    one_node = job.exported_model().model.state_dict()
+    two_tasks = _weights(project, "distilled")
+    assert two_tasks.keys() == one_node.keys()
+    for name, value in one_node.items():
+        torch.testing.assert_close(two_tasks[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _weights(project, stage):
     from safetensors.torch import load_file
 
     return load_file(project / f"data/06_models/{stage}_model/model.safetensors")
-
-
-def test_two_kedro_runs_as_two_nodes_train_like_one_node_with_two_processes(default_run,
-                                                                              tmp_path):
-    """distill then expand as two ``kedro run`` processes of one process each (nodes 0 and 1 on
-    127.0.0.1, as SLURM would start them); then each stage's launch plan (published by node 0)
-    trained again on one node with two processes: the same weights. Node 1 ends cleanly having
-    tracked nothing; node 0's Kedro log streams rank 0's steps."""
-    project = default_run
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "COLUMNS": "300"}
-    mlflow_runs_before = _count_mlflow_runs(project)
-    port = free_port()
-    nodes = []
-    for rank in (0, 1):
-        params = {**_short_stages("two_nodes"),
-                  **{f"{s}.{k}": v for s in ("distill", "expand")
-                     for k, v in (("num_nodes", 2), ("node_rank", rank),
-                                  ("master_addr", "127.0.0.1"), ("master_port", port))}}
-        log = open(tmp_path / f"node{rank}.log", "w")
-        nodes.append((_kedro(project, params, log, env), log))
-    codes = []
-    for proc, log in nodes:
-        codes.append(proc.wait(timeout=600))
-        log.close()
-    logs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
-    assert codes == [0, 0], f"node 0:\n{logs[0][-3000:]}\nnode 1:\n{logs[1][-3000:]}"
-    assert "node done: lent its processes to distill, expand" in logs[1]
-    assert "distill step 4/4" in logs[0]  # rank 0's lines reached node 0's Kedro log
-    # node 0 tracked one kedro run with its two stage runs; node 1 nothing
-    assert _count_mlflow_runs(project) == mlflow_runs_before + 3
-
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.chdir(project)  # the plans' relative paths
-    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-    try:
-        for stage, model in (("distill", "distilled"), ("expand", "expanded")):
-            run_dir = project / f"data/06_models/runs/{stage}_two_nodes"
-            assert "[rank 1] " in (run_dir / "launch.node1.log").read_text()
-            plan = json.loads((run_dir / "launch" / "plan.json").read_text())["plan"]
-            plan["params"]["run_dir"] = str(tmp_path / f"{stage}_one_node")
-            plan["mlflow"] = None
-            job = build_job(plan)
-            run_distributed(plan, 2, "torchrun", run_dir=tmp_path / f"{stage}_one_node",
-                            module=job.task, timeout_s=300)
-            one_node = job.exported_model().model.state_dict()
-            two_nodes = _weights(project, model)
-            assert two_nodes.keys() == one_node.keys()
-            for name, value in one_node.items():
-                torch.testing.assert_close(two_nodes[name], value, rtol=1e-5, atol=1e-6,
-                                           msg=f"{stage}: {name}")
-    finally:
-        monkeypatch.undo()
-
-
-def _count_mlflow_runs(project) -> int:
-    import sqlite3
-
-    with sqlite3.connect(project / "mlflow.db") as db:
-        return db.execute("select count(*) from runs").fetchone()[0]

@@ -1,12 +1,9 @@
-"""Project hooks: check configuration and inputs before any heavy work starts; the nodes of a
-multi-node run (node 0 opens the stages' sessions; the other nodes only lend their processes
-to those stages, then end without writing anything)."""
+"""Project hooks: check configuration and inputs before any heavy work starts (parameters, the
+tracking server, the inputs on disk) and lock the run's training run dirs."""
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -22,38 +19,20 @@ class MissingInputsError(RuntimeError):
     """Inputs of the pipeline to run are not on disk and nothing in the run produces them."""
 
 
-class OtherNodeDone(SystemExit):
-    """Node R > 0 of a multi-node run lent its processes to every multi-node stage: the run
-    ends here, successfully (exit code 0), before any Kedro node runs or writes."""
-
-    def __init__(self, stages: list[str]):
-        super().__init__(0)
-        self.stages = stages
-
-
 class ProjectHooks:
     def __init__(self) -> None:
         self._locked: list[str] = []
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow contacts the server (MLflow's retries)
     def after_context_created(self, context) -> None:
-        """A tracking server that does not answer stops the run now, naming its address. On
-        node R > 0 of a multi-node run MLflow points at a throwaway store instead: only node 0
-        tracks."""
-        if _other_node(context.params):
-            import tempfile
-
-            throwaway = Path(tempfile.mkdtemp(prefix="mlflow-node-")) / "mlflow.db"
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{throwaway}"
-            logger.info("this node is not node 0 of a multi-node run: it tracks nothing")
-            return
+        """A tracking server that does not answer stops the run now, naming its address."""
         try:
             server = (context.config_loader["mlflow"] or {}).get("server") or {}
         except Exception:  # noqa: BLE001 - no mlflow.yml: kedro-mlflow's defaults, nothing to check
             return
         check_tracking_server(str(server.get("mlflow_tracking_uri") or ""))
 
-    @hook_impl(tryfirst=True)  # node R > 0 ends before kedro-mlflow starts a run
+    @hook_impl(tryfirst=True)  # before kedro-mlflow starts a run
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         """Fail fast: validate parameters and check that every free input exists.
 
@@ -63,14 +42,6 @@ class ProjectHooks:
         params = catalog.load("parameters") if "parameters" in catalog else {}
         read = {name[len("params:"):] for name in pipeline.inputs() if name.startswith("params:")}
         problems = check_parameters(params, pipeline_names=_node_tags(pipeline), shared=read)
-        stages = {} if problems else _stages(params, _node_tags(pipeline))
-        if stages and _other_node_of(stages):
-            from tulip_pipelines.training.stages.node_session import follow_stages
-
-            followed = follow_stages(stages, params.get("deepspeed") or {})
-            logger.info("node done: lent its processes to %s; node 0 writes the outputs",
-                        ", ".join(followed))
-            raise OtherNodeDone(followed)
         missing = [
             f"{name} ({_describe(catalog, name)})"
             for name in sorted(pipeline.inputs())
@@ -90,14 +61,6 @@ class ProjectHooks:
             "checked parameters and %d inputs of the pipeline to run", len(pipeline.inputs())
         )
         self._lock_run_dirs(params, _node_tags(pipeline))
-        try:  # node 0 of multi-node stages: every node answers now, or the run stops
-            if stages:
-                from tulip_pipelines.training.stages.node_session import open_sessions
-
-                open_sessions(stages, params.get("deepspeed") or {})
-        except BaseException:
-            self._release()
-            raise
 
     def _lock_run_dirs(self, params: dict[str, Any], pipeline_names: set[str]) -> None:
         """Every training run dir of the run, locked until it ends: a second ``kedro run`` on
@@ -118,53 +81,11 @@ class ProjectHooks:
 
     @hook_impl
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:
-        _close_sessions("done")
         self._release()
 
     @hook_impl
     def on_pipeline_error(self, error, run_params, pipeline, catalog) -> None:
-        _close_sessions(f"node 0 failed: {type(error).__name__}: {error}")
         self._release()
-
-
-def _other_node(params: dict[str, Any]) -> bool:
-    """Whether this process is node R > 0 of a multi-node stage of the run (any stage's
-    parameters, or the scheduler's environment, say so)."""
-    if not any(isinstance(v, dict) and (v.get("num_nodes") or 1) > 1 for v in params.values()) \
-            and int(os.environ.get("SLURM_NNODES", "1") or 1) <= 1:
-        return False
-    from tulip_pipelines.training.stages import PIPELINE_PARAMS
-
-    try:
-        return _other_node_of(_stages(params, PIPELINE_PARAMS))
-    except (ValueError, TypeError, KeyError):
-        return False  # the parameter checks report it
-
-
-def _other_node_of(stages: dict) -> bool:
-    """Whether these stages' parameters make this process node R > 0 of a multi-node stage."""
-    from tulip_pipelines.training.stages.node_session import multinode_stages
-
-    return any(c.node_rank > 0 for c in multinode_stages(stages).values())
-
-
-def _stages(params: dict[str, Any], pipeline_names) -> dict:
-    """The training stages' parameters of the pipelines (training modules imported only for a
-    run that trains)."""
-    from tulip_pipelines.training.stages import PIPELINE_PARAMS, stage_params_of
-
-    if not set(pipeline_names) & set(PIPELINE_PARAMS):
-        return {}
-    return stage_params_of(params, pipeline_names)
-
-
-def _close_sessions(ended: str) -> None:
-    import sys
-
-    if "tulip_pipelines.training.stages.node_session" in sys.modules:  # opened any
-        from tulip_pipelines.training.stages.node_session import close_sessions
-
-        close_sessions(ended)
 
 
 def _node_tags(pipeline) -> set[str]:

@@ -1,117 +1,129 @@
-"""Several nodes (training/multinode.py): where a node stands (parameters, then SLURM's
-environment), and the file protocol through the shared run dir with its bounded failures: a
-node that never answers, a run dir that is not shared, other parameters on another node, a node
-0 that dies, a master that never answers."""
+"""Several nodes (training/multinode.py) without a scheduler: how a stage's nodes start
+(parameters, then SLURM's environment), the bad inputs that stop before any work (srun outside
+an allocation, more nodes than the allocation holds, nothing to start the other nodes), the
+commands of an srun step and of a torchrun c10d node, one srun task's checks (a plan that is not
+on a shared filesystem, its node rank), a master that never answers and a port in use. The real
+srun step: tests/test_end_to_end.py (the ``slurm`` fixture)."""
 
-import threading
+import socket
 import time
 
 import pytest
 
+from tulip_pipelines.training import multinode, processes
 from tulip_pipelines.training.distributed import free_port, join_group
-from tulip_pipelines.training.multinode import Cluster, NodeError, NodeZero, OtherNode
+from tulip_pipelines.training.multinode import Cluster, NodeError, node_command
+from tulip_pipelines.training.processes import check_port, run_distributed
+
+HOST = socket.gethostname()
+JOB = {"SLURM_JOB_ID": "42", "SLURM_NNODES": "4", "MASTER_ADDR": "node-a",
+       "MASTER_PORT": "29555"}
 
 
 def test_parameters_come_first_then_the_schedulers_environment():
-    slurm = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "MASTER_ADDR": "node-a",
-             "MASTER_PORT": "29555"}
-    assert Cluster.resolve(environ={}) == Cluster(1, 0, "127.0.0.1", 29500)
-    assert Cluster.resolve(environ=slurm) == Cluster(4, 2, "node-a", 29555)
-    assert Cluster.resolve(2, 1, "10.0.0.1", None, environ=slurm) == Cluster(2, 1, "10.0.0.1",
-                                                                            29555)
+    assert Cluster.resolve(environ={}) == Cluster(1, "127.0.0.1", None, None, "deepspeed")
+    # inside an allocation of 4 nodes: 4 nodes through srun, node 0's address from the job
+    assert Cluster.resolve(environ=JOB) == Cluster(4, "node-a", 29555, None, "srun")
+    assert Cluster.resolve(2, "10.0.0.1", None, environ=JOB) == Cluster(2, "10.0.0.1", 29555,
+                                                                       None, "srun")
+    # one node in an allocation: this process starts its ranks itself
+    assert Cluster.resolve(1, environ=JOB).launcher == "deepspeed"
+    # several nodes by hand: node 0 is this host unless told
+    hand = Cluster.resolve(2, launcher="torchrun", environ={})
+    assert (hand.master_addr, hand.master_port, hand.launcher) == (HOST, None, "torchrun")
+    assert Cluster.resolve(hostfile="hosts", environ={}).hostfile == "hosts"
+    # the hostfile lists the nodes, also inside an allocation
+    assert Cluster.resolve(hostfile="hosts", environ=JOB) == Cluster(1, "node-a", 29555, "hosts",
+                                                                     "deepspeed")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_nodes=2, node_rank=2, master_addr="h"), r"node 2: distill.node_rank=2 is out of "
-                                                      r"range for num_nodes=2 \(0 to 1\)"),
-    (dict(num_nodes=2, node_rank=-1, master_addr="h"), "out of range"),
-    (dict(num_nodes=3, node_rank=1), r"node 1: distill.master_addr is not set"),
-    (dict(num_nodes=0), r"distill.num_nodes must be an integer >= 1"),
-    (dict(num_nodes=2, master_addr="h", hostfile="hosts"), "either hostfile"),
+@pytest.mark.parametrize("kwargs, environ, message", [
+    (dict(num_nodes=2, launcher="srun"), {}, r"distill.launcher is srun, but this is not inside "
+                                             r"a SLURM allocation \(SLURM_JOB_ID is not set\)"),
+    (dict(num_nodes=5), JOB, r"distill.num_nodes=5, but the allocation \(job 42\) holds 4 "
+                             r"node\(s\): ask sbatch/salloc for --nodes=5"),
+    (dict(num_nodes=3), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NTASKS": "2"},
+     r"holds 1 node"),
+    (dict(num_nodes=2), {}, r"distill.num_nodes=2: nothing starts the other nodes"),
+    (dict(num_nodes=0), {}, r"distill.num_nodes must be an integer >= 1"),
+    (dict(num_nodes=2, hostfile="hosts"), {}, "hostfile is DeepSpeed's ssh mode"),
+    (dict(hostfile="hosts", launcher="torchrun"), {}, "hostfile is DeepSpeed's ssh mode"),
+    (dict(), {"SLURM_NNODES": "two"}, r"SLURM_NNODES='two' is not a number"),
 ])
-def test_bad_node_settings_name_the_node_and_the_cause(kwargs, message):
+def test_bad_node_parameters_stop_before_any_work(kwargs, environ, message):
     with pytest.raises(NodeError, match=message):
-        Cluster.resolve(**kwargs, where="distill", environ={})
+        Cluster.resolve(**kwargs, where="distill", environ=environ)
 
 
-def _two(tmp_path, timeout_s=5.0):
-    cluster = Cluster(num_nodes=2, node_rank=0, master_addr="127.0.0.1")
-    other = Cluster(num_nodes=2, node_rank=1, master_addr="127.0.0.1")
-    return (NodeZero(tmp_path, cluster, timeout_s),
-            OtherNode(tmp_path, other, timeout_s))
+def test_two_tasks_on_one_node_stand_for_two_nodes():
+    """An allocation of 1 node and 2 tasks (sbatch -n2) runs a 2-node stage as 2 tasks there."""
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_NTASKS": "2"}
+    assert Cluster.resolve(2, environ=env).launcher == "srun"
 
 
-def _in_thread(fn):
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except Exception as err:  # noqa: BLE001 - handed back to the test
-            box["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, box
-
-
-def test_nodes_agree_and_the_other_node_gets_the_plan(tmp_path):
-    zero, other = _two(tmp_path)
-    zero.open()
-    thread, box = _in_thread(lambda: (other.join("fp-1"), other.poll_plan()))
-    zero.gather("fp-1")
-    thread.join()
-    assert box == {"value": (None, None)}  # joined; no plan yet
-    zero.publish({"stage": "distill"})
-    assert other.poll_plan() == {"stage": "distill"}
-    zero.close()
-    with pytest.raises(NodeError, match="node 1: no live node 0"):
-        OtherNode(tmp_path, other.cluster, 1.5).join("fp-1")  # an ended session is not live
+def test_the_srun_step_and_the_torchrun_node(tmp_path, monkeypatch):
+    plan, out = tmp_path / "launch" / "plan.json", tmp_path / "launch" / "result"
+    cluster = Cluster(2, "node-a", 29400, None, "srun")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    cmd = node_command(cluster, 4, plan, out, "distill", 120)
+    assert cmd[:9] == ["srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1",
+                       "--kill-on-bad-exit=1", "--label"]
+    assert cmd[cmd.index("-m") + 1] == "tulip_pipelines.training.multinode"
+    assert cmd[cmd.index("--plan") + 1] == str(plan)
+    assert cmd[cmd.index("--master-addr") + 1] == "node-a"
+    assert cmd[cmd.index("--master-port") + 1] == "29400"
+    monkeypatch.setenv("SLURM_NNODES", "1")  # 2 tasks sharing the allocation's one node
+    cmd = node_command(cluster, 4, plan, out, "distill", 120)
+    assert cmd[:5] == ["srun", "--nodes", "1", "--ntasks", "2"] and "--ntasks-per-node" not in cmd
+    cmd = node_command(Cluster(2, "node-a", 29400, None, "torchrun"), 4, plan, out, "distill",
+                       120)
+    for flag, value in (("--nnodes", "2"), ("--nproc_per_node", "4"), ("--rdzv-backend", "c10d"),
+                        ("--rdzv-endpoint", "node-a:29400"), ("--rdzv-id", "distill"),
+                        ("--rdzv-conf", "join_timeout=120")):
+        assert cmd[cmd.index(flag) + 1] == value, flag
 
 
-def test_other_parameters_on_another_node_stop_both(tmp_path):
-    zero, other = _two(tmp_path)
-    zero.open()
-    thread, box = _in_thread(lambda: other.join("fp-2"))
-    with pytest.raises(NodeError, match=r"node 0: node 1 \(.*\) runs other parameters"):
-        zero.gather("fp-1")
-    thread.join()
-    assert "node 1: node 0 stopped the job: node 1" in str(box["error"])
+def _task(monkeypatch, tmp_path, **slurm) -> list[str]:
+    """multinode.main as one srun task would run it; returns the command it would exec."""
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    started = []
+    monkeypatch.setattr(multinode.os, "execv", lambda path, cmd: started.append(cmd))
+    multinode.main(["--plan", str(tmp_path / "launch" / "plan.json"), "--result-dir", "out",
+                    "--master-addr", "node-a", "--master-port", "29400", "--wait-s", "1"])
+    return started[0]
 
 
-def test_a_node_that_never_answers_stops_node_0_in_bounded_time(tmp_path):
-    zero, _ = _two(tmp_path, timeout_s=1.0)
-    zero.open()
+def test_a_task_takes_its_node_rank_from_slurm(tmp_path, monkeypatch):
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "plan.json").write_text("{}")
+    # one task a node: SLURM_NODEID; tasks sharing a node: SLURM_PROCID
+    cmd = _task(monkeypatch, tmp_path, SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="2",
+                SLURM_NODEID="1", SLURM_PROCID="0")
+    assert cmd[cmd.index("--node_rank") + 1] == "1" and "--no_ssh" in cmd
+    assert cmd[cmd.index("--hostfile") + 1] == str(tmp_path / "launch" / "hostfile")
+    cmd = _task(monkeypatch, tmp_path, SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1",
+                SLURM_NODEID="0", SLURM_PROCID="1")
+    assert cmd[cmd.index("--node_rank") + 1] == "1"
+
+
+@pytest.mark.parametrize("made", ["", "launch"])
+def test_a_task_that_cannot_see_the_plan_names_its_node_and_the_path(tmp_path, monkeypatch,
+                                                                     made):
+    """The run dir (or its plan) is not on a filesystem this node shares: the task stops
+    within its wait, naming the node and what it did not find."""
+    run_dir = tmp_path / "run"
+    if made:
+        (run_dir / made).mkdir(parents=True)
     started = time.monotonic()
-    with pytest.raises(NodeError, match=r"node\(s\) \[1\] did not answer within 1 s: not "
-                                        r"started, or .* is not on a filesystem"):
-        zero.gather("fp")
+    with pytest.raises(SystemExit) as stop:
+        _task(monkeypatch, run_dir, SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="2",
+              SLURM_NODEID="1", SLURM_PROCID="1")
+    missing = run_dir / "launch" / "plan.json" if made else run_dir
+    assert str(stop.value) == (f"node 1 ({HOST}): {missing} is not there after 1 s: is the run "
+                               f"dir on a filesystem this node shares with the node running "
+                               f"kedro?")
     assert time.monotonic() - started < 5
-
-
-def test_a_run_dir_that_is_not_shared_stops_the_other_node(tmp_path):
-    """Node 1 looks at its own copy of the run dir: node 0's session never appears there."""
-    zero = NodeZero(tmp_path / "node0_disk", Cluster(2, 0, "127.0.0.1"), 1.0).open()
-    other = OtherNode(tmp_path / "node1_disk", Cluster(2, 1, "127.0.0.1"), 1.0)
-    with pytest.raises(NodeError, match=r"node 1: no live node 0 in .* within 1 s: node 0 did "
-                                        r"not start, or the run dir is not on a filesystem"):
-        other.join("fp")
-    zero.close()
-
-
-def test_a_node_0_that_dies_stops_the_waiting_node(tmp_path):
-    zero, other = _two(tmp_path, timeout_s=2.0)
-    zero.open()
-    thread, _ = _in_thread(lambda: other.join("fp"))
-    zero.gather("fp")
-    thread.join()
-    zero._stop.set()  # its counter stops as if the process were killed (no "ended" written)
-    zero._beat.join()
-    started = time.monotonic()
-    with pytest.raises(NodeError, match="node 1: node 0 stopped answering"):
-        while other.poll_plan() is None:
-            time.sleep(0.1)
-    assert time.monotonic() - started < 6
 
 
 def test_a_master_that_never_answers_is_named(monkeypatch):
@@ -126,16 +138,52 @@ def test_a_master_that_never_answers_is_named(monkeypatch):
     assert time.monotonic() - started < 10
 
 
-def test_node_counts_and_ranks_at_both_ends():
-    """num_nodes from 1; node_rank from 0 to num_nodes - 1 (parameters and SLURM's variables)."""
-    assert Cluster.resolve(1, 0, environ={}).num_nodes == 1
-    assert Cluster.resolve(3, 2, "h", environ={}).node_rank == 2
-    assert Cluster.resolve(3, 0, "h", environ={}).node_rank == 0
-    for nodes, rank in ((0, 0), (3, 3), (3, -1)):
-        with pytest.raises(NodeError, match="num_nodes must be an integer >= 1" if nodes < 1
-                           else "node_rank=.* is out of range"):
-            Cluster.resolve(nodes, rank, "h", environ={})
-    slurm = {"SLURM_NNODES": "3", "SLURM_NODEID": "3", "MASTER_ADDR": "h"}
-    with pytest.raises(NodeError, match="out of range"):
-        Cluster.resolve(environ=slurm)
-    assert Cluster.resolve(environ={**slurm, "SLURM_NODEID": "2"}).node_rank == 2
+def test_node_counts_at_both_ends():
+    """num_nodes from 1 (a parameter or SLURM_NNODES); 0 and -1 stop with the parameter named."""
+    assert Cluster.resolve(1, environ={}).num_nodes == 1
+    assert Cluster.resolve(2, "h", launcher="torchrun", environ={}).num_nodes == 2
+    for nodes in (0, -1):
+        with pytest.raises(NodeError, match=rf"stage.num_nodes must be an integer >= 1, "
+                                            rf"got {nodes}"):
+            Cluster.resolve(nodes, environ={})
+    with pytest.raises(NodeError, match="num_nodes must be an integer >= 1, got 0"):
+        Cluster.resolve(environ={"SLURM_NNODES": "0"})
+
+
+def test_a_port_in_use_is_named_and_an_unset_port_is_a_free_one(tmp_path, monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=rf"master_port {port} on {HOST} is in use"):
+            check_port(Cluster(master_port=port))
+        for key, value in dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(RuntimeError, match=rf"rank 0 on .*: port {port} is in use"):
+            join_group("gloo", 2.0)
+    check_port(Cluster(master_port=port))  # free again
+    # master_port unset: each run takes a free port of its own (two runs on one machine)
+    seen = []
+
+    def fake_run(cmd, env, log_file, timeout_s, rank0):
+        seen.append(int(cmd[cmd.index("--master_port") + 1]))
+        with socket.socket() as held:  # the first run's port stays taken during the second
+            held.bind(("", seen[-1]))
+            held.listen()
+            if len(seen) == 1:
+                with pytest.raises(RuntimeError, match="exited with 1"):
+                    run_distributed({}, 2, "torchrun", run_dir=tmp_path / "b")
+        return 1, []
+
+    monkeypatch.setattr(processes, "_run_streaming", fake_run)
+    with pytest.raises(RuntimeError, match="training: torchrun exited with 1"):
+        run_distributed({}, 2, "torchrun", run_dir=tmp_path / "a")
+    assert len(seen) == 2 and seen[0] != seen[1]
+
+
+def test_srun_ending_the_step_is_told_in_words():
+    tail = ["1: [rank 1] step 3\n", "srun: error: vm: task 1: Killed\n",
+            "srun: Job step aborted: Waiting up to 32 seconds for job step to finish.\n"]
+    assert processes._hint(tail) == (" (task 1 on vm: Killed; srun ended the step on every "
+                                     "node)")

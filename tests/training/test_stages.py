@@ -32,7 +32,7 @@ TRAIN = {"max_steps": 7, "batch_size": 3, "lr": 3e-4, "warmup_steps": 2, "weight
 # every stage's; registered_model_name reaches the Model Registry (tests/test_tracking.py)
 # checked for every stage (StageParams): test_common_parameters_are_checked, test_multinode.py
 COMMON = {"train", "run_dir", "num_processes", "launcher", "registered_model_name", "num_nodes",
-          "node_rank", "master_addr", "master_port", "hostfile", "node_timeout_s"}
+          "master_addr", "master_port", "hostfile", "node_timeout_s"}
 
 
 @pytest.fixture(scope="module")
@@ -189,13 +189,15 @@ def test_the_train_block_reaches_the_engine_parameters(stage, inputs):
 
 
 @pytest.mark.parametrize("values, message", [
-    (dict(num_nodes=2, node_rank=2, master_addr="h"), "node_rank=2 is out of range"),
-    (dict(num_nodes=2, node_rank=1), "master_addr is not set"),
+    (dict(num_nodes=2, launcher="srun"), "not inside a SLURM allocation"),
+    (dict(num_nodes=2), "nothing starts the other nodes"),
+    (dict(node_rank=1), "node_rank"),  # the launcher knows each node's rank
     (dict(node_timeout_s=0), "node_timeout_s"),
     (dict(hostfile="hosts", launcher="torchrun"), "hostfile"),
+    (dict(launcher="mpirun"), "launcher"),
 ])
 def test_node_parameters_are_checked_before_any_work(values, message, monkeypatch):
-    for key in ("SLURM_NNODES", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("SLURM_JOB_ID", "SLURM_NNODES", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ValueError, match=message):
         STAGES["expand"].params_cls.from_params({"train": TRAIN, **values})

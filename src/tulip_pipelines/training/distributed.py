@@ -53,6 +53,9 @@ def join_group(backend: str, timeout_s: float) -> None:
         store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
                               timeout=timedelta(seconds=timeout_s))
     except (RuntimeError, OSError) as err:  # DistStoreError: the rendezvous timed out
+        if rank == 0 and "EADDRINUSE" in str(err):
+            raise RuntimeError(f"rank 0 on {socket.gethostname()}: port {port} is in use (another "
+                               f"run on this machine?): leave master_port unset") from None
         who = ("the other ranks did not all connect to it" if rank == 0 else
                "is node 0 running, and is master_addr its address as this node reaches it?")
         raise RuntimeError(

@@ -10,7 +10,8 @@ with::
 
     deepspeed --num_gpus 4 --module tulip_pipelines.training.launch --plan p.json --result-dir out
     # several nodes: add --hostfile hosts (passwordless ssh; run_dir on a shared filesystem,
-    # since rank 0 marks a checkpoint complete only after every rank wrote its shards there)
+    # since rank 0 marks a checkpoint complete only after every rank wrote its shards there);
+    # srun and torchrun's c10d rendezvous: see multinode.py
     torchrun --nproc_per_node 2 -m tulip_pipelines.training.launch --plan plan.json --result-dir out
 
 Rank 0 writes into ``--result-dir``: ``history.parquet``, ``result.json`` (final step, resumed
@@ -31,6 +32,7 @@ import io
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -149,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     prefix_output(rank)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         stream=sys.stderr)
+    from tulip_pipelines.training.multinode import wait_for_plan
+
+    wait_for_plan(args.plan, f"rank {rank} on {socket.gethostname()}", 60)  # shared run dir?
     plan = json.loads(args.plan.read_text())
     import torch.distributed as dist
 

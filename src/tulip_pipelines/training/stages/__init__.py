@@ -34,17 +34,3 @@ __all__ = ["STAGES", "DistillParams", "ExpandParams", "LongclipParams", "Stage",
 PIPELINE_PARAMS = {"teacher": TeacherParams, "distill": DistillParams, "expand": ExpandParams,
                    "longclip": LongclipParams}
 
-
-def stage_params_of(all_params, pipeline_names) -> dict[str, StageParams]:
-    """The parameters of every training stage that the pipelines ``pipeline_names`` run, by
-    stage name (what the project hook needs to set up a multi-node run)."""
-    names = set(pipeline_names)
-    out: dict[str, StageParams] = {}
-    for name in ("teacher", "distill", "expand"):
-        if name in names:
-            out[name] = PIPELINE_PARAMS[name].from_all(all_params)
-    if "longclip" in names:
-        longclip = LongclipParams.from_params(all_params.get("longclip"))
-        out["longclip_authors"] = longclip.recipe("authors")
-        out["longclip_equal_budget"] = longclip.recipe("equal_budget", all_params.get("expand"))
-    return out

@@ -19,8 +19,7 @@ from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.params import Params, Problems
 from tulip_pipelines.training.datasets import CaptionImageDataset
 from tulip_pipelines.training.job import TrainJob
-from tulip_pipelines.training.launch import LAUNCHERS
-from tulip_pipelines.training.multinode import Cluster, NodeError
+from tulip_pipelines.training.multinode import LAUNCHERS, Cluster, NodeError
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainParams
 
@@ -32,33 +31,32 @@ REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 class StageParams(Params):
     """Parameters every stage has: ``train`` (the engine's :class:`TrainParams` minus name and
     folder), the stage's run dir (its training checkpoints), how many processes train on each
-    node, where this node stands among several (:meth:`cluster`; None: from the scheduler's
-    environment, else one node), and the name its model is registered under in the MLflow Model
+    node, how several nodes start (:meth:`cluster`; None: from the scheduler's environment,
+    else one node), and the name its model is registered under in the MLflow Model
     Registry (when tracking is on; ``None``: logged, not registered)."""
 
     train: dict[str, Any] = field(default_factory=dict)
     run_dir: str | None = None  # None: data/06_models/runs/<stage>
     num_processes: int = 1  # on each node
-    launcher: str = "deepspeed"
+    launcher: str | None = None  # None: srun in a SLURM allocation with num_nodes > 1, else
+    #                              deepspeed; torchrun: the other nodes started by hand
     num_nodes: int | None = None  # None: SLURM_NNODES, else 1
-    node_rank: int | None = None  # None: SLURM_NODEID, else 0
-    master_addr: str | None = None  # None: MASTER_ADDR (node 0's address)
-    master_port: int | None = None  # None: MASTER_PORT, else 29500
-    hostfile: str | None = None  # DeepSpeed's ssh mode: node 0 starts the hosts listed there
-    node_timeout_s: float = 300.0  # how long nodes wait for each other (start-up, answers)
+    master_addr: str | None = None  # None: MASTER_ADDR, else this host (node 0's address)
+    master_port: int | None = None  # None: MASTER_PORT, else a free port
+    hostfile: str | None = None  # DeepSpeed's ssh mode: this node starts the hosts listed there
+    node_timeout_s: float = 300.0  # how long ranks and nodes wait to join (rendezvous, plan)
     registered_model_name: str | None = None
 
     def __post_init__(self) -> None:
         p = Problems(self.section)
         p.int_at_least("num_processes", self.num_processes, 1)
-        p.one_of("launcher", self.launcher, LAUNCHERS)
+        p.check(self.launcher is None or self.launcher in LAUNCHERS, "launcher",
+                f"must be null or one of {list(LAUNCHERS)}, got {self.launcher!r}")
         p.number_in("node_timeout_s", self.node_timeout_s, 0, low_open=True)
         try:
             self.cluster()
         except NodeError as err:
-            p.check(False, "num_nodes", f"/node_rank/master_addr: {err}")
-        if self.hostfile is not None and self.launcher != "deepspeed":
-            p.check(False, "hostfile", "is DeepSpeed's launcher's: set launcher: deepspeed")
+            p.check(False, "num_nodes", f"/launcher/hostfile: {err}")
         name = self.registered_model_name
         p.check(name is None or (isinstance(name, str) and bool(REGISTERED_NAME.fullmatch(name))),
                 "registered_model_name", f"must be null or letters, digits, '.', '_' and '-' "
@@ -71,9 +69,9 @@ class StageParams(Params):
         """The stage's own checks (subclasses)."""
 
     def cluster(self) -> Cluster:
-        """This node's place in the stage's job (:meth:`Cluster.resolve`)."""
-        return Cluster.resolve(self.num_nodes, self.node_rank, self.master_addr,
-                               self.master_port, self.hostfile, where=self.section)
+        """How the stage's nodes start (:meth:`Cluster.resolve`)."""
+        return Cluster.resolve(self.num_nodes, self.master_addr, self.master_port,
+                               self.hostfile, self.launcher, where=self.section)
 
     @property
     def stage_run_dir(self) -> str:
@@ -89,8 +87,8 @@ class StageParams(Params):
         """What else the trained weights depend on (the engine adds ``train``)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("train", "run_dir", "num_processes", "launcher", "num_nodes",
-                             "node_rank", "master_addr", "master_port", "hostfile",
-                             "node_timeout_s", "registered_model_name")}
+                             "master_addr", "master_port", "hostfile", "node_timeout_s",
+                             "registered_model_name")}
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from tulip_pipelines.training.processes import run_distributed
 from tulip_pipelines.training.run_lock import run_lock
 from tulip_pipelines.training.stages import STAGES
 from tulip_pipelines.training.stages.base import StageInputs, StageParams
-from tulip_pipelines.training.stages.node_session import node_zero
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainResult
 
@@ -48,7 +46,8 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
         job = STAGES[stage].build(params, inputs)
         cluster = params.cluster()
         with run_lock(params.stage_run_dir):  # one run per run dir at a time
-            if params.num_processes == 1 and not cluster.several and not cluster.hostfile:
+            if params.num_processes == 1 and not cluster.several and not cluster.hostfile \
+                    and cluster.launcher != "srun":
                 with StallWatch(params.stage_run_dir, stage, job.params.stall_minutes):
                     result = train(job.task, job.train_dataset, job.params, ds_config,
                                    collate_fn=job.collate_fn, val_dataset=job.val_dataset,
@@ -56,15 +55,10 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
             else:
                 plan = write_launch_plan(stage, params, inputs, ds_config)
                 plan["mlflow"] = tracker.target()
-                with node_zero(stage, params, ds_config, cluster) as session:
-                    if session is not None:
-                        session.publish(plan)
-                    with tempfile.TemporaryDirectory() as tmp:
-                        result = run_distributed(
-                            plan, params.num_processes, params.launcher,
-                            run_dir=params.stage_run_dir, run_name=stage,
-                            stall_minutes=job.params.stall_minutes, cluster=cluster,
-                            module=job.task, result_dir=Path(tmp) / "result")
+                result = run_distributed(
+                    plan, params.num_processes, cluster.launcher, run_dir=params.stage_run_dir,
+                    run_name=stage, stall_minutes=job.params.stall_minutes, cluster=cluster,
+                    module=job.task)
         model = job.exported_model()
         # a new spec: the input model (e.g. expand's distilled one) keeps its own provenance
         provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id,
@@ -129,7 +123,7 @@ def parent_reference(bundle: ModelBundle) -> dict[str, Any]:
 
 
 # Parameters that change how a stage runs, not what it learns: left out of the model card.
-_HOUSEKEEPING = ("run_dir", "launcher", "registered_model_name", "num_nodes", "node_rank",
+_HOUSEKEEPING = ("run_dir", "launcher", "registered_model_name", "num_nodes",
                  "master_addr", "master_port", "hostfile", "node_timeout_s",
                  "train.stall_minutes", "train.log_every",
                  "train.val_every", "train.checkpoint_every", "train.keep_checkpoints",
