@@ -163,7 +163,8 @@ def test_the_output_pump_outlives_lines_that_look_like_markup(tmp_path):
     script.write_text(RANK_OUTPUT)
     try:
         code, tail = processes._run_streaming([sys.executable, str(script)],
-                                              {"PATH": "/usr/bin:/bin"}, log_file, timeout_s=120)
+                                              {"PATH": "/usr/bin:/bin"}, log_file, timeout_s=120,
+                                              rank0="[rank 0]")
     except subprocess.TimeoutExpired:
         pytest.fail("the ranks blocked: the output pump stopped reading")
     finally:
