@@ -185,7 +185,7 @@ def _hash(ds=None, n_train=100, extra=None, **values):
 WEIGHT_FIELDS = {"run_name": "other", "lr": 2e-3, "max_steps": 11, "schedule_steps": 20,
                  "decay_biases_and_norms": True, "weight_decay": 0.05, "betas": (0.9, 0.95),
                  "eps": 1e-8, "warmup_steps": 1, "min_lr_ratio": 0.1, "seed": 1,
-                 "precision": "fp32", "epochs": 1.0, "schedule_epochs": 2.0}
+                 "precision": "fp32", "epochs": 1.0, "schedule_epochs": 2.0, "tf32": True}
 # ... and those that do not: where and how often things are written, and the layout (the micro
 # batch; the global batch is compared on its own, so that a run resumes on another layout)
 LAYOUT_FIELDS = {"run_dir": "elsewhere", "log_every": 3, "val_every": 5, "checkpoint_every": 2,

@@ -15,6 +15,13 @@ from tulip_pipelines.params import Params, Problems
 PRECISIONS = ("fp32", "amp_bf16", "bf16")
 
 
+# How a run is carried out (where it writes, how often, with how many loader workers), not what
+# it learns: left out of the fingerprint and of the model card (stages add theirs: stages/base.py)
+HOUSEKEEPING = frozenset({"run_dir", "log_every", "val_every", "checkpoint_every",
+                          "keep_checkpoints", "num_workers", "resume", "max_bad_fraction",
+                          "stall_minutes"})
+
+
 @dataclass
 class TrainParams(Params):
     """The ``train`` block of a stage's parameters, plus the run's name and folder.
@@ -136,9 +143,7 @@ without an optimizer step log a warning saying where each rank is. The stage's
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that change the trained weights (not where/how often things are written)."""
-        ignored = {"run_dir", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
-                   "num_workers", "resume", "max_bad_fraction", "stall_minutes"}
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ignored}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in HOUSEKEEPING}
         if fields["tf32"] is None:  # torch's default: the fingerprint of runs before tf32 existed
             del fields["tf32"]
         return fields

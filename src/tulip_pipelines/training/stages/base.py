@@ -21,10 +21,16 @@ from tulip_pipelines.training.datasets import CaptionImageDataset
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.multinode import LAUNCHERS, Cluster, NodeError
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
+from tulip_pipelines.training.train_params import HOUSEKEEPING as TRAIN_HOUSEKEEPING
 from tulip_pipelines.training.train_params import TrainParams
 
 RUNS_DIR = "data/06_models/runs"
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# How a stage is carried out, not what it learns (with its train block's, as dotted keys): left
+# out of the fingerprint and of the model card
+HOUSEKEEPING = frozenset({"run_dir", "num_processes", "launcher", "num_nodes", "master_addr",
+                          "master_port", "hostfile", "node_timeout_s", "registered_model_name"}
+                         | {f"train.{key}" for key in TRAIN_HOUSEKEEPING})
 
 
 @dataclass
@@ -86,9 +92,7 @@ class StageParams(Params):
     def fingerprint_fields(self) -> dict[str, Any]:
         """What else the trained weights depend on (the engine adds ``train``)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("train", "run_dir", "num_processes", "launcher", "num_nodes",
-                             "master_addr", "master_port", "hostfile", "node_timeout_s",
-                             "registered_model_name")}
+                if k != "train" and k not in HOUSEKEEPING}
 
 
 @dataclass

@@ -27,7 +27,7 @@ from tulip_pipelines.training.plots import loss_figure
 from tulip_pipelines.training.processes import run_distributed
 from tulip_pipelines.training.run_lock import run_lock
 from tulip_pipelines.training.stages import STAGES
-from tulip_pipelines.training.stages.base import StageInputs, StageParams
+from tulip_pipelines.training.stages.base import HOUSEKEEPING, StageInputs, StageParams
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
 from tulip_pipelines.training.train_params import TrainResult
 
@@ -122,19 +122,11 @@ def parent_reference(bundle: ModelBundle) -> dict[str, Any]:
             "model_name": bundle.spec.model_name, "source": lineage(bundle)[1]["init_model"]}
 
 
-# Parameters that change how a stage runs, not what it learns: left out of the model card.
-_HOUSEKEEPING = ("run_dir", "launcher", "registered_model_name", "num_nodes",
-                 "master_addr", "master_port", "hostfile", "node_timeout_s",
-                 "train.stall_minutes", "train.log_every",
-                 "train.val_every", "train.checkpoint_every", "train.keep_checkpoints",
-                 "train.num_workers", "train.resume")
-
-
 def training_summary(params: StageParams, inputs: StageInputs, ds_config: Mapping[str, Any],
                      result: TrainResult) -> dict[str, Any]:
     """Data counts, key parameters and final metrics of a finished stage (for its model card)."""
     flat = flatten(params.to_dict())
-    key_params = {k: v for k, v in flat.items() if k not in _HOUSEKEEPING}
+    key_params = {k: v for k, v in flat.items() if k not in HOUSEKEEPING}
     accumulation = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
     key_params["deepspeed.gradient_accumulation_steps"] = str(accumulation)
     key_params["deepspeed.zero_stage"] = str(ds_config.get("zero_optimization", {}).get("stage", 0))
