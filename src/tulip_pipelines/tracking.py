@@ -372,6 +372,12 @@ def mlflow_dataset(name: str, value: Any, source: str | None):
             def profile(self):
                 return {"num_rows": rows} if rows is not None else None
 
+            def to_dict(self) -> dict[str, str]:
+                out = super().to_dict()
+                if self.profile is not None:
+                    out["profile"] = json.dumps(self.profile)
+                return out
+
         return _Images(resolve_dataset_source(str(folder.resolve())), name=name, digest=digest)
     return None
 

@@ -92,7 +92,18 @@ def write_outputs(project: Path) -> dict[str, pd.DataFrame]:
                                                    {"size": 48, "n_samples": 3}))
     catalog.save("teacher_loss_plot", loss_figure(history, "teacher"))
     catalog.save("retrieval_report_plot", report_figure(metrics))
+    catalog.save("retrieval_report", REPORT)
+    import torch
+
+    from tulip_pipelines.models import create_teacher
+
+    torch.manual_seed(0)
+    catalog.save("teacher_model", create_teacher("TULIP-Tiny"))  # with its model card
     return tables
+
+
+REPORT = ("# Retrieval\n\n| benchmark | model | I2T R@1 |\n|:--|:--|--:|\n"
+          "| urban1k_demo | teacher | 12.5 |\n")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +184,19 @@ def test_plots_written_show_as_images(built):
         assert detail["preview_type"] == "ImagePreview", (name, detail.get("preview_type"))
         assert detail["preview"], f"{name}: no preview in the site"
         assert base64.b64decode(detail["preview"]).startswith(PNG_MAGIC), name
+
+
+def test_the_report_and_the_model_cards_show_their_markdown(built, tmp_path):
+    site, _ = built
+    details = node_details(site)
+    report = details["retrieval_report"]
+    assert report["preview_type"] == "TextPreview" and report["preview"] == REPORT
+    card = details["teacher_model"]
+    written = (site.parent / "data/06_models/teacher_model/MODEL_CARD.md").read_text()
+    assert card["preview_type"] == "TextPreview" and card["preview"] == written
+    assert "TULIP-Tiny" in written
+    # a model directory not written yet says so
+    assert "not trained yet" in details["expanded_model"]["preview"]
 
 
 def test_prepared_images_show_their_description(built):
