@@ -227,6 +227,25 @@ def test_every_table_and_plot_entry_offers_a_preview(viz_site, project_root):
     assert checked >= 17  # 12 tables and 5 plots in the default catalog
 
 
+def test_the_site_in_a_browser_offers_every_pipeline(viz_site, tmp_path):
+    """What a user sees: the built site served over HTTP, in headless Chromium; its pipeline
+    menu lists every pipeline, and choosing one draws its nodes."""
+    from tests.browser import chromium_page, screenshot, static_site
+
+    with static_site(viz_site, tmp_path / "http.log") as url, chromium_page() as page:
+        page.goto(f"{url}/")
+        menu = page.locator(".kedro.dropdown", has_text="__default__").first
+        menu.wait_for()
+        screenshot(page, tmp_path, "viz_default")
+        menu.click()
+        offered = [t.strip() for t in menu.locator("[role=option]").all_inner_texts()]
+        assert set(PIPELINES) | {"__default__"} <= set(offered), offered
+        menu.locator("[role=option]", has_text="expand").first.click()
+        page.get_by_text("expand_context").first.wait_for()
+        assert menu.locator(".dropdown__label").inner_text().strip() == "expand"
+        screenshot(page, tmp_path, "viz_expand")
+
+
 def test_readme_build_line_is_the_make_viz_command(project_root):
     readme = (project_root / "README.md").read_text()
     lines = [line for line in readme.splitlines() if "kedro viz build" in line]
