@@ -14,7 +14,7 @@ from kedro.io import DataCatalog
 from kedro_datasets.pandas import ParquetDataset
 
 from tulip_pipelines.data.images import PreparedImages
-from tulip_pipelines.hooks import MlflowRunHooks, parent_run_tags
+from tulip_pipelines.hooks import MlflowRunHooks, parent_run_tags, run_link
 from tulip_pipelines.tracking import log_datasets, node_inputs, stage_run
 
 
@@ -99,3 +99,12 @@ def test_the_digest_of_a_table_follows_its_content(tracking_uri):
     digests = {d.dataset.name: d.dataset.digest
                for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
     assert digests["a"] != digests["b"]
+
+
+def test_the_link_to_a_run_opens_it_in_the_model_training_view():
+    assert run_link("http://mlflow.example.org:5000/", "3", "abc") == (
+        "http://mlflow.example.org:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    local = run_link("sqlite:///mlflow.db", "1", "abc")
+    assert local.startswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType="
+                            "machine_learning")
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in local

@@ -202,6 +202,16 @@ class MlflowRunHooks:
         mark_model_training(run.info.experiment_id)
         mlflow.set_tags(parent_run_tags(run_params, run.info.start_time, Path.cwd()))
 
+    @hook_impl(tryfirst=True)  # before kedro-mlflow ends its run
+    def after_pipeline_run(self) -> None:
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is not None:
+            logger.info("MLflow: this run is %s", run_link(mlflow.get_tracking_uri(),
+                                                          run.info.experiment_id,
+                                                          run.info.run_id))
+
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any]) -> None:
         from tulip_pipelines.tracking import set_node_inputs
@@ -220,6 +230,17 @@ class MlflowRunHooks:
         from tulip_pipelines.tracking import set_node_inputs
 
         set_node_inputs({})
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the UI shows the run, in its Model training view (MLflow 3.17 opens in GenAI unless
+    the link says ``workflowType=machine_learning``); for a local store, the ``mlflow ui`` that
+    serves it first."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return (f"http://127.0.0.1:5000/{page} (after `mlflow ui --backend-store-uri {tracking_uri} "
+            f"--port 5000`)")
 
 
 def parent_run_tags(run_params: dict[str, Any], start_time_ms: int,
