@@ -38,6 +38,8 @@ def test_the_parent_run_is_named_for_what_ran_where_and_when(tmp_path):
                             "runner": "ParallelRunner"}, started, tmp_path)
     assert tags["mlflow.runName"] == "distill+expand · sharegpt4v · 2026-12-07 04:31:05 UTC"
     assert (tags["runner"], tags["env"]) == ("ParallelRunner", "sharegpt4v")
+    # KedroSession.run() without a runner records "None" and runs its SequentialRunner
+    assert parent_run_tags({"runner": "None"}, started, tmp_path)["runner"] == "SequentialRunner"
 
 
 def test_the_parent_run_names_the_git_commit_of_a_checkout(tmp_path):

@@ -267,8 +267,8 @@ def _class_name(runner: Any) -> str:
     """``<kedro.runner.sequential_runner.SequentialRunner object at 0x..>`` -> its class name."""
     import re
 
-    if runner is None:
-        return "SequentialRunner"  # kedro's default
+    if runner is None or runner == "None":  # KedroSession.run without one: its default
+        return "SequentialRunner"
     if not isinstance(runner, str):
         return type(runner).__name__
     found = re.match(r"<([\w.]+) object at", runner)
