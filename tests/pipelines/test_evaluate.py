@@ -313,6 +313,9 @@ def test_each_model_recall_goes_to_its_own_run_and_the_champion_to_the_best(tmp_
         mlflow.set_tracking_uri(None)
 
 
+REPORT = "# Retrieval\n\n| model | R@1 |\n## Benchmarks\n\n- urban: 4 queries\n"
+
+
 def test_the_parent_run_gets_the_headline_and_the_report(tmp_path, monkeypatch):
     from tulip_pipelines.pipelines.evaluate.nodes import log_evaluation
 
@@ -336,7 +339,7 @@ def test_the_parent_run_gets_the_headline_and_the_report(tmp_path, monkeypatch):
     torch.manual_seed(0)
     try:
         with mlflow.start_run(run_name="kedro-run") as parent:
-            log_evaluation(params, metrics, "# Retrieval\n", pd.DataFrame(
+            log_evaluation(params, metrics, REPORT, pd.DataFrame(
                 columns=["benchmark", "item", "reason"]), by_tokens, pd.DataFrame(),
                 pd.DataFrame(columns=SKIPPED_COLUMNS), create_teacher("TULIP-Tiny"))
         client = mlflow.MlflowClient()
@@ -345,5 +348,7 @@ def test_the_parent_run_gets_the_headline_and_the_report(tmp_path, monkeypatch):
                                     "long_r1/tulip_expanded": pytest.approx(75.0)}
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
             "retrieval_report.md", "retrieval_report.png", "recall_by_tokens_read.png"}
+        # its description in the UI: the recall table, not the sections below it
+        assert run.data.tags["mlflow.note.content"] == "# Retrieval\n\n| model | R@1 |"
     finally:
         mlflow.set_tracking_uri(None)

@@ -122,13 +122,16 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
                      retrieval_report, figures)
 
 
+NOTE_CHARS = 8000  # MLflow's limit on a tag value
+
+
 def long_benchmarks(params: EvaluateParams) -> list[str]:
     return [name for name, bench in params.benchmarks.items() if bench.kind == "long"]
 
 
 def log_headline(run_id: str, headline: dict[str, float], report: str, figures) -> None:
     """The parent run's metrics ``long_r1/<model>`` (step 0), ``retrieval_report.md`` and the
-    charts."""
+    charts; its description: the report's recall table."""
     import time
 
     import mlflow
@@ -139,6 +142,8 @@ def log_headline(run_id: str, headline: dict[str, float], report: str, figures) 
     client.log_batch(run_id, metrics=[Metric(f"long_r1/{model}", value, now, 0)
                                       for model, value in headline.items()])
     client.log_text(run_id, report, "retrieval_report.md")
+    # the run's description in the UI (Markdown): the recall table, the report's first section
+    client.set_tag(run_id, "mlflow.note.content", report.split("\n## ")[0][:NOTE_CHARS])
     for name, figure in figures.items():
         client.log_figure(run_id, figure, name)
     logger.info("parent MLflow run %s: long-caption R@1 %s", run_id,
