@@ -286,6 +286,15 @@ def check_mlflow_ui(project: Path, out: Path) -> None:
         page.wait_for_url(f"**/experiments/{experiment_id}/runs**")
         page.get_by_text(parent.info.run_name).first.wait_for()
         page.get_by_role("columnheader", name="Run Name").first.wait_for()
+        _close_assistant(page)
+        # the parent's row unfolds into its stage runs
+        page.get_by_role("row").filter(has_text=parent.info.run_name).get_by_role(
+            "button").first.click()
+        for stage, registered in TRAINED.items():
+            page.get_by_role("row").filter(has_text=stage).first.wait_for()
+            page.get_by_text(registered, exact=True).first.wait_for()  # the Models column
+        # the Datasets column: each stage run's caption table
+        assert page.get_by_text("train_captions").count() == len(TRAINED)
         screenshot(page, out, "mlflow_runs")
 
         page.goto(f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}?{ml}")
