@@ -186,9 +186,9 @@ def _describe(catalog, name: str) -> str:
 
 class MlflowRunHooks:
     """What kedro-mlflow's run of a ``kedro run`` (the parent of the stage runs) shows: the
-    experiment marked as model training (the UI opens it on its runs), a name for what ran and
-    when, readable tags; and, around each node, its catalogued inputs for the stage run it may
-    open (logged as that run's datasets)."""
+    experiment marked as model training, a name for what ran and when, readable tags, a link
+    that opens it in the UI's Model training view; and, around each node, its catalogued inputs
+    for the stage run it may open (logged as that run's datasets)."""
 
     @hook_impl(trylast=True)  # after kedro-mlflow started its run
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:

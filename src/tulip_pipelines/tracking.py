@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 250  # MLflow's limit on a parameter value
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on one log_batch
 SEND_EVERY_S = 5.0  # per-step metrics reach the store this often (live, in few transactions)
-# The experiment tag MLflow's UI reads to open an experiment on its runs ("Model training")
-# rather than on the GenAI traces (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+# The experiment's kind, as MLflow records it: a model-training experiment, not a GenAI one
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT). MLflow 3.17's UI picks its view
+# from a switch kept in the browser (default GenAI) instead: links to the UI name
+# ``workflowType=machine_learning`` (:func:`tulip_pipelines.hooks.run_link`).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 CHAMPION = "champion"  # the alias of the registered version with the best long-caption R@1
