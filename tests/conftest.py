@@ -25,6 +25,55 @@ def project_root() -> Path:
     return PROJECT_ROOT
 
 
+# What no test may leave in the project root (a tracking store, its artifacts, pipeline outputs)
+ROOT_OUTPUTS = ("mlruns", "mlflow.db", "mlartifacts", "data")
+
+
+def root_outputs(root: Path = PROJECT_ROOT) -> set[str]:
+    """The files under :data:`ROOT_OUTPUTS` of ``root`` (the tracked ``.gitkeep`` files of
+    data/ left out), relative to it."""
+    found = set()
+    for name in ROOT_OUTPUTS:
+        path = root / name
+        if path.is_file():
+            found.add(name)
+        elif path.is_dir():
+            found.update(str(p.relative_to(root)) for p in path.rglob("*")
+                         if p.is_file() and p.name != ".gitkeep")
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config._root_outputs_before = root_outputs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails when a test wrote into the project root (it must use tmp_path): the
+    files it left are named. Checked once, by the process that started the session."""
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks
+        return
+    before = getattr(session.config, "_root_outputs_before", set())
+    new = sorted(root_outputs() - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = (f"tests wrote {len(new)} file(s) into the project root {PROJECT_ROOT}: "
+                   f"{', '.join(new[:10])}{' ...' if len(new) > 10 else ''}")
+        if reporter is not None:
+            reporter.write_line(message, red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_project(tmp_path_factory):
+    """Every test runs in a scratch working directory, never the project root: a tracking store
+    created without an artifact location puts its artifacts under ``./mlruns`` (MLflow's
+    default), and relative conf paths resolve against the working directory."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow():
     """Each test starts without an active MLflow run, tracking URI or experiment left by another

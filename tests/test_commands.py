@@ -87,7 +87,7 @@ def test_encode_images_skips_and_counts_what_is_not_an_image(model_dir, photos, 
     assert np.allclose(np.stack(frame["embedding"]),
                        _image_features(bundle, [photos / p for p in frame["path"]]), atol=1e-5)
     err = capsys.readouterr().err
-    assert "5 files in" in err and "4 images, 1 skipped (not images); 5 encoded now" in err
+    assert "5 files in" in err and "4 images, 1 skipped (not images); 4 encoded now" in err
 
 
 def _search(model, photos, capsys, *extra):
@@ -111,11 +111,11 @@ def test_search_ranks_the_folder_by_cosine_to_the_query_then_reads_the_cache(
     assert [int(r[0]) for r in rows] == [1, 2, 3]
     assert [r[2] for r in rows] == [str(photos / names[i]) for i in best]
     assert [float(r[1]) for r in rows] == pytest.approx(scores[best].tolist(), abs=1e-4)
-    assert "1 skipped (not images); 5 encoded now, 0 from the cache" in err
+    assert "1 skipped (not images); 4 encoded now, 0 from the cache" in err
     assert (photos / CACHE_DIR).is_dir()
 
     again, err = _search(str(model_dir), photos, capsys)
-    assert again == rows and "0 encoded now, 5 from the cache" in err
+    assert again == rows and "0 encoded now, 4 from the cache" in err
 
 
 def test_search_reads_a_registered_model_and_names_the_registered_ones_otherwise(
@@ -146,3 +146,21 @@ def test_search_reads_an_authors_epoch_file(model_dir, photos, tmp_path, capsys)
     scores = _image_features(loaded, [photos / n for n in names]) @ \
         _text_features(loaded, [LONG])[0]
     assert [r[2] for r in rows] == [str(photos / names[i]) for i in np.argsort(-scores)[:3]]
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\t\n"])
+def test_search_with_an_empty_query_is_an_error_not_a_ranking(model_dir, photos, capsys, query):
+    assert main(["search", "--model", str(model_dir), "--images", str(photos), "--query", query,
+                 "-q"]) == 2
+    captured = capsys.readouterr()
+    assert "rank" not in captured.out
+    assert "tulip search: error: --query is empty or whitespace only" in captured.err
+
+
+def test_encode_texts_with_only_blank_lines_is_an_error(model_dir, tmp_path, capsys):
+    texts = tmp_path / "blank.txt"
+    texts.write_text("\n   \n\t\n")
+    assert main(["encode", "--model", str(model_dir), "--texts", str(texts), "--out",
+                 str(tmp_path / "out.parquet"), "-q"]) == 2
+    assert "holds no caption" in capsys.readouterr().err
+    assert not (tmp_path / "out.parquet").exists()

@@ -21,6 +21,7 @@ def store(tmp_path):
             mlflow.log_metric("recall/urban1k_demo/tulip_expanded/i2t_r1", r1)
             mlflow.log_metric("recall/urban1k_demo/tulip_expanded/i2t_r5", r1 + 20)
             mlflow.log_metric("train/loss", 3.0)  # per-step metric: not compared
+            mlflow.log_metric("eval/urban1k_demo/i2t_r1", r1 - 1)  # a stage run's own model
     yield uri
     mlflow.set_tracking_uri(None)
 
@@ -35,7 +36,10 @@ def test_compare_keeps_differing_params_and_results(store):
     assert {"final/distill_loss", "recall/urban1k_demo/tulip_expanded/i2t_r1"} <= cols
     by_lr = result.table.set_index("params.distill.lr")
     assert by_lr.loc["5e-4", "recall/urban1k_demo/tulip_expanded/i2t_r1"] == 55.0
-    assert list(result.recall_at_1.columns) == ["run_id", "urban1k_demo/tulip_expanded/i2t_r1"]
+    assert by_lr.loc["1e-4", "eval/urban1k_demo/i2t_r1"] == 39.0
+    assert list(result.recall_at_1.columns)[0] == "run_id"
+    assert set(result.recall_at_1.columns[1:]) == {"eval/urban1k_demo/i2t_r1",
+                                                   "urban1k_demo/tulip_expanded/i2t_r1"}
     card = by_lr.loc["5e-4", "model_card"]
     run_id = by_lr.loc["5e-4", "run_id"]
     assert card == f"{mlflow.get_run(run_id).info.artifact_uri}/model/MODEL_CARD.md"

@@ -212,6 +212,157 @@ def test_default_run_registers_five_models_tagged_with_their_r1_rows(default_run
         mp.undo()
 
 
+TRAINED = {"teacher": "tulip-teacher", "distill": "tulip-distilled", "expand": "tulip-expanded",
+           "longclip_authors": "longclip-authors",
+           "longclip_equal_budget": "longclip-equal-budget"}
+
+
+def test_default_run_reads_in_mlflow_as_a_model_training_experiment(default_run):
+    """The store the way MLflow's API gives it back: the experiment's kind, the parent run's
+    name, tags, headline and report, each stage run's own recall under the same names, params
+    without the stage prefix, datasets, its logged model named after it, the registered models
+    described and tagged, and @champion on the best long-caption version."""
+    client = mlflow.MlflowClient(f"sqlite:///{default_run / 'mlflow.db'}")
+    runs = default_run_in_mlflow(client)
+    parent, stages = runs["parent"], runs["stages"]
+    assert runs["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name.startswith("default · local · ")
+    assert parent.data.tags["runner"] == "SequentialRunner"
+    assert parent.data.tags["env"] == "local"
+    metrics = pd.read_parquet(default_run / "data/08_reporting/retrieval_metrics.parquet")
+    long_r1 = metrics[(metrics["k"] == 1)
+                      & metrics["benchmark"].isin(["urban1k_demo", "sharegpt4v_val"])]
+    expected = long_r1.groupby("model")["recall"].mean()
+    assert parent.data.metrics == pytest.approx({f"long_r1/{m}": v for m, v in expected.items()})
+    assert {"retrieval_report.md", "retrieval_report.png", "recall_by_tokens_read.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "distill.train.lr" in parent.data.params  # the parent keeps the prefixed set
+
+    names = None
+    for stage, run in stages.items():
+        model = {"distill": "tulip_distilled", "expand": "tulip_expanded"}.get(stage, stage)
+        own = metrics[metrics["model"] == model]
+        evals = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+        assert evals == pytest.approx({f"eval/{r.benchmark}/{r.direction}_r{r.k}": r.recall
+                                       for r in own.itertuples()}), stage
+        names = names or set(evals)
+        assert set(evals) == names  # the same names in every stage run
+        assert not [k for k in run.data.metrics if k.startswith("final")]
+        assert "train.lr" in run.data.params and not any(
+            k.startswith(f"{stage}.") for k in run.data.params)
+        loss = run.data.tags["tulip.loss"]
+        assert f"train/loss_{loss}" in run.data.metrics and "train/loss" not in run.data.metrics
+        datasets = {d.dataset.name for d in run.inputs.dataset_inputs}
+        assert {"train_captions", "prepared_images"} <= datasets, (stage, datasets)
+        logged = mlflow.search_logged_models(experiment_ids=[runs["experiment"].experiment_id],
+                                             filter_string=f"source_run_id = '{run.info.run_id}'",
+                                             output_format="list")
+        assert [m.name for m in logged] == [stage]
+        registered = client.get_registered_model(TRAINED[stage])
+        assert registered.tags["stage"] == stage and registered.description
+        assert registered.tags["context_length"] == ("77" if stage == "teacher" else "248")
+    best = max(TRAINED.values(), key=lambda name: float(
+        client.get_model_version(name, "1").tags["long_r1"]))
+    assert client.get_registered_model(best).aliases == {"champion": 1}
+    assert sum("champion" in m.aliases for m in client.search_registered_models()) == 1
+
+
+def default_run_in_mlflow(client) -> dict:
+    """The experiment, the parent run of the default ``kedro run`` and its five training stage
+    runs by stage."""
+    experiment = client.get_experiment_by_name("tulip_pipelines")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parent = next(r for r in runs if r.info.run_name.startswith("default · "))
+    stages = {r.data.tags["tulip.stage"]: r for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and r.data.tags.get("tulip.stage") in TRAINED}
+    assert set(stages) == set(TRAINED)
+    champion = [m.name for m in client.search_registered_models() if "champion" in m.aliases]
+    return {"experiment": experiment, "parent": parent, "stages": stages,
+            "champion": champion[0] if champion else None}
+
+
+def test_mlflow_ui_in_a_browser_shows_the_run_the_models_side_by_side_and_the_champion(
+        default_run, tmp_path):
+    """What a user sees in MLflow's UI over the run's store, in headless Chromium."""
+    check_mlflow_ui(default_run, tmp_path)
+
+
+def check_mlflow_ui(project: Path, out: Path) -> None:
+    """The experiment opens on its runs table (MLflow 3.17's own switch, ``workflowType``, is a
+    setting of the browser whose default is GenAI: the link the README gives names it); the
+    parent run shows its name and headline metrics; the compare page puts the five stage runs'
+    recalls side by side; the registered models list the five names and the @champion alias."""
+    from tests.browser import chromium_page, mlflow_ui, screenshot
+
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    found = default_run_in_mlflow(mlflow.MlflowClient(store))
+    experiment_id = found["experiment"].experiment_id
+    parent, stages = found["parent"], found["stages"]
+    ml = "workflowType=machine_learning"
+    with mlflow_ui(store, project, out / "mlflow_ui.log") as url, chromium_page() as page:
+        page.goto(f"{url}/#/experiments/{experiment_id}?{ml}")
+        page.wait_for_url(f"**/experiments/{experiment_id}/runs**")
+        page.get_by_text(parent.info.run_name).first.wait_for()
+        page.get_by_role("columnheader", name="Run Name").first.wait_for()
+        _close_assistant(page)
+        # the parent's row unfolds into its stage runs
+        page.get_by_role("row").filter(has_text=parent.info.run_name).get_by_role(
+            "button").first.click()
+        for stage, registered in TRAINED.items():
+            page.get_by_role("row").filter(has_text=stage).first.wait_for()
+            page.get_by_text(registered, exact=True).first.wait_for()  # the Models column
+        # the Datasets column: each stage run's caption table
+        assert page.get_by_text("train_captions").count() == len(TRAINED)
+        screenshot(page, out, "mlflow_runs")
+
+        page.goto(f"{url}/#/experiments/{experiment_id}/runs/{parent.info.run_id}?{ml}")
+        page.get_by_role("heading", name=parent.info.run_name).first.wait_for()
+        for name in parent.data.metrics:
+            page.get_by_text(name, exact=True).first.wait_for()
+        _close_assistant(page)
+        screenshot(page, out, "mlflow_parent_run")
+
+        ids = json.dumps([stages[s].info.run_id for s in TRAINED])
+        page.goto(f"{url}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"
+                  f"&{ml}")
+        page.get_by_text("Comparing 5 Runs").first.wait_for()
+        for stage in TRAINED:
+            page.get_by_text(stage, exact=True).first.wait_for()
+        metric = next(k for k in stages["expand"].data.metrics if k.startswith("eval/"))
+        page.get_by_text(metric, exact=True).first.wait_for()
+        _close_assistant(page)
+        for section in ("Visualizations", "Parameters"):  # folded: run names above recalls
+            page.get_by_text(section, exact=True).first.click()
+        page.get_by_text(metric, exact=True).first.wait_for()
+        screenshot(page, out, "mlflow_compare")
+
+        page.goto(f"{url}/#/models?{ml}")
+        for name in TRAINED.values():
+            page.get_by_text(name, exact=True).first.wait_for()
+        _close_dialog(page)
+        rows = page.get_by_role("row")
+        champion = rows.filter(has_text=found["champion"]).filter(has_text="champion")
+        champion.first.wait_for()
+        assert rows.filter(has_text="champion").count() == 1
+        screenshot(page, out, "mlflow_models")
+
+
+def _close_dialog(page) -> None:
+    """Dismiss a "what's new" dialog if one opened over the page."""
+    dialog = page.get_by_role("dialog")
+    if dialog.count():
+        dialog.get_by_role("button", name="Close").first.click()
+        dialog.first.wait_for(state="hidden")
+
+
+def _close_assistant(page) -> None:
+    """Fold the MLflow Assistant side panel away (it takes a third of the page)."""
+    close = page.get_by_role("button", name="Close")
+    if close.count():
+        close.first.click()
+
+
 def _sbatch(project, params: dict, log: Path, env: dict) -> subprocess.Popen:
     """``kedro run --pipelines distill --params ...`` as a batch job of one node and 2 tasks
     (they stand for 2 nodes), started with ``sbatch --wait``: its exit code is the job's."""

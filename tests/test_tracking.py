@@ -74,7 +74,6 @@ def test_without_tracking_a_stage_logs_nothing(monkeypatch, tmp_path):
     with stage_run("distill", {"loss_type": "cosine"}, DS_FP32) as tracker:
         assert tracker.run_id is None
         tracker.log({"train/loss": 1.0}, step=1)
-        tracker.log_final({"loss": 1.0})
         tracker.log_model(teacher, registered_model_name="tulip-distilled")  # nor registers
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
     assert update_registered_versions("0" * 32, {"r1/x/y": "1.00"}) == 0
@@ -116,15 +115,16 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     assert distilled.spec.extra["mlflow_run_id"] == dist["run_id"]
     assert expanded.spec.extra["mlflow_run_id"] == exp["run_id"]
     assert exp["tags.tulip.parent_run_id"] == dist["run_id"]
-    assert exp["params.expand.init_model"] == f"runs:/{dist['run_id']}/model"
-    assert dist["params.distill.init_model"] == "TULIP-Tiny:untracked"
+    assert exp["params.init_model"] == f"runs:/{dist['run_id']}/model"
+    assert dist["params.init_model"] == "TULIP-Tiny:untracked"
     assert "tags.tulip.parent_run_id" not in runs or pd.isna(dist["tags.tulip.parent_run_id"])
 
-    # flattened parameters and the DeepSpeed config
-    assert dist["params.distill.loss_type"] == "mse"
-    assert (
-        exp["params.expand.long_weight"] == "0.8" and exp["params.expand.train.batch_size"] == "4"
-    )
+    # flattened parameters without the stage prefix (the same key in both stage runs), and the
+    # DeepSpeed config
+    assert dist["params.loss_type"] == "mse"
+    assert exp["params.long_weight"] == "0.8"
+    assert exp["params.train.batch_size"] == dist["params.train.batch_size"] == "4"
+    assert not [c for c in runs.columns if c.startswith(("params.distill.", "params.expand."))]
     assert exp["params.deepspeed.zero_optimization.stage"] == "0"
     client = mlflow.MlflowClient()
     ds_path = client.download_artifacts(
@@ -133,13 +133,17 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     with open(ds_path) as f:
         assert json.load(f) == DS_FP32
 
-    # per-step metrics, final metrics
-    losses = client.get_metric_history(exp["run_id"], "train/loss")
+    # per-step curves, the loss named after its kind (a distillation distance and a contrastive
+    # loss never share a chart); no final/* copies of them
+    losses = client.get_metric_history(exp["run_id"], "train/loss_contrastive")
     assert [m.step for m in losses] == [1, 2, 3]
     assert [m.value for m in losses] == pytest.approx(history["loss"].tolist())
+    assert len(client.get_metric_history(dist["run_id"], "train/loss_distill_mse")) == 3
+    assert (exp["tags.tulip.loss"], dist["tags.tulip.loss"]) == ("contrastive", "distill_mse")
+    assert "metrics.train/loss" not in runs or runs["metrics.train/loss"].isna().all()
     assert {m.step for m in client.get_metric_history(exp["run_id"], "train/lr")} == {1, 2, 3}
     assert client.get_metric_history(exp["run_id"], "train/samples_per_s")[0].value > 0
-    assert exp["metrics.final/train/loss"] == pytest.approx(history["loss"].iloc[-1])
+    assert not [c for c in runs.columns if c.startswith("metrics.final")]
 
     # the exported model and the loss curve as artifacts
     artifacts = {a.path for a in client.list_artifacts(exp["run_id"])}
@@ -176,11 +180,19 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     # from the expand run, the card as its description); distill's name is null: not registered
     logged = mlflow.search_logged_models(experiment_ids=[exp["experiment_id"]],
                                          output_format="list")
-    assert sorted(m.source_run_id for m in logged) == sorted([dist["run_id"], exp["run_id"]])
+    assert sorted((m.name, m.source_run_id) for m in logged) == [
+        ("distill", dist["run_id"]), ("expand", exp["run_id"])]
     assert [m.name for m in client.search_registered_models()] == ["tulip-expanded"]
     (version,) = client.search_model_versions("name='tulip-expanded'")
     assert str(version.version) == "1" and version.run_id == exp["run_id"]
     assert version.description == card
+    # the registered model says what it is; the experiment opens on its runs in the UI
+    registered = client.get_registered_model("tulip-expanded")
+    assert registered.tags == {"stage": "expand", "base_model": expanded.spec.model_name,
+                               "context_length": "248"}
+    assert "`expand` stage" in registered.description and "@champion" in registered.description
+    assert client.get_experiment(exp["experiment_id"]).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     # models:/ and runs:/ URIs load the same weights as the exported model
     for uri in ("models:/tulip-expanded/latest", "models:/tulip-expanded/1",
                 f"runs:/{exp['run_id']}/model"):

@@ -113,6 +113,8 @@ def search(args) -> tuple[str, str]:
     from tulip_pipelines.serving.embed import embed_texts
     from tulip_pipelines.serving.image_cache import folder_embeddings
 
+    if not args.query.strip():
+        raise ValueError("--query is empty or whitespace only: give a caption to search for")
     bundle, device, autocast = _load(args)
     found = folder_embeddings(bundle, args.images, args.batch_size, args.workers, device,
                               autocast)

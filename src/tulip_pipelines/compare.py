@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "tulip_pipelines"
 RUN_COLUMNS = ["run_id", "tags.mlflow.runName", "start_time", "status"]
-# Metrics worth putting side by side: the final losses of the training stages and the recalls.
-METRIC_PREFIXES = ("final", "recall/")
+# Metrics worth putting side by side: the recalls (a stage run's own model's ``eval/``, the
+# parent run's headline ``long_r1/``; ``final``/``recall/`` of runs logged before them).
+METRIC_PREFIXES = ("eval/", "long_r1/", "final", "recall/")
 MODEL_CARD_TAG = "tags.tulip.model_card"  # set by tracking.StageTracker.log_model
 
 
@@ -70,9 +71,11 @@ def compare_runs(runs: pd.DataFrame) -> Comparison:
         cards = [f"{uri}/{card}" if isinstance(card, str) else None
                  for uri, card in zip(runs["artifact_uri"], runs[MODEL_CARD_TAG])]
         table.insert(len(base), "model_card", cards)
-    r1 = [c for c in metrics if c.startswith("metrics.recall/") and c.endswith("_r1")]
+    r1 = [c for c in metrics if (c.startswith(("metrics.recall/", "metrics.eval/"))
+                                 and c.endswith("_r1")) or c.startswith("metrics.long_r1/")]
     recall = runs[["run_id"] + r1].copy()
-    recall.columns = ["run_id"] + [c.removeprefix("metrics.recall/") for c in r1]
+    recall.columns = ["run_id"] + [c.removeprefix("metrics.").removeprefix("recall/")
+                                   for c in r1]
     return Comparison(table=table, recall_at_1=recall)
 
 

@@ -9,9 +9,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from kedro.config import OmegaConfigLoader  # noqa: E402
 
-from tulip_pipelines.hooks import ProjectHooks  # noqa: E402
+from tulip_pipelines.hooks import MlflowRunHooks, ProjectHooks  # noqa: E402
 
-HOOKS = (ProjectHooks(),)
+HOOKS = (ProjectHooks(), MlflowRunHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 def _env(name: str, default: str | None = None) -> str | None:

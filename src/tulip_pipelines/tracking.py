@@ -1,11 +1,16 @@
 """MLflow tracking of training and evaluation stages (this module only talks to MLflow; running a
 stage is :mod:`tulip_pipelines.training.stages.run`).
 
-``kedro run`` opens one MLflow run (kedro-mlflow); each stage opens a *nested* run named after it
-with its parameters, the DeepSpeed config, per-step metrics (logged as they come, by the launched
-rank 0 too), system metrics, final metrics and its exported model (as plain files, and as a
-pyfunc MLflow model registered in the Model Registry under the stage's ``registered_model_name``:
-:mod:`tulip_pipelines.serving.pyfunc`).
+``kedro run`` opens one MLflow run (kedro-mlflow; the *parent run*: named for the pipelines, the
+environment and the start time, it holds every prefixed parameter and, after the evaluation, the
+headline metrics and the report: :mod:`tulip_pipelines.hooks`). Each stage opens a *nested* run
+named after it with its parameters (without the stage prefix: the same key means the same thing
+in every stage run), the DeepSpeed config, its inputs as MLflow datasets, per-step curves (the
+loss named after its kind; logged as they come, by the launched rank 0 too), system metrics and
+its exported model (as plain files, and as a pyfunc MLflow model named after the stage,
+registered in the Model Registry under the stage's ``registered_model_name``:
+:mod:`tulip_pipelines.serving.pyfunc`). The evaluation adds each model's recall to the run that
+trained it (``eval/<benchmark>/<direction>_r<k>``) and moves the ``champion`` alias.
 Outside Kedro a stage logs only when a tracking URI is configured (``MLFLOW_TRACKING_URI``);
 otherwise nothing is logged. Only rank 0 ever calls this module.
 """
@@ -27,6 +32,14 @@ logger = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 250  # MLflow's limit on a parameter value
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on one log_batch
 SEND_EVERY_S = 5.0  # per-step metrics reach the store this often (live, in few transactions)
+# The experiment's kind, as MLflow records it: a model-training experiment, not a GenAI one
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT). MLflow 3.17's UI picks its view
+# from a switch kept in the browser (default GenAI) instead: links to the UI name
+# ``workflowType=machine_learning`` (:func:`tulip_pipelines.hooks.run_link`).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+CHAMPION = "champion"  # the alias of the registered version with the best long-caption R@1
+LONG_R1_TAG = "long_r1"  # a registered version's mean R@1 over the long-caption benchmarks
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -46,10 +59,11 @@ class StageTracker:
     ``parent_run_id``: the run it is nested in (kedro-mlflow's run of the ``kedro run``)."""
 
     def __init__(self, run_id: str | None, parent_run_id: str | None = None,
-                 send_every_s: float = SEND_EVERY_S):
+                 send_every_s: float = SEND_EVERY_S, loss_kind: str | None = None):
         self.run_id = run_id
         self.parent_run_id = parent_run_id
         self.send_every_s = send_every_s
+        self.loss_kind = loss_kind
         self._pending: list = []
         self._sent_at = time.monotonic()
 
@@ -67,7 +81,8 @@ class StageTracker:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self._pending.extend(Metric(loss_named(k, self.loss_kind), float(v), now, step)
+                                 for k, v in metrics.items())
             if time.monotonic() - self._sent_at >= self.send_every_s:
                 self.flush()
 
@@ -87,32 +102,29 @@ class StageTracker:
         import mlflow
 
         return {"tracking_uri": mlflow.get_tracking_uri(), "run_id": self.run_id,
-                "send_every_s": self.send_every_s}
-
-    def log_final(self, metrics: Mapping[str, float]) -> None:
-        self.log({f"final/{k}": float(v) for k, v in metrics.items()}, step=0)
+                "send_every_s": self.send_every_s, "loss_kind": self.loss_kind}
 
     def log_figure(self, figure, name: str) -> None:
         if self.run_id:
             self.client.log_figure(self.run_id, figure, name)
 
     def log_table(self, frame, name: str) -> None:
-        """A table as a Parquet artifact of this run (with its row count as a final metric)."""
+        """A table as a Parquet artifact of this run."""
         if not self.run_id:
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             frame.to_parquet(path, index=False)
             self.client.log_artifact(self.run_id, str(path))
-        self.log({f"final/{Path(name).stem}": float(len(frame))}, step=0)
 
     def log_model(self, model_bundle, artifact_path: str = "model",
-                  registered_model_name: str | None = None) -> None:
+                  registered_model_name: str | None = None, name: str = "model") -> None:
         """The exported model (safetensors, config and model card) as an artifact of this run;
         the tag ``tulip.model_card`` names the card's artifact path (``tulip-compare`` links
-        it). The same directory is also logged as a pyfunc MLflow model (named
-        :data:`MLFLOW_MODEL`), registered as a new version of ``registered_model_name`` when
-        that is given (its description: the model card)."""
+        it). The same directory is also logged as a pyfunc MLflow model named ``name`` (the
+        stage), registered as a new version of ``registered_model_name`` when that is given
+        (the version's description: the model card; the registered model's: what it is, with
+        the tags ``stage``, ``base_model`` and ``context_length``)."""
         if not self.run_id:
             return
         from tulip_pipelines.models import save_model
@@ -128,9 +140,12 @@ class StageTracker:
             # logging loads the model to check its input example: that must not move the
             # random numbers of what runs next (a stage's initialisation) when tracking is on
             with torch.random.fork_rng(devices=[]):
-                self._log_mlflow_model(directory, registered_model_name)
+                self._log_mlflow_model(directory, registered_model_name, name)
+            if registered_model_name:
+                describe_registered_model(registered_model_name, model_bundle)
 
-    def _log_mlflow_model(self, directory: Path, registered_model_name: str | None) -> None:
+    def _log_mlflow_model(self, directory: Path, registered_model_name: str | None,
+                          name: str) -> None:
         import mlflow
 
         from tulip_pipelines.models.card import CARD
@@ -140,7 +155,7 @@ class StageTracker:
         active = mlflow.active_run()
         here = active is not None and active.info.run_id == self.run_id
         with nullcontext() if here else mlflow.start_run(self.run_id, nested=active is not None):
-            info = log_embedding_model(directory, MLFLOW_MODEL, registered_model_name,
+            info = log_embedding_model(directory, name, registered_model_name,
                                        (directory / CARD).read_text(encoding="utf-8"))
         logger.info("MLflow model %s%s logged in %.1f s", info.model_uri,
                     f" registered as {registered_model_name} version "
@@ -149,7 +164,34 @@ class StageTracker:
 
 
 MODEL_CARD_TAG = "tulip.model_card"
-MLFLOW_MODEL = "embedder"  # the pyfunc model's name in a stage run
+
+
+def loss_named(key: str, kind: str | None) -> str:
+    """``train/loss`` -> ``train/loss_<kind>`` (``val/`` too): a chart of the runs compared puts
+    only losses of one kind together (the distillation's cosine distance is no contrastive
+    loss). Other keys, or no kind, unchanged."""
+    if kind and key in ("train/loss", "val/loss"):
+        return f"{key}_{kind}"
+    return key
+
+
+def describe_registered_model(name: str, bundle) -> None:
+    """The registered model's description and tags: its stage, base model and context length
+    (set again with every version: the latest version's)."""
+    import mlflow
+
+    spec = bundle.spec
+    stage = spec.extra.get("stage", "")
+    client = mlflow.MlflowClient()
+    client.update_registered_model(
+        name, description=f"Text-image embedding model trained by the `{stage}` stage of "
+                          f"tulip_pipelines ({spec.model_name}, {spec.kind} text positions, "
+                          f"{spec.context_length}-token context). Each version's description "
+                          f"is its model card; `@{CHAMPION}` marks the project's best version "
+                          f"on the long-caption benchmarks.")
+    for key, value in {"stage": stage, "base_model": spec.model_name,
+                       "context_length": str(spec.context_length)}.items():
+        client.set_registered_model_tag(name, key, value)
 
 
 def update_registered_versions(run_id: str | None, tags: Mapping[str, str],
@@ -180,6 +222,68 @@ def update_registered_versions(run_id: str | None, tags: Mapping[str, str],
         logger.info("registered model %s version %s: %d tags", version.name, version.version,
                     len(tags))
     return len(versions)
+
+
+def eval_metrics(metrics) -> dict[str, float]:
+    """One model's rows of ``retrieval_metrics`` as the metrics of the run that trained it:
+    ``eval/<benchmark>/<direction>_r<k>`` (the same names in every stage run, so that the runs
+    table, the charts and the compare page put the models side by side)."""
+    return {f"eval/{r.benchmark}/{r.direction}_r{r.k}": float(r.recall)
+            for r in metrics.itertuples()}
+
+
+def long_r1(metrics, long_benchmarks) -> dict[str, float]:
+    """Each model's R@1 on the long-caption benchmarks: the mean over them and both directions
+    (model -> recall in percent; models without such rows left out)."""
+    rows = metrics[(metrics["k"] == 1) & metrics["benchmark"].isin(list(long_benchmarks))]
+    return {str(k): float(v) for k, v in rows.groupby("model", sort=False)["recall"].mean().items()}
+
+
+def log_eval_to_stage_run(run_id: str | None, metrics, extra: dict[str, float] | None = None
+                          ) -> bool:
+    """Log ``eval_metrics(metrics)`` (and ``extra`` metrics) into the stage run ``run_id``
+    (step 0). False, with a log line, when tracking is off or that run is not in this store."""
+    if not run_id or not tracking_enabled():
+        return False
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    now = int(time.time() * 1000)
+    try:
+        mlflow.MlflowClient().log_batch(
+            run_id, metrics=[Metric(k, v, now, 0) for k, v in
+                             {**eval_metrics(metrics), **(extra or {})}.items()])
+    except MlflowException as err:
+        logger.warning("evaluation metrics not logged to run %s: %s", run_id, err)
+        return False
+    return True
+
+
+def move_champion() -> str | None:
+    """Put the ``champion`` alias on the registered version with the highest :data:`LONG_R1_TAG`
+    among every registered model of the store (taking it from wherever it was). Returns
+    ``"<name>/<version>"`` of the champion, None when no version has the tag."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    best, holders = None, []
+    for model in client.search_registered_models():
+        if CHAMPION in (model.aliases or {}):
+            holders.append(model.name)
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            value = version.tags.get(LONG_R1_TAG)
+            if value is not None and (best is None or float(value) > best[0]):
+                best = (float(value), version.name, str(version.version))
+    if best is None:
+        return None
+    for name in holders:
+        if name != best[1]:
+            client.delete_registered_model_alias(name, CHAMPION)
+    client.set_registered_model_alias(best[1], CHAMPION, best[2])
+    logger.info("@%s: %s version %s (long-caption R@1 %.2f)", CHAMPION, best[1], best[2],
+                best[0])
+    return f"{best[1]}/{best[2]}"
 
 
 def recall_at_1_tags(metrics) -> dict[str, str]:
@@ -225,6 +329,91 @@ def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
     return ({"tulip.parent_run_id": run_id} if run_id else {}), {"init_model": source}
 
 
+# The catalogued inputs of the Kedro node running now (name -> (value, file path)), set by the
+# project hook around each node: what a stage run opened inside it logs as its datasets.
+_node_inputs: dict[str, tuple[Any, str | None]] = {}
+
+
+def set_node_inputs(inputs: Mapping[str, tuple[Any, str | None]]) -> None:
+    _node_inputs.clear()
+    _node_inputs.update(inputs)
+
+
+def node_inputs() -> dict[str, tuple[Any, str | None]]:
+    return dict(_node_inputs)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def mlflow_dataset(name: str, value: Any, source: str | None):
+    """An MLflow dataset for a catalogued input: a table (its rows, schema and a digest of its
+    content) or prepared image shards (their index as digest, the samples as rows); None for
+    anything else (models, embeddings caches)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from tulip_pipelines.data.images import FolderImages, PreparedImages
+
+    where = str(Path(source).resolve()) if source else name
+    if isinstance(value, pd.DataFrame):
+        return mlflow.data.from_pandas(value, source=where, name=name)
+    if isinstance(value, (PreparedImages, FolderImages)):
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        folder = Path(getattr(value, "folder", None) or getattr(value, "root", ""))
+        index = folder / "index.json"
+        described = json.dumps(value.to_dict(), sort_keys=True, default=str)
+        digest = _digest(index.read_text() if index.is_file() else described)
+        rows = value.to_dict().get("n_samples")
+
+        class _Images(MetaDataset):
+            @property
+            def profile(self):
+                return {"num_rows": rows} if rows is not None else None
+
+            def to_dict(self) -> dict[str, str]:
+                out = super().to_dict()
+                if self.profile is not None:
+                    out["profile"] = json.dumps(self.profile)
+                return out
+
+        return _Images(resolve_dataset_source(str(folder.resolve())), name=name, digest=digest)
+    return None
+
+
+def log_datasets(datasets: Mapping[str, tuple[Any, str | None]], context: str) -> int:
+    """Log each ``name -> (value, file path)`` that is a table or an image source as an input of
+    the active run (``mlflow.log_input``, with ``context``: the stage). Returns how many."""
+    import mlflow
+
+    logged = 0
+    for name, (value, source) in datasets.items():
+        try:
+            dataset = mlflow_dataset(name, value, source)
+        except Exception as err:  # noqa: BLE001 - a dataset's description never stops a stage
+            logger.warning("dataset %s not logged: %s", name, err)
+            continue
+        if dataset is not None:
+            mlflow.log_input(dataset, context=context)
+            logged += 1
+    return logged
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as a model-training one (:data:`EXPERIMENT_KIND_TAG`), so that the UI
+    opens it on its runs; an experiment already of that kind is left alone."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def tracking_enabled() -> bool:
     import mlflow
 
@@ -233,8 +422,13 @@ def tracking_enabled() -> bool:
 
 @contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[StageTracker]:
-    """An MLflow run for one stage, nested in the active run if any."""
+              tags: Mapping[str, str] | None = None, loss_kind: str | None = None,
+              datasets: Mapping[str, Any] | None = None) -> Iterator[StageTracker]:
+    """An MLflow run for one stage, nested in the active run if any. Its parameters are logged
+    without the stage prefix (``train.lr``, not ``distill.train.lr``); ``loss_kind`` names its
+    loss curves (:func:`loss_named`) and is its tag ``tulip.loss``; ``datasets`` (catalog name
+    -> (table or image source, file path); None: the running node's catalogued inputs) are
+    logged as its inputs (:func:`log_datasets`)."""
     if not tracking_enabled():
         yield StageTracker(None)
         return
@@ -245,13 +439,17 @@ def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any
     # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default: 10) while the stage runs
     with mlflow.start_run(run_name=stage, nested=outer is not None,
                           log_system_metrics=True) as run:
-        mlflow.set_tags({"tulip.stage": stage, **dict(tags or {})})
-        mlflow.log_params(flatten({stage: dict(params)}))
+        mark_model_training(run.info.experiment_id)
+        mlflow.set_tags({"tulip.stage": stage, **({"tulip.loss": loss_kind} if loss_kind else {}),
+                         **dict(tags or {})})
+        mlflow.log_params(flatten(dict(params)))
         if ds_config:
             mlflow.log_params(flatten({"deepspeed": dict(ds_config)}))
             mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
+        log_datasets(node_inputs() if datasets is None else datasets, stage)
         logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
-        tracker = StageTracker(run.info.run_id, outer.info.run_id if outer else None)
+        tracker = StageTracker(run.info.run_id, outer.info.run_id if outer else None,
+                               loss_kind=loss_kind)
         try:
             yield tracker
         finally:

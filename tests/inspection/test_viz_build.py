@@ -92,7 +92,18 @@ def write_outputs(project: Path) -> dict[str, pd.DataFrame]:
                                                    {"size": 48, "n_samples": 3}))
     catalog.save("teacher_loss_plot", loss_figure(history, "teacher"))
     catalog.save("retrieval_report_plot", report_figure(metrics))
+    catalog.save("retrieval_report", REPORT)
+    import torch
+
+    from tulip_pipelines.models import create_teacher
+
+    torch.manual_seed(0)
+    catalog.save("teacher_model", create_teacher("TULIP-Tiny"))  # with its model card
     return tables
+
+
+REPORT = ("# Retrieval\n\n| benchmark | model | I2T R@1 |\n|:--|:--|--:|\n"
+          "| urban1k_demo | teacher | 12.5 |\n")
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +186,19 @@ def test_plots_written_show_as_images(built):
         assert base64.b64decode(detail["preview"]).startswith(PNG_MAGIC), name
 
 
+def test_the_report_and_the_model_cards_show_their_markdown(built, tmp_path):
+    site, _ = built
+    details = node_details(site)
+    report = details["retrieval_report"]
+    assert report["preview_type"] == "TextPreview" and report["preview"] == REPORT
+    card = details["teacher_model"]
+    written = (site.parent / "data/06_models/teacher_model/MODEL_CARD.md").read_text()
+    assert card["preview_type"] == "TextPreview" and card["preview"] == written
+    assert "TULIP-Tiny" in written
+    # a model directory not written yet says so
+    assert "not trained yet" in details["expanded_model"]["preview"]
+
+
 def test_prepared_images_show_their_description(built):
     detail = node_details(built[0])["prepared_images"]
     assert detail["preview_type"] == "JSONPreview", detail.get("preview_type")
@@ -201,6 +225,25 @@ def test_every_table_and_plot_entry_offers_a_preview(viz_site, project_root):
             continue
         checked += 1
     assert checked >= 17  # 12 tables and 5 plots in the default catalog
+
+
+def test_the_site_in_a_browser_offers_every_pipeline(viz_site, tmp_path):
+    """What a user sees: the built site served over HTTP, in headless Chromium; its pipeline
+    menu lists every pipeline, and choosing one draws its nodes."""
+    from tests.browser import chromium_page, screenshot, static_site
+
+    with static_site(viz_site, tmp_path / "http.log") as url, chromium_page() as page:
+        page.goto(f"{url}/")
+        menu = page.locator(".kedro.dropdown", has_text="__default__").first
+        menu.wait_for()
+        screenshot(page, tmp_path, "viz_default")
+        menu.click()
+        offered = [t.strip() for t in menu.locator("[role=option]").all_inner_texts()]
+        assert set(PIPELINES) | {"__default__"} <= set(offered), offered
+        menu.locator("[role=option]", has_text="expand").first.click()
+        page.get_by_text("expand_context").first.wait_for()
+        assert menu.locator(".dropdown__label").inner_text().strip() == "expand"
+        screenshot(page, tmp_path, "viz_expand")
 
 
 def test_readme_build_line_is_the_make_viz_command(project_root):

@@ -16,6 +16,7 @@ from tulip_pipelines.data.images import SKIPPED_COLUMNS, FolderImages
 from tulip_pipelines.evaluation.encode import image_tower_key
 from tulip_pipelines.evaluation.evaluate import EvaluateParams
 from tulip_pipelines.models import (
+    ModelBundle,
     build_student,
     create_teacher,
     load_bundle,
@@ -195,9 +196,7 @@ def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     run = mlflow.MlflowClient(uri).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(uri).search_experiments()],
         filter_string="tags.`tulip.stage` = 'evaluate'")[0]
-    row = metrics[(metrics["benchmark"] == "val") & (metrics["model"] == "teacher")
-                  & (metrics["direction"] == "t2i") & (metrics["k"] == 1)]["recall"].item()
-    assert run.data.metrics["recall/val/teacher/t2i_r1"] == pytest.approx(row)
+    assert run.data.metrics == {}  # the recalls go to the models' own runs, the table stays here
     artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id)}
     assert {"retrieval_report.md", "retrieval_report.png", "retrieval_metrics.parquet",
             "recall_by_tokens_read.png", "recall_by_tokens_read.parquet",
@@ -283,3 +282,120 @@ def test_each_registered_version_gets_its_own_models_rows_and_card(tmp_path, mon
         assert description == card.read_text(encoding="utf-8")
         assert f"| {name} " in description and f"| {other} " not in description
         assert "longclip_stretched" not in description
+
+
+def _tracked_model(stage: str, registered: str, seed: int, root) -> ModelBundle:
+    """A model logged and registered by its own run ``stage``, its directory written with that
+    run id (as a training stage leaves it), loaded back as the catalog gives it."""
+    from tulip_pipelines.serving.pyfunc import log_embedding_model
+
+    torch.manual_seed(seed)
+    bundle = create_teacher("TULIP-Tiny")
+    with mlflow.start_run(run_name=stage) as run:
+        bundle.spec.extra = {"stage": stage, "mlflow_run_id": run.info.run_id}
+        directory = root / f"{stage}_{seed}"
+        save_model(bundle, directory)
+        log_embedding_model(directory, stage, registered_model_name=registered)
+    return load_bundle(directory)
+
+
+def _recall_table(values: dict) -> pd.DataFrame:
+    """``{(model, benchmark, direction, k): recall}`` as a retrieval_metrics table."""
+    return pd.DataFrame([{"benchmark": b, "model": m, "direction": d, "k": k, "recall": r,
+                          "n_queries": 4} for (m, b, d, k), r in values.items()])
+
+
+def test_each_model_recall_goes_to_its_own_run_and_the_champion_to_the_best(tmp_path,
+                                                                            monkeypatch):
+    from tulip_pipelines.pipelines.evaluate.nodes import add_retrieval_to_model_cards
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    params = {"benchmarks": {"urban": {"format": "urban1k", "root": "x", "kind": "long"},
+                             "flickr": {"format": "flickr30k", "root": "y", "kind": "short"}}}
+    try:
+        teacher = _tracked_model("teacher", "tulip-teacher", 0, tmp_path)
+        expanded = _tracked_model("expand", "tulip-expanded", 1, tmp_path)
+        values = {}
+        for model, base in (("teacher", 10.0), ("tulip_expanded", 40.0)):
+            for bench, extra in (("urban", 0.0), ("flickr", 30.0)):
+                values.update({(model, bench, "i2t", 1): base + extra,
+                               (model, bench, "t2i", 1): base + extra + 2.0,
+                               (model, bench, "i2t", 5): base + extra + 20.0,
+                               (model, bench, "t2i", 5): base + extra + 22.0})
+        add_retrieval_to_model_cards({"teacher": teacher, "tulip_expanded": expanded},
+                                     _recall_table(values), params)
+        client = mlflow.MlflowClient()
+        teacher_run = client.get_run(teacher.spec.extra["mlflow_run_id"]).data.metrics
+        expand_run = client.get_run(expanded.spec.extra["mlflow_run_id"]).data.metrics
+        # the same names in both runs, each with its own model's values
+        assert teacher_run == {"eval/urban/i2t_r1": 10.0, "eval/urban/t2i_r1": 12.0,
+                               "eval/urban/i2t_r5": 30.0, "eval/urban/t2i_r5": 32.0,
+                               "eval/flickr/i2t_r1": 40.0, "eval/flickr/t2i_r1": 42.0,
+                               "eval/flickr/i2t_r5": 60.0, "eval/flickr/t2i_r5": 62.0}
+        assert expand_run["eval/urban/i2t_r1"] == 40.0 and set(expand_run) == set(teacher_run)
+        # long-caption R@1: urban only (flickr is short), both directions
+        assert client.get_model_version("tulip-teacher", "1").tags["long_r1"] == "11.00"
+        assert client.get_model_version("tulip-expanded", "1").tags["long_r1"] == "41.00"
+        assert client.get_registered_model("tulip-expanded").aliases == {"champion": 1}
+        assert client.get_registered_model("tulip-teacher").aliases == {}
+
+        # a better version registered later takes the alias (flickr's higher R@1 does not count)
+        better = _tracked_model("teacher", "tulip-teacher", 2, tmp_path)
+        values = {("teacher", "urban", "i2t", 1): 50.0, ("teacher", "urban", "t2i", 1): 54.0,
+                  ("teacher", "flickr", "i2t", 1): 1.0, ("teacher", "flickr", "t2i", 1): 1.0}
+        add_retrieval_to_model_cards({"teacher": better}, _recall_table(values), params)
+        assert client.get_model_version("tulip-teacher", "2").tags["long_r1"] == "52.00"
+        assert client.get_registered_model("tulip-teacher").aliases == {"champion": 2}
+        assert client.get_registered_model("tulip-expanded").aliases == {}
+        # a worse one leaves it where it is
+        worse = _tracked_model("expand", "tulip-expanded", 3, tmp_path)
+        values = {("tulip_expanded", "urban", "i2t", 1): 45.0,
+                  ("tulip_expanded", "urban", "t2i", 1): 45.0}
+        add_retrieval_to_model_cards({"tulip_expanded": worse}, _recall_table(values), params)
+        assert client.get_registered_model("tulip-teacher").aliases == {"champion": 2}
+        assert client.get_registered_model("tulip-expanded").aliases == {}
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+REPORT = "# Retrieval\n\n| model | R@1 |\n## Benchmarks\n\n- urban: 4 queries\n"
+
+
+def test_the_parent_run_gets_the_headline_and_the_report(tmp_path, monkeypatch):
+    from tulip_pipelines.pipelines.evaluate.nodes import log_evaluation
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    params = {"benchmarks": {"urban": {"format": "urban1k", "root": "x", "kind": "long"},
+                             "val": {"format": "sharegpt4v", "n": 2},  # long by default
+                             "flickr": {"format": "flickr30k", "root": "y", "kind": "short"}}}
+    metrics = _recall_table({("teacher", "urban", "i2t", 1): 20.0,
+                             ("teacher", "urban", "t2i", 1): 30.0,
+                             ("teacher", "val", "i2t", 1): 40.0,
+                             ("teacher", "val", "t2i", 1): 50.0,
+                             ("teacher", "flickr", "i2t", 1): 90.0,
+                             ("teacher", "flickr", "t2i", 1): 90.0,
+                             ("tulip_expanded", "urban", "i2t", 1): 70.0,
+                             ("tulip_expanded", "urban", "t2i", 1): 80.0})
+    by_tokens = pd.DataFrame({"benchmark": ["urban"] * 2, "model": ["teacher"] * 2,
+                              "direction": ["i2t"] * 2, "tokens": [20, 77], "recall": [5.0, 20.0],
+                              "n_queries": [4, 4]})
+    torch.manual_seed(0)
+    try:
+        with mlflow.start_run(run_name="kedro-run") as parent:
+            log_evaluation(params, metrics, REPORT, pd.DataFrame(
+                columns=["benchmark", "item", "reason"]), by_tokens, pd.DataFrame(),
+                pd.DataFrame(columns=SKIPPED_COLUMNS), create_teacher("TULIP-Tiny"))
+        client = mlflow.MlflowClient()
+        run = client.get_run(parent.info.run_id)
+        assert run.data.metrics == {"long_r1/teacher": pytest.approx(35.0),  # urban and val
+                                    "long_r1/tulip_expanded": pytest.approx(75.0)}
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+            "retrieval_report.md", "retrieval_report.png", "recall_by_tokens_read.png"}
+        # its description in the UI: the recall table, not the sections below it
+        assert run.data.tags["mlflow.note.content"] == "# Retrieval\n\n| model | R@1 |"
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -51,12 +51,12 @@ def test_a_second_call_reads_every_embedding_from_the_cache(bundle, folder):
     assert first.paths == ["green.jpg", "red.bmp", "trip/blue.png"]
     assert list(first.skipped) == ["notes.txt"] and "UnidentifiedImageError" in \
         first.skipped["notes.txt"]
-    assert (first.encoded, first.cached) == (4, 0)
+    assert (first.encoded, first.cached) == (3, 0)  # images only: notes.txt is neither
     check_rows(bundle, first)
     assert len(list((folder / CACHE_DIR).iterdir())) == 1
 
     second = folder_embeddings(bundle, folder, batch_size=2)
-    assert (second.encoded, second.cached) == (0, 4)
+    assert (second.encoded, second.cached) == (0, 3)
     assert second.paths == first.paths and list(second.skipped) == ["notes.txt"]
     assert torch.equal(second.features, first.features)
     assert "4 files in" in second.summary() and "3 images, 1 skipped (not images)" in \
@@ -73,7 +73,7 @@ def test_changed_new_and_removed_files_are_seen(bundle, folder):
     (folder / "trip" / "blue.png").unlink()
     found = folder_embeddings(bundle, folder)
     assert found.paths == ["green.jpg", "red.bmp", "white.png"]
-    assert (found.encoded, found.cached) == (2, 2)  # red and white; green and notes cached
+    assert (found.encoded, found.cached) == (2, 1)  # red and white; green cached (not notes)
     check_rows(bundle, found)
 
 
@@ -82,7 +82,7 @@ def test_another_image_tower_has_its_own_cache(bundle, folder):
     torch.manual_seed(1)
     other = create_teacher("TULIP-Tiny")
     found = folder_embeddings(other, folder)
-    assert (found.encoded, found.cached) == (4, 0)
+    assert (found.encoded, found.cached) == (3, 0)
     check_rows(other, found)
     assert len(list((folder / CACHE_DIR).iterdir())) == 2
 
@@ -91,7 +91,9 @@ def test_a_folder_without_images_gives_no_rows(bundle, tmp_path):
     (tmp_path / "a.txt").write_text("text")
     found = folder_embeddings(bundle, tmp_path)
     assert found.paths == [] and list(found.skipped) == ["a.txt"]
-    assert folder_embeddings(bundle, tmp_path).cached == 1
+    assert (found.encoded, found.cached) == (0, 0)
+    again = folder_embeddings(bundle, tmp_path)
+    assert (again.encoded, again.cached) == (0, 0) and list(again.skipped) == ["a.txt"]
     with pytest.raises(FileNotFoundError):
         folder_embeddings(bundle, tmp_path / "missing")
 

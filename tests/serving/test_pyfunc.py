@@ -76,7 +76,10 @@ def test_images_as_bytes_or_base64_give_the_models_image_features(embedder, bund
     (pd.DataFrame({"image": [image_bytes("red"), b"not an image"]}),
      r"1 image\(s\) could not be decoded: row 1: "),
     (pd.DataFrame({"image": ["%%% not base64"]}), "row 0: image is not valid base64"),
-    (pd.DataFrame({"caption": ["a"]}), "needs a `text` and/or an `image` column"),
+    (pd.DataFrame({"caption": ["a"], "picture": ["b"]}),
+     r"needs a `text` and/or an `image` column; the columns received: \['caption', 'picture'\]"),
+    (pd.DataFrame({"text": ["a red square", ""]}), r"rows \[1\]: text is empty or whitespace"),
+    (pd.DataFrame({"text": ["   ", "\t"]}), r"rows \[0, 1\]: text is empty or whitespace"),
 ])
 def test_bad_input_is_an_invalid_parameter_error(embedder, frame, message):
     with pytest.raises(MlflowException, match=message) as raised:

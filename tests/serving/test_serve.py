@@ -70,3 +70,16 @@ def test_a_file_that_is_not_an_image_is_a_400_with_a_message(server):
                  [base64.b64encode(b"plain text, not an image").decode()]]}})
     assert status == 400
     assert "could not be decoded: row 1" in json.loads(answer)["message"]
+
+
+@pytest.mark.parametrize("columns, data, message", [
+    (["caption"], [["a red square"]],
+     "the columns received: ['caption']"),  # not dropped unseen by a signature
+    (["text"], [[""]], "rows [0]: text is empty or whitespace only"),
+    (["text", "image"], [["   ", None]], "rows [0]: text is empty or whitespace only"),
+])
+def test_a_wrong_column_or_a_blank_text_is_a_400_naming_it(server, columns, data, message):
+    status, answer = invoke(f"{server}/invocations",
+                            {"dataframe_split": {"columns": columns, "data": data}})
+    assert status == 400, answer
+    assert message in json.loads(answer)["message"]

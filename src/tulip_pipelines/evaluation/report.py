@@ -187,13 +187,13 @@ def tokens_read_figure(by_tokens_read: pd.DataFrame, context: int = 77) -> plt.F
 
 def log_to_mlflow(tracker, metrics: pd.DataFrame, report: str,
                   figures: Mapping[str, plt.Figure], tables: Mapping[str, pd.DataFrame]) -> None:
-    """Log ``recall/<benchmark>/<model>/<direction>_r<k>``, the report, ``figures`` (file name ->
-    figure) and ``tables`` (name -> table, as Parquet) into the tracker's run
-    (:class:`tulip_pipelines.tracking.StageTracker`; nothing without a run)."""
+    """Log the report, ``figures`` (file name -> figure) and the full table with ``tables``
+    (name -> table, as Parquet) into the tracker's run
+    (:class:`tulip_pipelines.tracking.StageTracker`; nothing without a run). The recalls as
+    metrics go to the runs that trained each model (``eval/...``) and the headline to the
+    parent run, where the charts put the models side by side."""
     if not tracker.run_id:
         return
-    names = [f"recall/{r.benchmark}/{r.model}/{r.direction}_r{r.k}" for r in metrics.itertuples()]
-    tracker.log(dict(zip(names, metrics["recall"])), step=0)
     client = tracker.client
     client.log_text(tracker.run_id, report, "retrieval_report.md")
     for name, figure in figures.items():
@@ -203,4 +203,5 @@ def log_to_mlflow(tracker, metrics: pd.DataFrame, report: str,
             path = Path(tmp) / f"{name}.parquet"
             frame.to_parquet(path, index=False)
             client.log_artifact(tracker.run_id, str(path))
-    logger.info("logged %d recall metrics to MLflow run %s", len(metrics), tracker.run_id)
+    logger.info("logged the retrieval table (%d rows) to MLflow run %s", len(metrics),
+                tracker.run_id)

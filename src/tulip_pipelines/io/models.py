@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NewType
 
 from kedro.io import AbstractDataset
 
 from tulip_pipelines.models.spec import ModelBundle
+
+# kedro-viz shows a dataset's preview by the name of its return type: "TextPreview" is text (a
+# Markdown table stays readable in its monospaced box)
+TextPreview = NewType("TextPreview", str)
 
 
 class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
@@ -35,6 +39,15 @@ class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath)}
+
+    def preview(self) -> TextPreview:
+        """The model card (kedro-viz ``--include-previews``)."""
+        from tulip_pipelines.models.card import CARD
+
+        card = Path(self._filepath) / CARD
+        if not card.is_file():
+            return TextPreview(f"no {CARD} in {self._filepath} (not trained yet)")
+        return TextPreview(card.read_text(encoding="utf-8"))
 
 
 class PretrainedCLIPDataset(AbstractDataset[None, ModelBundle]):

@@ -68,7 +68,7 @@ def render_model_card(spec: ModelSpec, retrieval: pd.DataFrame | None = None) ->
             lines += ["## Key parameters", "", _table(training["params"]), ""]
         if training.get("final_metrics"):
             lines += ["## Final losses and metrics", "",
-                      "The last logged value of each (`final/*` in the MLflow run).", "",
+                      "The last logged value of each (the end of its curve in the MLflow run).", "",
                       _table({k: f"{v:.4g}" for k, v in training["final_metrics"].items()}), ""]
     lines += ["## Retrieval", "", *_retrieval(retrieval), ""]
     lines += ["## Use", "", "```python", "import tulip_pipelines",

@@ -25,12 +25,21 @@ def truncated_tokens(bundle: ModelBundle, texts: Sequence[str]) -> np.ndarray:
     return np.maximum(full - bundle.spec.context_length, 0)
 
 
+def blank_texts(texts: Sequence[str]) -> list[int]:
+    """The positions of the empty or whitespace-only captions (nothing to embed)."""
+    return [i for i, text in enumerate(texts) if not str(text).strip()]
+
+
 def embed_texts(bundle: ModelBundle, texts: Sequence[str], batch_size: int = 64,
                 device: torch.device | None = None, autocast: str | None = None,
                 show_progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
     """``(features [n, d], truncated [n])``: the captions' L2-normalised features with the
     model's own tokenizer (longer captions cut at its context, end token kept) and how many
-    tokens each lost."""
+    tokens each lost. An empty or whitespace-only caption is a ``ValueError`` naming it (its
+    embedding would be the start and end tokens': a meaningless match for any image)."""
+    blank = blank_texts(texts)
+    if blank:
+        raise ValueError(f"caption(s) {blank[:10]} empty or whitespace only: nothing to embed")
     features = encode_tokens(bundle, tokenize(bundle, texts), batch_size, device=device,
                              autocast=autocast, show_progress=show_progress)
     return features, truncated_tokens(bundle, texts)

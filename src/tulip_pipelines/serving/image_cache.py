@@ -32,7 +32,7 @@ COLUMNS = ["path", "size", "mtime_ns", "embedding", "error"]
 class FolderEmbeddings:
     """The readable images of a folder (paths relative to it, sorted) and their L2-normalised
     features [n, d]; ``skipped``: path -> why it is not an image; ``encoded``/``cached``: how
-    many files this call encoded / took from the cache."""
+    many images this call encoded / took from the cache (skipped files are neither)."""
 
     folder: Path
     paths: list[str]
@@ -136,5 +136,8 @@ def folder_embeddings(bundle: ModelBundle, folder: str | Path, batch_size: int =
     width = len(vectors[0]) if vectors else 0
     features = torch.from_numpy(np.stack(vectors)) if vectors else torch.zeros(0, width)
     skipped = {name: error for name, *_, error in rows if error is not None}
-    return FolderEmbeddings(folder, paths, features, skipped, encoded=len(todo),
-                            cached=len(files) - len(todo))
+    # only images count as encoded or cached: a file that is not one is skipped, whenever met
+    return FolderEmbeddings(folder, paths, features, skipped,
+                            encoded=sum(1 for name in todo if name not in skipped),
+                            cached=sum(1 for name in files if name not in fresh
+                                       and name not in skipped))

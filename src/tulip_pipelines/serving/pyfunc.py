@@ -87,8 +87,8 @@ class TulipEmbedder(mlflow.pyfunc.PythonModel):
 
         frame = pd.DataFrame(model_input)
         if not set(COLUMNS) & set(frame.columns):
-            raise bad_input(f"the input needs a `text` and/or an `image` column; got "
-                            f"{list(frame.columns)}")
+            raise bad_input(f"the input needs a `text` and/or an `image` column; the columns "
+                            f"received: {[str(c) for c in frame.columns]}")
         n = len(frame)
         out = pd.DataFrame({"text_embedding": [None] * n, "image_embedding": [None] * n,
                             "truncated": np.zeros(n, dtype=np.int64)})
@@ -97,6 +97,10 @@ class TulipEmbedder(mlflow.pyfunc.PythonModel):
         bad = [i for i in rows if not isinstance(texts.iloc[i], str)]
         if bad:
             raise bad_input(f"rows {bad}: text must be a string")
+        blank = [i for i in rows if not texts.iloc[i].strip()]
+        if blank:
+            raise bad_input(f"rows {blank[:10]}: text is empty or whitespace only (leave the cell "
+                            f"null for a row with an image only)")
         images = frame["image"] if "image" in frame else pd.Series([None] * n)
         image_rows = [i for i in range(n) if _present(images.iloc[i])]
         blobs = [image_bytes(images.iloc[i], i) for i in image_rows]
@@ -121,15 +125,16 @@ class TulipEmbedder(mlflow.pyfunc.PythonModel):
 
 
 def signature():
-    """Input ``text`` and ``image``, both optional strings (an image as base64 text; in Python
-    its bytes pass too: MLflow's ``binary`` type would not let a row leave it out); output the
-    two embeddings (float arrays) and ``truncated`` (long)."""
+    """The output: the two embeddings (float arrays) and ``truncated`` (long). No input schema:
+    MLflow would drop the columns it does not know before :meth:`TulipEmbedder.predict` sees
+    them, so a request with a wrong column could not be told which columns it sent; predict
+    checks the input itself (``text`` and ``image``, both optional strings, an image as base64
+    text or, in Python, bytes: the module docstring)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
-    inputs = Schema([ColSpec(DataType.string, "text", required=False),
-                     ColSpec(DataType.string, "image", required=False)])
+    inputs = None
     outputs = Schema([ColSpec(Array(DataType.float), "text_embedding", required=False),
                       ColSpec(Array(DataType.float), "image_embedding", required=False),
                       ColSpec(DataType.long, "truncated")])

@@ -136,7 +136,8 @@ def rank_tracker(plan: Mapping[str, Any], rank: int):
     from tulip_pipelines.tracking import SEND_EVERY_S, StageTracker
 
     mlflow.set_tracking_uri(target["tracking_uri"])
-    return StageTracker(target["run_id"], send_every_s=target.get("send_every_s", SEND_EVERY_S))
+    return StageTracker(target["run_id"], send_every_s=target.get("send_every_s", SEND_EVERY_S),
+                        loss_kind=target.get("loss_kind"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -29,9 +29,14 @@ from tulip_pipelines.evaluation.report import (
 from tulip_pipelines.models import ModelBundle, stretch_position_embedding
 from tulip_pipelines.models.card import add_retrieval
 from tulip_pipelines.tracking import (
+    LONG_R1_TAG,
+    log_eval_to_stage_run,
     log_model_card,
+    long_r1,
+    move_champion,
     recall_at_1_tags,
     stage_run,
+    tracking_enabled,
     update_registered_versions,
 )
 
@@ -114,9 +119,12 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
                    recall_by_tokens_read: pd.DataFrame, recall_by_caption_length: pd.DataFrame,
                    evaluate_skipped_samples: pd.DataFrame, expanded_model: ModelBundle,
                    classification_metrics: pd.DataFrame | None = None) -> None:
-    """The evaluation's MLflow run (nested in the ``kedro run``'s, child of the expand run):
-    every recall as a metric, the report, both charts and the tables. (The charts are drawn
-    again from the tables: a catalogued figure is a PNG that Kedro cannot load back.)"""
+    """The evaluation's MLflow run (nested in the ``kedro run``'s, child of the expand run): the
+    report, both charts and the tables (the full recall table and the zero-shot classification
+    accuracies among them). The parent run (the
+    ``kedro run``'s) gets the headline: each model's long-caption R@1 (``long_r1/<model>``),
+    the report and the charts. (The charts are drawn again from the tables: a catalogued figure
+    is a PNG that Kedro cannot load back.)"""
     evaluate_params = EvaluateParams.from_params(params)
     parent = expanded_model.spec.extra.get("mlflow_run_id")
     tables = {"benchmark_issues": benchmark_issues,
@@ -128,28 +136,74 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
         tables["classification_metrics"] = classification_metrics
     order = list(evaluate_params.benchmarks)
     benchmarks = sorted(set(retrieval_metrics["benchmark"]), key=order.index)
+    figures = {"retrieval_report.png": report_figure(retrieval_metrics),
+               "recall_by_tokens_read.png": tokens_read_figure(recall_by_tokens_read)}
     with stage_run("evaluate", {"benchmarks": ",".join(benchmarks), "ks": list(evaluate_params.ks)},
-                   tags={"tulip.parent_run_id": parent} if parent else None) as tracker:
-        log_to_mlflow(tracker, retrieval_metrics, retrieval_report,
-                      {"retrieval_report.png": report_figure(retrieval_metrics),
-                       "recall_by_tokens_read.png": tokens_read_figure(recall_by_tokens_read)},
-                      tables)
-        if tracker.run_id and classification_metrics is not None and len(classification_metrics):
-            tracker.log({f"accuracy/{r.benchmark}/{r.model}/top{r.k}": r.accuracy
-                         for r in classification_metrics.itertuples()}, step=0)
+                   tags={"tulip.parent_run_id": parent} if parent else None,
+                   datasets={}) as tracker:
+        log_to_mlflow(tracker, retrieval_metrics, retrieval_report, figures, tables)
+    if tracker.parent_run_id:
+        log_headline(tracker.parent_run_id, long_r1(retrieval_metrics,
+                                                    long_benchmarks(evaluate_params)),
+                     retrieval_report, figures)
+
+
+NOTE_CHARS = 8000  # MLflow's limit on a tag value
+
+
+def long_benchmarks(params: EvaluateParams) -> list[str]:
+    return [name for name, bench in params.benchmarks.items() if bench.kind == "long"]
+
+
+def log_headline(run_id: str, headline: dict[str, float], report: str, figures) -> None:
+    """The parent run's metrics ``long_r1/<model>`` (step 0), ``retrieval_report.md`` and the
+    charts; its description: the report's recall table."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"long_r1/{model}", value, now, 0)
+                                      for model, value in headline.items()])
+    client.log_text(run_id, report, "retrieval_report.md")
+    # the run's description in the UI (Markdown): the recall table, the report's first section
+    client.set_tag(run_id, "mlflow.note.content", report.split("\n## ")[0][:NOTE_CHARS])
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, name)
+    logger.info("parent MLflow run %s: long-caption R@1 %s", run_id,
+                ", ".join(f"{m} {v:.1f}" for m, v in headline.items()))
 
 
 def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],
-                                 retrieval_metrics: pd.DataFrame) -> None:
+                                 retrieval_metrics: pd.DataFrame, params: dict[str, Any],
+                                 classification_metrics: pd.DataFrame | None = None) -> None:
     """The card of every model loaded from a model directory gets its retrieval rows, there and
-    in the model artifact of the run that trained it; the model version that run registered
-    gets the card as its description and its R@1 rows as tags (``r1/<benchmark>/<direction>``)."""
+    in the model artifact of the run that trained it; that run gets the model's recalls as
+    metrics (``eval/<benchmark>/<direction>_r<k>``) and its zero-shot accuracies
+    (``eval/<benchmark>/top<k>``); the model version it registered gets the
+    card as its description, its R@1 rows as tags (``r1/<benchmark>/<direction>``) and its
+    long-caption R@1 (``long_r1``), and the ``champion`` alias goes to the best such version."""
+    longs = long_benchmarks(EvaluateParams.from_params(params))
+    headline = long_r1(retrieval_metrics, longs)
     for card, names in add_retrieval(evaluated_models, retrieval_metrics).items():
         run_id = evaluated_models[names[0]].spec.extra.get("mlflow_run_id")
         log_model_card(card, run_id)
+        # the run's own model (a directory's first name: the one trained there)
+        accuracy = {} if classification_metrics is None else {
+            f"eval/{r.benchmark}/top{r.k}": float(r.accuracy)
+            for r in classification_metrics[classification_metrics["model"] == names[0]]
+            .itertuples()}
+        log_eval_to_stage_run(run_id, retrieval_metrics[retrieval_metrics["model"] == names[0]],
+                              accuracy)
         rows = retrieval_metrics[retrieval_metrics["model"].isin(names)]
-        update_registered_versions(run_id, recall_at_1_tags(rows),
-                                   card.read_text(encoding="utf-8"))
+        tags = recall_at_1_tags(rows)
+        if names[0] in headline:
+            tags[LONG_R1_TAG] = f"{headline[names[0]]:.2f}"
+        update_registered_versions(run_id, tags, card.read_text(encoding="utf-8"))
+    if tracking_enabled():
+        move_champion()
 
 
 def collect_skipped_samples(*tables: pd.DataFrame) -> pd.DataFrame:

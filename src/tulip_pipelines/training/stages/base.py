@@ -74,6 +74,11 @@ class StageParams(Params):
     def check(self, problems: Problems) -> None:
         """The stage's own checks (subclasses)."""
 
+    def loss_kind(self) -> str:
+        """What the stage's loss is (its MLflow curves are named after it: losses of different
+        kinds never share a chart). The CLIP contrastive loss unless a stage says otherwise."""
+        return "contrastive"
+
     def cluster(self) -> Cluster:
         """How the stage's nodes start (:meth:`Cluster.resolve`)."""
         return Cluster.resolve(self.num_nodes, self.master_addr, self.master_port,

@@ -63,6 +63,9 @@ class DistillParams(StageParams):
         problems.int_at_least("window_overlap", self.window_overlap, 0)
         problems.int_at_least("max_windows", self.max_windows, 1)
 
+    def loss_kind(self) -> str:
+        return f"distill_{self.loss_type}"  # a distance to the teacher's embedding
+
     def check_with(self, all_params: Mapping[str, Any]) -> None:
         """The student reads at least as many tokens as the teacher it learns from."""
         teacher = all_params.get("teacher") or {}

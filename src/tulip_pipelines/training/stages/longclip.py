@@ -60,6 +60,9 @@ class LongclipAuthorsParams(LongclipRecipeParams):
 
     registered_model_name: str | None = "longclip-authors"
 
+    def loss_kind(self) -> str:
+        return "longclip_contrastive"  # label smoothing, short captions on 32 components
+
 
 @dataclass
 class LongclipEqualBudgetParams(LongclipRecipeParams):

@@ -42,7 +42,8 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
     skipped)``; the model's spec records the stage, its MLflow run, its parent and what it was
     trained on."""
     tags, source = lineage(parent) if parent is not None else ({}, {})
-    with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags) as tracker:
+    with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags,
+                   loss_kind=params.loss_kind()) as tracker:
         job = STAGES[stage].build(params, inputs)
         cluster = params.cluster()
         with run_lock(params.stage_run_dir):  # one run per run dir at a time
@@ -67,8 +68,7 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
                       "training": training_summary(params, inputs, ds_config, result)}
         model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance),
                                     source_dir=None)
-        tracker.log_final(result.final_metrics)
-        tracker.log_model(model, registered_model_name=params.registered_model_name)
+        tracker.log_model(model, registered_model_name=params.registered_model_name, name=stage)
         figure = loss_figure(result.history, stage)
         tracker.log_figure(figure, f"{stage}_loss.png")
         tracker.log_table(result.skipped, "skipped_samples.parquet")
