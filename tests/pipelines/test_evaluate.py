@@ -268,11 +268,14 @@ def test_each_registered_version_gets_its_own_models_rows_and_card(tmp_path, mon
     monkeypatch.setattr(nodes, "update_registered_versions",
                         lambda run_id, tags, description: versions.setdefault(
                             run_id, (tags, description)))
-    nodes.add_retrieval_to_model_cards(loaded, metrics)
+    params = {"benchmarks": {"urban": {"format": "urban1k", "root": "x", "kind": "long"},
+                             "flickr": {"format": "flickr30k", "root": "y", "kind": "short"}}}
+    nodes.add_retrieval_to_model_cards(loaded, metrics, params)
+    # long_r1: the model's mean R@1 over the long benchmark (urban) in both directions
     expected = {"teacher": {"r1/urban/t2i": "11.11", "r1/urban/i2t": "22.00",
-                            "r1/flickr/t2i": "33.30"},
+                            "r1/flickr/t2i": "33.30", "long_r1": "16.56"},
                 "tulip_expanded": {"r1/urban/t2i": "44.44", "r1/urban/i2t": "55.00",
-                                   "r1/flickr/t2i": "66.00"}}
+                                   "r1/flickr/t2i": "66.00", "long_r1": "49.72"}}
     assert set(cards) == set(versions) == {"run-of-teacher", "run-of-tulip_expanded"}
     for name, other in (("teacher", "tulip_expanded"), ("tulip_expanded", "teacher")):
         card = tmp_path / name / "MODEL_CARD.md"
