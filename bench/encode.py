@@ -24,8 +24,8 @@ from sharegpt4v_tree import long_caption, write_photo  # noqa: E402
 from tulip_pipelines.evaluation.encode import encode_images, encode_tokens, tokenize  # noqa: E402
 from tulip_pipelines.models import create_teacher  # noqa: E402
 from tulip_pipelines.training.teacher_embeddings import (  # noqa: E402
-    TeacherEmbeddingsRequest,
-    compute_teacher_embeddings,
+    TeacherTextEmbeddingsRequest,
+    compute_teacher_text_embeddings,
 )
 
 
@@ -67,9 +67,10 @@ def main() -> None:
             texts = rate(len(captions), lambda: encode_tokens(
                 teacher, tokenize(teacher, captions), args.batch_size, device=device,
                 autocast="bf16"))
-            request = TeacherEmbeddingsRequest(teacher, {"train": captions},
+            request = TeacherTextEmbeddingsRequest(teacher, {"train": captions},
                                                batch_size=args.batch_size, device=name)
-            embeddings = rate(len(captions), lambda: list(compute_teacher_embeddings(request, {})))
+            embeddings = rate(len(captions),
+                              lambda: list(compute_teacher_text_embeddings(request, {})))
             print(f"{name:<8}{images:>10.1f}{texts:>12.1f}{embeddings:>14.1f}")
 
 

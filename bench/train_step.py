@@ -45,8 +45,8 @@ from tulip_pipelines.training.datasets import CaptionImageDataset, Collate  # no
 from tulip_pipelines.training.engine import train  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 from tulip_pipelines.training.teacher_embeddings import (  # noqa: E402
-    WithTeacherEmbeddings,
-    embed_texts,
+    WithTeacherTextEmbeddings,
+    teacher_text_embeddings_of,
 )
 from tulip_pipelines.training.train_params import TrainParams  # noqa: E402
 
@@ -92,13 +92,14 @@ def distill_live_vs_cached(label: str, teacher, texts: CaptionImageDataset,
     """The distill step with the live teacher and with the cached teacher text embeddings,
     same student start."""
     student = build_student(teacher, 248)
-    embeddings = embed_texts(teacher.model.eval(), teacher.tokenizer, texts.captions).half()
+    embeddings = teacher_text_embeddings_of(teacher.model.eval(), teacher.tokenizer,
+                                            texts.captions).half()
     collate = Collate(student.tokenizer, teacher_tokenizer=teacher.tokenizer)
     totals = {}
     for mode in ("live", "cached"):
         model = copy.deepcopy(student.model)
         task = DistillTask(model, teacher.model if mode == "live" else None, "cosine")
-        dataset = texts if mode == "live" else WithTeacherEmbeddings(texts, embeddings)
+        dataset = texts if mode == "live" else WithTeacherTextEmbeddings(texts, embeddings)
         totals[mode] = print_row(f"{label} distill ({mode})",
                                  time_steps(task, dataset, collate, args, f"{tmp}/{label}{mode}"),
                                  args.batch_size)

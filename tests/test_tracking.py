@@ -145,7 +145,7 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     assert client.get_metric_history(exp["run_id"], "train/samples_per_s")[0].value > 0
     assert not [c for c in runs.columns if c.startswith("metrics.final")]
 
-    # the exported model and the loss curve as artifacts
+    # the model directory and the loss curve as artifacts
     artifacts = {a.path for a in client.list_artifacts(exp["run_id"])}
     assert {"model", "expand_loss.png", "deepspeed_config.json"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(exp["run_id"], "model")}
@@ -193,7 +193,7 @@ def test_stage_runs_hold_params_metrics_model_and_lineage(tracking_uri, captions
     assert "`expand` stage" in registered.description and "@champion" in registered.description
     assert client.get_experiment(exp["experiment_id"]).tags["mlflow.experimentKind"] == \
         "custom_model_development"
-    # models:/ and runs:/ URIs load the same weights as the exported model
+    # models:/ and runs:/ URIs load the same weights as the model directory
     for uri in ("models:/tulip-expanded/latest", "models:/tulip-expanded/1",
                 f"runs:/{exp['run_id']}/model"):
         loaded = resolve_bundle(uri)

@@ -1,7 +1,7 @@
 """tulip_pipelines: TULIP (Token-length Upgraded CLIP) as reproducible Kedro pipelines.
 
 The ML core (``data``, ``models``, ``training``, ``evaluation``) is plain Python and PyTorch and
-imports without Kedro. ``load_model`` is the one-call entry point for trained checkpoints.
+imports without Kedro. ``load_model`` is the one-call entry point for trained models.
 """
 
 __version__ = "0.1.0"

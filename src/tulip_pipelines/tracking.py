@@ -7,7 +7,7 @@ headline metrics and the report: :mod:`tulip_pipelines.hooks`). Each stage opens
 named after it with its parameters (without the stage prefix: the same key means the same thing
 in every stage run), the DeepSpeed config, its inputs as MLflow datasets, per-step curves (the
 loss named after its kind; logged as they come, by the launched rank 0 too), system metrics and
-its exported model (as plain files, and as a pyfunc MLflow model named after the stage,
+its model directory (as plain files, and as a pyfunc MLflow model named after the stage,
 registered in the Model Registry under the stage's ``registered_model_name``:
 :mod:`tulip_pipelines.serving.pyfunc`). The evaluation adds each model's recall to the run that
 trained it (``eval/<benchmark>/<direction>_r<k>``) and moves the ``champion`` alias.
@@ -119,7 +119,7 @@ class StageTracker:
 
     def log_model(self, model_bundle, artifact_path: str = "model",
                   registered_model_name: str | None = None, name: str = "model") -> None:
-        """The exported model (safetensors, config and model card) as an artifact of this run;
+        """The model directory (safetensors, config and model card) as an artifact of this run;
         the tag ``tulip.model_card`` names the card's artifact path (``tulip-compare`` links
         it). The same directory is also logged as a pyfunc MLflow model named ``name`` (the
         stage), registered as a new version of ``registered_model_name`` when that is given

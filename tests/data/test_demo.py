@@ -74,10 +74,10 @@ def test_group_shares_first_77_tokens_and_differs_later(demo, bpe):
 
 
 def test_too_few_shared_cells_is_refused():
-    cfg = dataclasses.replace(SMALL, shared_cells=3)
+    params = dataclasses.replace(SMALL, shared_cells=3)
     image = DemoImage("x", 0, 0, tuple((0, 0, 0, 0) for _ in range(9)))
     with pytest.raises(ValueError, match="raise demo_data.shared_cells"):
-        check_group_prefixes([image], cfg)
+        check_group_prefixes([image], params)
 
 
 def test_shuffled_variants_keep_summary_first_and_same_sentences(demo):

@@ -1,4 +1,4 @@
-"""The model card beside every exported model: rendered from the spec, ignored by loading,
+"""The model card beside every model directory: rendered from the spec, ignored by loading,
 rewritten with the model's retrieval rows by the evaluation."""
 
 import dataclasses

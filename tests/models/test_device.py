@@ -15,8 +15,8 @@ from tulip_pipelines.evaluation.readers import read_urban1k
 from tulip_pipelines.models import build_student, create_teacher
 from tulip_pipelines.models.device import inference_autocast, on_device, resolve_device
 from tulip_pipelines.training.teacher_embeddings import (
-    TeacherEmbeddingsRequest,
-    compute_teacher_embeddings,
+    TeacherTextEmbeddingsRequest,
+    compute_teacher_text_embeddings,
 )
 
 
@@ -109,8 +109,8 @@ def test_the_teacher_embeds_on_the_resolved_device(monkeypatch):
     placement = Placement(monkeypatch, embeddings_module)
     placement.watch(teacher.model)
     texts = {"train": [f"caption {i}. More words here." for i in range(5)]}
-    request = TeacherEmbeddingsRequest(teacher, texts, batch_size=2, device="cpu")
-    parts = list(compute_teacher_embeddings(request, {}))
+    request = TeacherTextEmbeddingsRequest(teacher, texts, batch_size=2, device="cpu")
+    parts = list(compute_teacher_text_embeddings(request, {}))
     assert sum(p.values is not None for p in parts) == 3  # 5 rows in parts of 2
     assert all(p.values.dtype == torch.float16 for p in parts if p.values is not None)
     assert [c[0] for c in placement.calls] == ["encode_text"] * 3
@@ -122,11 +122,11 @@ def test_the_autocast_of_the_embeddings_is_in_their_cache_key_only_where_it_acts
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")
     texts = {"train": ["a caption."]}
-    on_cpu = {a: TeacherEmbeddingsRequest(teacher, texts, device="cpu", autocast=a).cache_key()
+    on_cpu = {a: TeacherTextEmbeddingsRequest(teacher, texts, device="cpu", autocast=a).cache_key()
               for a in ("bf16", None)}
     assert on_cpu["bf16"] == on_cpu[None]  # no autocast on the CPU: the same values
     monkeypatch.setattr(embeddings_module, "resolve_device", lambda name: torch.device("cuda"))
-    on_gpu = {a: TeacherEmbeddingsRequest(teacher, texts, autocast=a).cache_key()
+    on_gpu = {a: TeacherTextEmbeddingsRequest(teacher, texts, autocast=a).cache_key()
               for a in ("bf16", None)}
     assert on_gpu["bf16"] != on_gpu[None] and on_gpu[None] == on_cpu[None]
 

@@ -231,10 +231,10 @@ def test_parameter_mistakes_name_the_field():
         )
     with pytest.raises(ValueError, match=r"evaluate.ks must be a list of positive integers"):
         EvaluateParams.from_params({"ks": [0, 5]})
-    cfg = EvaluateParams.from_params(
+    params = EvaluateParams.from_params(
         {"benchmarks": {"d": {"format": "dci_long", "root": "r", "annotations": "a"}}}
     )
-    assert cfg.benchmarks["d"].options == {"annotations": "a"}
+    assert params.benchmarks["d"].options == {"annotations": "a"}
 
 
 def test_each_registered_version_gets_its_own_models_rows_and_card(tmp_path, monkeypatch):

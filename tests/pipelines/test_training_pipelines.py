@@ -15,8 +15,8 @@ from tulip_pipelines.data.images import PreparedImages
 from tulip_pipelines.io.images import ImageSourceDataset
 from tulip_pipelines.io.models import ModelDataset
 from tulip_pipelines.io.teacher_embeddings import (
-    EmbeddingsProgressDataset,
     TeacherTextEmbeddingsDataset,
+    TeacherTextEmbeddingsProgressDataset,
 )
 from tulip_pipelines.models import stretch_position_embedding
 from tulip_pipelines.pipeline_registry import register_pipelines
@@ -89,7 +89,7 @@ def test_stages_train_reduce_loss_save_and_track(data, tmp_path, tracking):
     catalog["prepared_images"] = ImageSourceDataset(str(tmp_path / "prepared_images.json"))
     cache = str(tmp_path / "teacher_text_embeddings")
     catalog["teacher_text_embeddings"] = TeacherTextEmbeddingsDataset(cache)
-    catalog["teacher_text_embeddings_progress"] = EmbeddingsProgressDataset(cache)
+    catalog["teacher_text_embeddings_progress"] = TeacherTextEmbeddingsProgressDataset(cache)
     catalog["train_captions"] = data["train"]
     catalog["val_captions"] = data["val"]
     catalog["demo_shuffled_captions"] = data["shuffled"]

@@ -19,7 +19,7 @@ SHORT = "A blue square on a grey background."
 
 
 def write_model_dir(folder):
-    """A TULIP-Tiny student (context 248, seed 0) saved as an exported model directory."""
+    """A TULIP-Tiny student (context 248, seed 0) saved as a model directory."""
     torch.manual_seed(0)
     student = build_student(create_teacher("TULIP-Tiny"), context_length=248)
     path = folder / "expanded_model"

@@ -12,8 +12,8 @@ from tulip_pipelines.training.engine import train
 
 
 def test_ds_config_is_filled_and_checked(tmp_path):
-    cfg = small_train_params(tmp_path, batch_size=4)
-    filled = prepare_ds_config({"gradient_accumulation_steps": 3}, cfg, world_size=2)
+    params = small_train_params(tmp_path, batch_size=4)
+    filled = prepare_ds_config({"gradient_accumulation_steps": 3}, params, world_size=2)
     assert filled["train_micro_batch_size_per_gpu"] == 4
     assert filled["train_batch_size"] == 24
     for bad, match in [({"train_micro_batch_size_per_gpu": 8}, "disagrees"),
@@ -22,7 +22,7 @@ def test_ds_config_is_filled_and_checked(tmp_path):
                        ({"optimizer": {"type": "Adam"}}, "optimizer"),
                        ({"fp16": {"enabled": True}}, "fp16")]:
         with pytest.raises(ValueError, match=match):
-            prepare_ds_config(bad, cfg, world_size=1)
+            prepare_ds_config(bad, params, world_size=1)
 
 
 def test_bf16_zero1_returns_fp32_master_weights(tmp_path):

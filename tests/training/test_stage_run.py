@@ -45,7 +45,7 @@ def test_the_launch_plan_carries_the_image_source(prepared, tmp_path, monkeypatc
     job = build_job(plan)  # what every launched rank does
     local = STAGES[STAGE].build(params, inputs)
     assert isinstance(job.train_dataset.source, PreparedImages)
-    assert job.fingerprint == local.fingerprint
+    assert job.fingerprint_inputs == local.fingerprint_inputs
     for i in (0, 17, N_TRAIN - 1):
         assert torch.equal(job.train_dataset[i]["image"], local.train_dataset[i]["image"])
     # the original files, for a run that skipped the preparation

@@ -15,9 +15,9 @@ from tulip_pipelines.models.longclip import KeptPositionsCLIP
 from tulip_pipelines.training.stages import STAGES, StageInputs
 from tulip_pipelines.training.stages.distill import embeddings_request
 from tulip_pipelines.training.teacher_embeddings import (
-    TeacherEmbeddingsRequest,
     TeacherTextEmbeddings,
-    compute_teacher_embeddings,
+    TeacherTextEmbeddingsRequest,
+    compute_teacher_text_embeddings,
     write_part,
 )
 from tulip_pipelines.training.train_params import TrainParams
@@ -58,9 +58,10 @@ def cached(inputs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     params = STAGES["distill"].params_cls.from_params({"train": TRAIN})
     request = embeddings_request(params, inputs.models["teacher"], inputs.frames)
-    for part in compute_teacher_embeddings(request, {}):
+    for part in compute_teacher_text_embeddings(request, {}):
         write_part(part, folder)
-    return dataclasses.replace(inputs, teacher_embeddings=TeacherTextEmbeddings(folder))
+    return dataclasses.replace(inputs,
+                               teacher_text_embeddings=TeacherTextEmbeddings(folder))
 
 
 def _build(stage, inputs, **values):
@@ -169,7 +170,7 @@ def test_a_parameter_reaches_what_the_stage_builds(stage, name, inputs, cached):
     if name.startswith("embedding_"):
         request = embeddings_request(dataclasses.replace(params, teacher_embeddings="cached"),
                                      inputs.models["teacher"], inputs.frames)
-        assert isinstance(request, TeacherEmbeddingsRequest) and check(job, request)
+        assert isinstance(request, TeacherTextEmbeddingsRequest) and check(job, request)
     else:
         assert check(job, inputs), f"{stage}.{name}={value!r} did not reach the built job"
     # and the default does not already pass the check (else the check proves nothing)
@@ -314,20 +315,21 @@ def test_a_stages_fingerprint_covers_what_it_learns_and_not_where_it_runs(stage,
         assert _fingerprint(stage, inputs, **{name: value}) == base, f"{stage}.{name}"
 
 
-def test_a_stage_jobs_fingerprint_names_its_models_data_and_images(inputs):
-    """stage_job's fingerprint: the model, the input models, the first and last training ids and
-    their count, and which images (not the folder they are in)."""
+def test_a_stage_jobs_fingerprint_inputs_name_its_models_data_and_images(inputs):
+    """stage_job's fingerprint inputs: the model, the input models, the first and last training
+    ids and their count, and which images (not the folder they are in)."""
     params, job = _build("expand", inputs)
-    fingerprint = job.fingerprint
+    fingerprint_inputs = job.fingerprint_inputs
     train = inputs.frames["train"]
-    assert fingerprint["train_ids"] == [str(train["id"].iloc[0]), str(train["id"].iloc[-1]),
+    assert fingerprint_inputs["train_ids"] == [str(train["id"].iloc[0]), str(train["id"].iloc[-1]),
                                         len(train)]
-    assert fingerprint["model"] == job.model.spec.to_dict()
-    assert fingerprint["inputs"] == {k: b.spec.to_dict() for k, b in inputs.models.items()}
-    assert "root" not in fingerprint["images"] and "folder" not in fingerprint["images"]
-    assert fingerprint["params"] == params.fingerprint_fields()
+    assert fingerprint_inputs["model"] == job.model.spec.to_dict()
+    assert fingerprint_inputs["inputs"] == {k: b.spec.to_dict() for k, b in inputs.models.items()}
+    assert "root" not in fingerprint_inputs["images"]
+    assert "folder" not in fingerprint_inputs["images"]
+    assert fingerprint_inputs["params"] == params.fingerprint_fields()
     # another training set (one record fewer) gives another fingerprint
     fewer = dataclasses.replace(inputs, frames={**inputs.frames,
                                                 "train": inputs.frames["train"].iloc[:-1]})
     _, job_fewer = _build("expand", fewer)
-    assert job_fewer.fingerprint["train_ids"] != fingerprint["train_ids"]
+    assert job_fewer.fingerprint_inputs["train_ids"] != fingerprint_inputs["train_ids"]

@@ -16,7 +16,7 @@ from tulip_pipelines.training.stages.distill import embeddings_request
 from tulip_pipelines.training.stages.run import run_stage
 from tulip_pipelines.training.teacher_embeddings import (
     TeacherTextEmbeddings,
-    compute_teacher_embeddings,
+    compute_teacher_text_embeddings,
     read_manifest,
     write_part,
 )
@@ -39,7 +39,7 @@ def teacher():
 
 def write_cache(request, folder):
     """What the distill pipeline does: the node's parts, each stored as it comes."""
-    for part in compute_teacher_embeddings(request, read_manifest(folder)):
+    for part in compute_teacher_text_embeddings(request, read_manifest(folder)):
         write_part(part, folder)
 
 
@@ -62,7 +62,7 @@ def test_cached_embeddings_train_like_the_live_teacher(teacher, tmp_path, teache
     histories = {}
     for name, params, cache in (("live", live, None), ("cached", cached, embeddings)):
         inputs = StageInputs({"teacher": teacher}, FRAMES, str(tmp_path),
-                             teacher_embeddings=cache)
+                             teacher_text_embeddings=cache)
         histories[name] = run_stage("distill", params, inputs, DS_FP32)[1]
     for column in ("loss", "val_loss", "val_cosine"):
         assert histories["cached"][column].tolist() == pytest.approx(
@@ -76,7 +76,7 @@ def test_a_killed_computation_resumes_and_gives_the_same_cache(teacher, tmp_path
 
     import tulip_pipelines.training.teacher_embeddings as module
 
-    real, calls = module.embed_texts, []
+    real, calls = module.teacher_text_embeddings_of, []
 
     def dies_after_two_chunks(*args):
         if len(calls) == 2:
@@ -84,14 +84,14 @@ def test_a_killed_computation_resumes_and_gives_the_same_cache(teacher, tmp_path
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(module, "embed_texts", dies_after_two_chunks)
+    monkeypatch.setattr(module, "teacher_text_embeddings_of", dies_after_two_chunks)
     with pytest.raises(KeyboardInterrupt):
         write_cache(request, tmp_path / "resumed")
     with pytest.raises(RuntimeError, match="incomplete"):
         TeacherTextEmbeddings(tmp_path / "resumed")
-    monkeypatch.setattr(module, "embed_texts", real)
+    monkeypatch.setattr(module, "teacher_text_embeddings_of", real)
     resumed_calls = []
-    monkeypatch.setattr(module, "embed_texts",
+    monkeypatch.setattr(module, "teacher_text_embeddings_of",
                         lambda *a: resumed_calls.append(1) or real(*a))
     write_cache(request, tmp_path / "resumed")
     assert len(resumed_calls) == 6 - 2  # 40 train rows in parts of 8 (5), 8 val rows (1)
@@ -112,7 +112,8 @@ def test_a_stale_cache_is_rebuilt_and_refused_by_distill(teacher, tmp_path, capl
 
     changed = {"train": FRAMES["train"].assign(caption=FRAMES["train"]["caption"] + " More."),
                "val": FRAMES["val"]}
-    inputs = StageInputs({"teacher": teacher}, changed, str(tmp_path), teacher_embeddings=old)
+    inputs = StageInputs({"teacher": teacher}, changed, str(tmp_path),
+                         teacher_text_embeddings=old)
     with pytest.raises(ValueError, match="stale"):
         run_stage("distill", params, inputs, DS_FP32)
 
@@ -131,7 +132,7 @@ def test_parts_computed_by_two_processes_make_the_same_cache(teacher, tmp_path):
     write_cache(serial, tmp_path / "serial")
     parallel = dataclasses.replace(serial, processes=2)
     assert [str(d) for d in parallel.workers()] == ["cpu", "cpu"]
-    parts = list(compute_teacher_embeddings(parallel, {}))
+    parts = list(compute_teacher_text_embeddings(parallel, {}))
     computed = [(p.role, p.chunk) for p in parts if p.values is not None]
     assert sorted(computed) == [("train", i) for i in range(5)] + [("val", 0)]
     for part in parts:
@@ -153,7 +154,7 @@ def test_a_cache_written_before_parts_were_a_set_resumes(teacher, tmp_path):
     del manifest["parts"]
     manifest["complete"] = False
     (tmp_path / "cache" / "manifest.json").write_text(json.dumps(manifest))
-    parts = list(compute_teacher_embeddings(request, read_manifest(tmp_path / "cache")))
+    parts = list(compute_teacher_text_embeddings(request, read_manifest(tmp_path / "cache")))
     assert [(p.role, p.chunk) for p in parts if p.values is not None] == [("train", 3),
                                                                           ("train", 4)]
     for part in parts:
@@ -172,7 +173,7 @@ def _changed(teacher, name, delta=1e-3):
 
 
 def test_the_cache_key_covers_each_thing_the_values_depend_on_and_nothing_else(teacher):
-    from tulip_pipelines.training.teacher_embeddings import TeacherEmbeddingsRequest
+    from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddingsRequest
 
     texts = {"train": ["a red circle.", "a blue square."], "val": ["a green star."]}
     base = dict(teacher=teacher, texts=texts, teacher_input="tokens", window_overlap=20,
@@ -180,7 +181,7 @@ def test_the_cache_key_covers_each_thing_the_values_depend_on_and_nothing_else(t
                 processes=None)
 
     def key(**changes):
-        return TeacherEmbeddingsRequest(**{**base, **changes}).cache_key()
+        return TeacherTextEmbeddingsRequest(**{**base, **changes}).cache_key()
 
     reference = key()
     spec = teacher.spec
@@ -231,7 +232,7 @@ def test_the_cache_key_has_the_autocast_of_an_accelerator(teacher, monkeypatch):
     from tulip_pipelines.training import teacher_embeddings as module
 
     texts = {"train": ["a red circle."]}
-    request = module.TeacherEmbeddingsRequest(teacher, texts, device="cpu", autocast="bf16")
+    request = module.TeacherTextEmbeddingsRequest(teacher, texts, device="cpu", autocast="bf16")
     on_cpu = request.cache_key()
     monkeypatch.setattr(module, "resolve_device", lambda name: torch.device("cuda", 0))
     keys = {autocast: dataclasses.replace(request, autocast=autocast).cache_key()

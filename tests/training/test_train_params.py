@@ -14,9 +14,9 @@ def test_from_params_rejects_unknown_keys_by_name():
 
 
 def test_from_params_turns_yaml_lists_into_tuples():
-    cfg = TrainParams.from_params(dict(run_name="x", run_dir="o", max_steps=3, batch_size=2,
-                                       lr=1e-3, betas=[0.9, 0.95]))
-    assert cfg.betas == (0.9, 0.95)
+    params = TrainParams.from_params(dict(run_name="x", run_dir="o", max_steps=3, batch_size=2,
+                                          lr=1e-3, betas=[0.9, 0.95]))
+    assert params.betas == (0.9, 0.95)
 
 
 @pytest.mark.parametrize("field,value", [("max_steps", 0), ("batch_size", -1), ("lr", 0.0),

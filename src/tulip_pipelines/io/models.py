@@ -1,4 +1,4 @@
-"""Kedro datasets for models: exported model directories and pretrained teachers."""
+"""Kedro datasets for models: model directories and pretrained teachers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TextPreview = NewType("TextPreview", str)
 
 
 class ModelDataset(AbstractDataset[ModelBundle, ModelBundle]):
-    """An exported model directory (``model.safetensors`` + ``config.json``).
+    """A model directory (``model.safetensors`` + ``config.json``).
 
     ``load`` returns a :class:`~tulip_pipelines.models.spec.ModelBundle`; ``save`` writes one.
     """

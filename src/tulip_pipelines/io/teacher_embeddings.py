@@ -12,7 +12,7 @@ from kedro.io import AbstractDataset, DatasetError
 
 class TeacherTextEmbeddingsDataset(AbstractDataset):
     """A cache folder. ``save`` stores one
-    :class:`~tulip_pipelines.training.teacher_embeddings.EmbeddingsPart` (the node is a
+    :class:`~tulip_pipelines.training.teacher_embeddings.TeacherTextEmbeddingsPart` (the node is a
     generator: Kedro saves each part as it is yielded); ``load`` returns the complete cache as
     :class:`~tulip_pipelines.training.teacher_embeddings.TeacherTextEmbeddings`."""
 
@@ -37,7 +37,7 @@ class TeacherTextEmbeddingsDataset(AbstractDataset):
         return {"filepath": str(self._filepath)}
 
 
-class EmbeddingsProgressDataset(AbstractDataset):
+class TeacherTextEmbeddingsProgressDataset(AbstractDataset):
     """What a cache folder holds so far, read-only: its manifest (``{}`` when there is none), so
     that ``embed_teacher_texts`` reuses a complete cache and resumes a partial one."""
 

@@ -1,4 +1,4 @@
-"""The model card (``MODEL_CARD.md``) beside every exported model.
+"""The model card (``MODEL_CARD.md``) in every model directory.
 
 A card is rendered from the model's :class:`~tulip_pipelines.models.spec.ModelSpec` alone, so
 that it always agrees with ``config.json``: ``spec.extra`` holds the provenance a training stage

@@ -1,4 +1,4 @@
-"""Model files: an exported model is a directory with ``model.safetensors``, ``config.json``
+"""Model files: a model directory holds ``model.safetensors``, ``config.json``
 (a :class:`ModelSpec`) and ``MODEL_CARD.md`` (for readers; loading ignores it).
 :func:`load_bundle` also reads the TULIP authors' ``epoch_N.pt`` checkpoints (:mod:`.original`)."""
 

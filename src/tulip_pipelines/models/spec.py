@@ -1,5 +1,5 @@
 """What a model *is*, independent of its weights: the contract shared by models, training and
-evaluation code, and the JSON written beside every checkpoint."""
+evaluation code, and the JSON written in every model directory."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ PositionKind = Literal["absolute", "rope"]
 
 @dataclass
 class ModelSpec:
-    """Architecture description saved as ``config.json`` beside a checkpoint.
+    """Architecture description saved as ``config.json`` in a model directory.
 
     Attributes:
         model_name: open_clip model config name (``"ViT-L-14"``, ``"TULIP-Tiny"``, ...).

@@ -9,7 +9,7 @@ model did not read: captions longer than its context are cut as open_clip cuts t
 kept). An image that cannot be decoded fails the request with a message naming its row (the
 scoring server answers 400).
 
-The MLflow model holds the exported model directory (``model.safetensors``, ``config.json``,
+The MLflow model holds the model directory (``model.safetensors``, ``config.json``,
 ``MODEL_CARD.md``) as its artifact ``model``; :meth:`TulipEmbedder.load_context` loads it with
 the project's own :func:`tulip_pipelines.models.load_bundle`.
 """
@@ -31,7 +31,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 logger = logging.getLogger(__name__)
 
-ARTIFACT = "model"  # the MLflow model's artifact holding the exported model directory
+ARTIFACT = "model"  # the MLflow model's artifact holding the model directory
 COLUMNS = ("text", "image")
 # What a served model needs from its environment; `--env-manager local` uses the running one.
 PIP_REQUIREMENTS = ("torch", "open_clip_torch", "safetensors", "pillow", "pandas", "mlflow")
@@ -156,7 +156,7 @@ def input_example() -> pd.DataFrame:
 def log_embedding_model(directory: str | Path, name: str = "embedder",
                         registered_model_name: str | None = None,
                         card: str | None = None):
-    """Log the exported model ``directory`` as a pyfunc MLflow model named ``name`` into the
+    """Log the model directory ``directory`` as a pyfunc MLflow model named ``name`` into the
     active run, and register it as a new version of ``registered_model_name`` (when given; the
     version's description is the model card ``card``). Returns MLflow's ``ModelInfo``."""
     info = mlflow.pyfunc.log_model(

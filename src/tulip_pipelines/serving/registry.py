@@ -3,7 +3,7 @@
 run produced (what the evaluation tags with its recall).
 
 A URI names either a pyfunc model logged by :mod:`.pyfunc` (its ``model`` artifact is the
-exported model directory) or a plain exported model directory (a stage run's ``model``
+model directory) or a plain model directory (a stage run's ``model``
 artifact). An unknown registered name is an error that lists the names registered."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _check_registered(uri: str) -> None:
 
 
 def model_directory(local: str | Path) -> Path:
-    """The exported model directory inside a downloaded MLflow artifact: the directory itself
+    """The model directory inside a downloaded MLflow artifact: the directory itself
     (a plain ``model`` artifact) or the pyfunc model's ``model`` artifact."""
     local = Path(local)
     if (local / "config.json").is_file():
@@ -78,7 +78,7 @@ def model_directory(local: str | Path) -> Path:
         artifact = (flavor.get("artifacts") or {}).get(ARTIFACT) or {}
         if artifact.get("path"):
             return local / artifact["path"]
-    raise FileNotFoundError(f"{local} holds neither an exported model (config.json) nor a "
+    raise FileNotFoundError(f"{local} holds neither a model directory (config.json) nor a "
                             f"tulip_pipelines pyfunc model")
 
 

@@ -94,7 +94,7 @@ def tag(step: int) -> str:
 
 
 def run_fingerprint(params: TrainParams, ds_config: Mapping[str, Any], n_train: int,
-                    extra: Mapping[str, Any] | None) -> str:
+                    fingerprint_inputs: Mapping[str, Any] | None) -> str:
     """Short hash of everything that determines the trained weights, except the layout (the
     global batch is checked separately, :func:`select_resume`)."""
     fields = {k: v for k, v in params.fingerprint_fields().items() if k != "batch_size"}
@@ -102,7 +102,7 @@ def run_fingerprint(params: TrainParams, ds_config: Mapping[str, Any], n_train: 
         "config": fields,
         "deepspeed": {k: v for k, v in ds_config.items() if k not in _DS_IGNORED_KEYS},
         "n_train": n_train,
-        "extra": dict(extra or {}),
+        "extra": dict(fingerprint_inputs or {}),  # the key's name is part of existing hashes
     }
     blob = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -128,19 +128,19 @@ def complete_checkpoints(root: Path) -> list[tuple[int, str, dict[str, Any]]]:
     return sorted(found)
 
 
-def select_resume(root: Path, run_hash: str, layout: Layout, params: TrainParams,
+def select_resume(root: Path, fingerprint: str, layout: Layout, params: TrainParams,
                   rank: int) -> Resume | None:
     """The newest complete, matching checkpoint; moves non-matching checkpoints aside (rank 0).
     Raises :class:`GlobalBatchChanged` when the matching one was trained with another global
     batch (nothing is moved: the run can continue with the old global batch)."""
     complete = complete_checkpoints(root)
-    matching = [(t, info) for _, t, info in complete if info.get("fingerprint") == run_hash]
+    matching = [(t, info) for _, t, info in complete if info.get("fingerprint") == fingerprint]
     reason = None
     if complete and not params.resume:
         reason = "resume is off"
     elif complete and not matching:
         reason = (f"their fingerprint {complete[-1][2].get('fingerprint')} differs from this "
-                  f"run's {run_hash} (parameters, data or model changed)")
+                  f"run's {fingerprint} (parameters, data or model changed)")
     dist.barrier()  # every rank has looked before anything moves
     if reason is not None:
         if rank == 0:

@@ -72,16 +72,16 @@ def train(
     collate_fn: Callable | None = None,
     val_dataset: Dataset | None = None,
     log_fn: LogFn | None = None,
-    fingerprint: Mapping[str, Any] | None = None,
+    fingerprint_inputs: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``task`` with DeepSpeed until ``params.max_steps`` optimizer steps, resuming if
     possible.
 
     ``log_fn(metrics, step)`` is called on rank 0 with ``train/loss``, ``train/lr``,
-    ``train/samples_per_s``, ``train/<task scalar>`` and ``val/<name>`` keys. ``fingerprint``
-    describes what else determines the run (model spec, data identity); it is hashed with the
-    parameters, the DeepSpeed config, the world size and the dataset size to decide whether
-    existing checkpoints belong to this run.
+    ``train/samples_per_s``, ``train/<task scalar>`` and ``val/<name>`` keys. ``fingerprint_inputs``
+    describe what else determines the run (model spec, data identity); they are hashed with the
+    parameters, the DeepSpeed config and the dataset size into the run's fingerprint, which
+    decides whether existing checkpoints belong to this run.
     """
     started = time.perf_counter()
     set_tf32(params.tf32)
@@ -98,9 +98,10 @@ def train(
         )
     layout = checkpoints.Layout(params.batch_size, gas, world_size)
     params = params.resolved(max(1, sampler.usable // params.batch_size // gas))
-    run_hash = checkpoints.run_fingerprint(params, ds_config, len(train_dataset), fingerprint)
+    fingerprint = checkpoints.run_fingerprint(params, ds_config, len(train_dataset),
+                                              fingerprint_inputs)
 
-    resume = checkpoints.select_resume(root, run_hash, layout, params, rank)
+    resume = checkpoints.select_resume(root, fingerprint, layout, params, rank)
     load_dir, load_tag = root, resume.tag if resume is not None else None
     if resume is not None and checkpoints.needs_universal(root, resume, layout):
         load_dir = checkpoints.convert_to_universal(root, resume.tag, rank)
@@ -135,7 +136,7 @@ def train(
         generator=torch.Generator().manual_seed(params.seed),  # leaves the global RNG alone
     )
     loop = _Loop(engine, params, layout, rank, val_dataset, collate_fn, log_fn, root,
-                 run_hash, history)
+                 fingerprint, history)
     with autocast_inside(task, engine.device.type, params.precision == "amp_bf16"):
         loop.run(loader, sampler, position, start_step)
     loop.heartbeat.beat(loop.step, "done")
@@ -164,12 +165,12 @@ class _Loop:
 
     def __init__(self, engine, params: TrainParams, layout: checkpoints.Layout, rank: int,
                  val_dataset: Dataset | None, collate_fn: Callable | None, log_fn: LogFn | None,
-                 root, run_hash: str, history: list[dict[str, float]]):
+                 root, fingerprint: str, history: list[dict[str, float]]):
         self.engine, self.params = engine, params
         self.gas, self.compute_dtype = engine.gradient_accumulation_steps(), compute_dtype(engine)
         self.layout, self.world_size, self.rank = layout, layout.processes, rank
         self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
-        self.root, self.run_hash, self.history = root, run_hash, history
+        self.root, self.fingerprint, self.history = root, fingerprint, history
         self.step = 0
         self.heartbeat = Heartbeat(params.run_dir, rank)
         self.skipped = SkippedSamples(params.run_name, params.max_bad_fraction)
@@ -253,7 +254,7 @@ class _Loop:
         if last or (params.checkpoint_every > 0 and step % params.checkpoint_every == 0):
             self.heartbeat.beat(step, "checkpoint")
             client_state = {"step": step, "epoch": position.epoch,
-                            "batch_offset": position.offset, "fingerprint": self.run_hash,
+                            "batch_offset": position.offset, "fingerprint": self.fingerprint,
                             "samples": position.offset * self.params.batch_size * self.world_size,
                             "layout": dataclasses.asdict(self.layout)}
             checkpoints.save_checkpoint(self.engine, self.root, step, client_state, self.history,

@@ -159,14 +159,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch.distributed as dist
 
     from tulip_pipelines.training.distributed import init_distributed
-    from tulip_pipelines.training.engine import train
 
     init_distributed(timeout_s=plan.get("node_timeout_s"))
     job = job_from_plan(plan)
     tracker = rank_tracker(plan, dist.get_rank())
-    result = train(job.task, job.train_dataset, job.params, plan["ds_config"],
-                   collate_fn=job.collate_fn, val_dataset=job.val_dataset,
-                   log_fn=tracker.log if tracker else None, fingerprint=job.fingerprint)
+    result = job.train(plan["ds_config"], log_fn=tracker.log if tracker else None)
     if tracker is not None:
         tracker.flush()
     if dist.get_rank() == 0:

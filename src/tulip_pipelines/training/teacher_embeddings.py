@@ -4,8 +4,9 @@ of at every step of every epoch, and cached in the catalog entry ``teacher_text_
 
 A cache is a folder: ``manifest.json`` (cache key, dtype, rows per role, parts written) and
 ``<role>-NNNNN.safetensors`` parts. Computing yields part after part
-(:func:`compute_teacher_embeddings`); each is stored under a temporary name and renamed, then the
-manifest records it (:func:`write_part`), so a killed computation continues with the next part.
+(:func:`compute_teacher_text_embeddings`); each is stored under a temporary name and renamed,
+then the manifest records it (:func:`write_part`), so a killed computation continues with the
+next part.
 The *cache key* ties the cache to what determines its values: the teacher's text tower weights
 and architecture, the texts of every row, the teacher's input (tokens or windows) and the dtype.
 A cache whose key differs is rebuilt, never reused, and the distill stage refuses embeddings
@@ -51,7 +52,7 @@ _IMAGE_TOWER = ("visual.", "logit_scale", "logit_bias")
 
 
 @dataclass
-class TeacherEmbeddingsRequest:
+class TeacherTextEmbeddingsRequest:
     """What to cache: the teacher, the texts per role (``train``, ``val``), how the teacher reads
     them and in which dtype. ``None`` texts means "no cache" (embeddings computed live)."""
 
@@ -101,8 +102,8 @@ def cache_key(teacher: ModelBundle, texts: Mapping[str, Sequence[str]], teacher_
 
 
 @dataclass
-class EmbeddingsPart:
-    """One step of writing a cache, as :func:`compute_teacher_embeddings` yields it and
+class TeacherTextEmbeddingsPart:
+    """One step of writing a cache, as :func:`compute_teacher_text_embeddings` yields it and
     :func:`write_part` stores it: the manifest after this step, and the part's values (``None``
     for a step that only records the manifest). ``reset``: clear the folder first (a new or
     stale cache)."""
@@ -122,21 +123,21 @@ def _parts_done(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
     return {role: list(range(n)) for role, n in manifest.get("chunks", {}).items()}
 
 
-def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
-                               written: Mapping[str, Any]) -> Iterator[EmbeddingsPart]:
+def compute_teacher_text_embeddings(request: TeacherTextEmbeddingsRequest,
+                               written: Mapping[str, Any]) -> Iterator[TeacherTextEmbeddingsPart]:
     """The teacher's text embeddings of every requested text, part by part (``batch_size`` rows
     each), after what is already ``written`` (a manifest, :func:`read_manifest`): a complete
     matching cache is reused (nothing computed), a partial matching one resumed, anything else
     rebuilt (with a log line saying which). With several worker devices (every GPU of the node)
     one process per device computes every n-th missing part; parts come back as they finish."""
     if request.texts is None:  # live embeddings: an empty cache that says so
-        yield EmbeddingsPart({"mode": "live"}, reset=True)
+        yield TeacherTextEmbeddingsPart({"mode": "live"}, reset=True)
         return
     key = request.cache_key()
     manifest = copy.deepcopy(dict(written))
     if manifest.get("cache_key") == key and manifest.get("complete"):
         logger.info("teacher text embeddings match cache key %s: reused", key)
-        yield EmbeddingsPart(manifest)
+        yield TeacherTextEmbeddingsPart(manifest)
         return
     if manifest.get("cache_key") == key:
         manifest["parts"] = _parts_done(manifest)
@@ -152,7 +153,7 @@ def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
                     "rows": {role: len(t) for role, t in request.texts.items()},
                     "chunk_rows": request.batch_size, "parts": {r: [] for r in request.texts},
                     "complete": False}
-        yield EmbeddingsPart(copy.deepcopy(manifest), reset=True)
+        yield TeacherTextEmbeddingsPart(copy.deepcopy(manifest), reset=True)
     size = manifest["chunk_rows"]
     todo = [(role, index, list(texts[index * size:(index + 1) * size]))
             for role, texts in request.texts.items()
@@ -170,12 +171,12 @@ def compute_teacher_embeddings(request: TeacherEmbeddingsRequest,
             len(texts) for _, _, texts in todo)) as bar:
         for role, index, values in compute(request.teacher.model, settings, todo, devices):
             manifest["parts"][role] = sorted([*manifest["parts"][role], index])
-            yield EmbeddingsPart(copy.deepcopy(manifest), role, index, values)
+            yield TeacherTextEmbeddingsPart(copy.deepcopy(manifest), role, index, values)
             bar.update(len(values))
     manifest["complete"] = True
     logger.info("teacher text embeddings: %s rows computed (%s, cache key %s)",
                 manifest["rows"], request.dtype, key)
-    yield EmbeddingsPart(manifest)
+    yield TeacherTextEmbeddingsPart(manifest)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def _in_this_process(teacher: torch.nn.Module, settings: _Settings, todo: Todo,
     teacher.eval()
     with on_device(teacher, device), inference_autocast(device, settings.autocast):
         for role, index, texts in todo:
-            values = embed_texts(teacher, tokenizer, texts, settings.teacher_input,
+            values = teacher_text_embeddings_of(teacher, tokenizer, texts, settings.teacher_input,
                                  settings.window_overlap, settings.max_windows)
             yield role, index, values.to(DTYPES[settings.dtype])
 
@@ -267,9 +268,10 @@ def _worker(state: dict[str, torch.Tensor], settings: _Settings, todo: Todo, dev
         results.put(("error", traceback.format_exc()))
 
 
-def write_part(part: EmbeddingsPart, folder: str | Path) -> None:
-    """Store one :class:`EmbeddingsPart`: the part's values under a temporary name renamed into
-    place, then the manifest that records it (so a killed write resumes after the last part)."""
+def write_part(part: TeacherTextEmbeddingsPart, folder: str | Path) -> None:
+    """Store one :class:`TeacherTextEmbeddingsPart`: the part's values under a temporary name
+    renamed into place, then the manifest that records it (so a killed write resumes after the
+    last part)."""
     folder = Path(folder)
     if part.reset:
         _reset(folder)
@@ -281,7 +283,7 @@ def write_part(part: EmbeddingsPart, folder: str | Path) -> None:
 
 
 @torch.no_grad()
-def embed_texts(teacher: torch.nn.Module, tokenizer, texts: list[str],
+def teacher_text_embeddings_of(teacher: torch.nn.Module, tokenizer, texts: list[str],
                 teacher_input: str = "tokens", window_overlap: int = 20,
                 max_windows: int = 5) -> torch.Tensor:
     """The teacher's embeddings of ``texts`` (float32, CPU), exactly as the live distillation
@@ -325,7 +327,7 @@ class TeacherTextEmbeddings:
         return values
 
 
-class WithTeacherEmbeddings(Dataset):
+class WithTeacherTextEmbeddings(Dataset):
     """A distillation dataset whose samples also carry their cached ``teacher_embedding``."""
 
     def __init__(self, dataset: Dataset, embeddings: torch.Tensor):

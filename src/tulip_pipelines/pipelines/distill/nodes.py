@@ -12,19 +12,22 @@ from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.training.stages import DistillParams, StageInputs
 from tulip_pipelines.training.stages.distill import embeddings_request
 from tulip_pipelines.training.stages.run import run_stage
-from tulip_pipelines.training.teacher_embeddings import EmbeddingsPart, compute_teacher_embeddings
+from tulip_pipelines.training.teacher_embeddings import (
+    TeacherTextEmbeddingsPart,
+    compute_teacher_text_embeddings,
+)
 
 
 def embed_teacher_texts(teacher_model: ModelBundle, train_captions: pd.DataFrame,
                         val_captions: pd.DataFrame, params: dict[str, Any],
                         teacher_text_embeddings_progress: dict[str, Any]
-                        ) -> Iterator[EmbeddingsPart]:
+                        ) -> Iterator[TeacherTextEmbeddingsPart]:
     """The frozen teacher's text embedding of every row the student distils from, part by part
     (``teacher_text_embeddings`` stores each as it comes); what is already written
     (``teacher_text_embeddings_progress``) is reused while teacher and captions are unchanged."""
     request = embeddings_request(DistillParams.from_params(params), teacher_model,
                                  {"train": train_captions, "val": val_captions})
-    yield from compute_teacher_embeddings(request, teacher_text_embeddings_progress)
+    yield from compute_teacher_text_embeddings(request, teacher_text_embeddings_progress)
 
 
 def distill(teacher_model: ModelBundle, teacher_text_embeddings, train_captions: pd.DataFrame,
@@ -34,5 +37,5 @@ def distill(teacher_model: ModelBundle, teacher_text_embeddings, train_captions:
     stage_params = DistillParams.from_params(params)  # before touching any input
     inputs = StageInputs({"teacher": teacher_model},
                          {"train": train_captions, "val": val_captions}, images,
-                         teacher_embeddings=teacher_text_embeddings)
+                         teacher_text_embeddings=teacher_text_embeddings)
     return run_stage("distill", stage_params, inputs, ds_config, parent=teacher_model)

@@ -16,13 +16,13 @@ def ingest_annotations(
     raw_annotations: AnnotationFile, params: dict[str, Any], image_root: str
 ) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
     """Yield ``(captions, rejected_captions)`` batches; counts are reconciled at the end."""
-    config = IngestParams.from_params(params)
+    ingest_params = IngestParams.from_params(params)
     yield from iter_ingest_batches(
         raw_annotations.path,
         image_root=image_root,
-        check_images=config.check_images,
-        batch_size=config.batch_size,
-        decode_workers=config.decode_workers,
-        format=config.format,
-        fields=config.fields(),
+        check_images=ingest_params.check_images,
+        batch_size=ingest_params.batch_size,
+        decode_workers=ingest_params.decode_workers,
+        format=ingest_params.format,
+        fields=ingest_params.fields(),
     )

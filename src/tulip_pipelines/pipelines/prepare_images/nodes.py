@@ -15,7 +15,7 @@ def prepare_training_images(train_captions: pd.DataFrame, val_captions: pd.DataF
                             teacher_model_name: str | None) -> tuple[ImageSource, pd.DataFrame]:
     """Return ``(prepared_images, rejected_images)``: the source training and evaluation read
     (the shards, or the original folder when ``enabled`` is false) and the images left out."""
-    config = PrepareImagesParams.from_params(params)
-    encoding = config.encoding(teacher_model_name) if config.enabled else None
-    result = prepare_images(train_captions, val_captions, image_root, config, encoding)
+    prepare_params = PrepareImagesParams.from_params(params)
+    encoding = prepare_params.encoding(teacher_model_name) if prepare_params.enabled else None
+    result = prepare_images(train_captions, val_captions, image_root, prepare_params, encoding)
     return result.source, result.rejected

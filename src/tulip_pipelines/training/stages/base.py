@@ -110,7 +110,7 @@ class StageInputs:
     models: Mapping[str, ModelBundle]
     frames: Mapping[str, pd.DataFrame]
     images: ImageSource | str
-    teacher_embeddings: TeacherTextEmbeddings | None = None
+    teacher_text_embeddings: TeacherTextEmbeddings | None = None
 
     def __post_init__(self) -> None:
         self.images = as_image_source(self.images)
@@ -138,10 +138,10 @@ def stage_job(params: StageParams, inputs: StageInputs, *, task: torch.nn.Module
               val_dataset: CaptionImageDataset | None, model: ModelBundle,
               finish: Callable[[ModelBundle], ModelBundle] | None = None) -> TrainJob:
     """The training job a stage's builder returns: its task, data and model, the stage's
-    :class:`TrainParams`, and what else the trained weights depend on (the job's fingerprint:
+    :class:`TrainParams`, and what else the trained weights depend on (the job's fingerprint inputs:
     the model, the input models, which training records and images, the stage's parameters)."""
     train_ids = inputs.frames["train"]["id"]
-    fingerprint = {
+    fingerprint_inputs = {
         "model": model.spec.to_dict(),
         "inputs": {k: b.spec.to_dict() for k, b in inputs.models.items()},
         "train_ids": [str(train_ids.iloc[0]), str(train_ids.iloc[-1]), len(train_ids)],
@@ -151,7 +151,7 @@ def stage_job(params: StageParams, inputs: StageInputs, *, task: torch.nn.Module
         "params": params.fingerprint_fields(),
     }
     return TrainJob(task, train_dataset, val_dataset, collate, params.train_params(),
-                    fingerprint, model, finish)
+                    fingerprint_inputs, model, finish)
 
 
 @dataclass(frozen=True)

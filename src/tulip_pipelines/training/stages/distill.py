@@ -20,8 +20,8 @@ from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage
 from tulip_pipelines.training.tasks import TEACHER_INPUTS, DistillTask
 from tulip_pipelines.training.teacher_embeddings import (
     DTYPES,
-    TeacherEmbeddingsRequest,
-    WithTeacherEmbeddings,
+    TeacherTextEmbeddingsRequest,
+    WithTeacherTextEmbeddings,
 )
 
 DISTILL_ROWS = ("long", "long_and_short")
@@ -84,7 +84,7 @@ def build(params: DistillParams, inputs: StageInputs) -> TrainJob:
                       overlap=params.window_overlap)
     frames = distill_rows(params, inputs.frames)
     train_ds, val_ds = inputs.datasets(None, frames=frames)  # text only
-    cache = inputs.teacher_embeddings
+    cache = inputs.teacher_text_embeddings
     if params.teacher_embeddings == "cached":
         if cache is None or not cache.cached:
             raise ValueError("distill.teacher_embeddings is cached but teacher_text_embeddings "
@@ -94,8 +94,8 @@ def build(params: DistillParams, inputs: StageInputs) -> TrainJob:
             raise ValueError(f"teacher_text_embeddings in {cache.folder} are stale (cache key "
                              f"{cache.cache_key}, this teacher and these captions give "
                              f"{expected}); rerun the embed_teacher_texts node")
-        train_ds = WithTeacherEmbeddings(train_ds, cache.role("train"))
-        val_ds = val_ds and WithTeacherEmbeddings(val_ds, cache.role("val"))
+        train_ds = WithTeacherTextEmbeddings(train_ds, cache.role("train"))
+        val_ds = val_ds and WithTeacherTextEmbeddings(val_ds, cache.role("val"))
         task = DistillTask(model.model, None, params.loss_type, params.teacher_input)
     else:
         task = DistillTask(model.model, teacher.model, params.loss_type, params.teacher_input)
@@ -112,14 +112,14 @@ def distill_rows(params: DistillParams, frames: Mapping[str, pd.DataFrame]
 
 
 def embeddings_request(params: DistillParams, teacher: ModelBundle,
-                       frames: Mapping[str, pd.DataFrame]) -> TeacherEmbeddingsRequest:
+                       frames: Mapping[str, pd.DataFrame]) -> TeacherTextEmbeddingsRequest:
     """What ``teacher_text_embeddings`` must hold for these parameters, teacher and captions
     (no texts: the live mode, no cache)."""
     texts = None
     if params.teacher_embeddings == "cached":
         texts = {role: frame["caption"].tolist()
                  for role, frame in distill_rows(params, frames).items() if len(frame)}
-    return TeacherEmbeddingsRequest(teacher, texts, params.teacher_input, params.window_overlap,
+    return TeacherTextEmbeddingsRequest(teacher, texts, params.teacher_input, params.window_overlap,
                                     params.max_windows, params.embedding_dtype,
                                     params.embedding_batch_size, params.embedding_device,
                                     params.embedding_autocast, params.embedding_processes)

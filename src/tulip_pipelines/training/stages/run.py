@@ -20,7 +20,6 @@ import pandas as pd
 from tulip_pipelines.data.images import image_source_from_dict
 from tulip_pipelines.models import ModelBundle, load_bundle, save_model
 from tulip_pipelines.tracking import flatten, lineage, stage_run
-from tulip_pipelines.training.engine import train
 from tulip_pipelines.training.heartbeat import StallWatch
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.plots import loss_figure
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 def run_stage(stage: str, params: StageParams, inputs: StageInputs,
               ds_config: Mapping[str, Any], parent: ModelBundle | None = None):
     """Train ``stage`` (a name in :data:`STAGES`) in its own MLflow run: parameters, lineage to
-    ``parent`` (the model it starts from), per-step metrics, final metrics, the exported model,
+    ``parent`` (the model it starts from), per-step metrics, final metrics, the model directory,
     the loss curve and the unreadable samples skipped. Returns ``(model, history, figure,
     skipped)``; the model's spec records the stage, its MLflow run, its parent and what it was
     trained on."""
@@ -50,9 +49,7 @@ def run_stage(stage: str, params: StageParams, inputs: StageInputs,
             if params.num_processes == 1 and not cluster.several and not cluster.hostfile \
                     and cluster.launcher != "srun":
                 with StallWatch(params.stage_run_dir, stage, job.params.stall_minutes):
-                    result = train(job.task, job.train_dataset, job.params, ds_config,
-                                   collate_fn=job.collate_fn, val_dataset=job.val_dataset,
-                                   log_fn=tracker.log, fingerprint=job.fingerprint)
+                    result = job.train(ds_config, log_fn=tracker.log)
             else:
                 plan = write_launch_plan(stage, params, inputs, ds_config)
                 plan["mlflow"] = tracker.target()
@@ -87,7 +84,7 @@ def write_launch_plan(stage: str, params: StageParams, inputs: StageInputs,
         save_model(bundle, folder / name)
     for name, frame in inputs.frames.items():
         frame.to_parquet(folder / f"{name}.parquet", index=False)
-    embeddings = inputs.teacher_embeddings
+    embeddings = inputs.teacher_text_embeddings
     return {
         "builder": "tulip_pipelines.training.stages.run:build_job",
         "stage": stage,
@@ -95,7 +92,7 @@ def write_launch_plan(stage: str, params: StageParams, inputs: StageInputs,
         "models": {name: str(folder / name) for name in inputs.models},
         "frames": {name: str(folder / f"{name}.parquet") for name in inputs.frames},
         "images": inputs.images.resolved().to_dict(),
-        "teacher_embeddings": str(embeddings.folder.resolve()) if embeddings else None,
+        "teacher_text_embeddings": str(embeddings.folder.resolve()) if embeddings else None,
         "ds_config": dict(ds_config),
         "node_timeout_s": params.node_timeout_s,
     }
@@ -109,8 +106,8 @@ def build_job(plan: Mapping[str, Any]) -> TrainJob:
         models={k: load_bundle(v) for k, v in plan["models"].items()},
         frames={k: pd.read_parquet(v) for k, v in plan["frames"].items()},
         images=image_source_from_dict(plan["images"]),
-        teacher_embeddings=(TeacherTextEmbeddings(plan["teacher_embeddings"])
-                            if plan.get("teacher_embeddings") else None),
+        teacher_text_embeddings=(TeacherTextEmbeddings(plan["teacher_text_embeddings"])
+                                 if plan.get("teacher_text_embeddings") else None),
     )
     return stage.build(params, inputs)
 
