@@ -34,9 +34,9 @@ sys.path.insert(0, str(LIB))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIB), os.environ.get("PYTHONPATH")]))
 
 from tulip_pipelines.training import checkpoints  # noqa: E402
-from tulip_pipelines.training.heartbeat import read_heartbeats  # noqa: E402
 from tulip_pipelines.training.multinode import Cluster  # noqa: E402
 from tulip_pipelines.training.processes import run_distributed  # noqa: E402
+from tulip_pipelines.training.run_dir import read_heartbeats  # noqa: E402
 
 
 def plan(run_dir: Path, model: str, steps: int, batch: int) -> dict:
@@ -90,7 +90,7 @@ def conversion(tmp: Path, model: str, batch: int) -> dict:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from tulip_pipelines.training.distributed import init_distributed
+        from tulip_pipelines.training.deepspeed_setup import init_distributed
 
         init_distributed()
     checkpoints.convert_to_universal(root, tag, 0)

@@ -36,7 +36,7 @@ from tulip_pipelines.training.checkpoints import (  # noqa: E402
     RNG_FILE,
     rng_state,
 )
-from tulip_pipelines.training.sampler import SeededSamples  # noqa: E402
+from tulip_pipelines.training.datasets import SeededSamples  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask  # noqa: E402
 
 

@@ -43,12 +43,12 @@ from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data  # noqa
 from tulip_pipelines.models import build_student, create_teacher  # noqa: E402
 from tulip_pipelines.training.datasets import CaptionImageDataset, Collate  # noqa: E402
 from tulip_pipelines.training.engine import train  # noqa: E402
+from tulip_pipelines.training.job import TrainParams  # noqa: E402
 from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask  # noqa: E402
 from tulip_pipelines.training.teacher_embeddings import (  # noqa: E402
     WithTeacherTextEmbeddings,
     teacher_text_embeddings_of,
 )
-from tulip_pipelines.training.train_params import TrainParams  # noqa: E402
 
 
 def demo_dataset(root: Path, n: int, preprocess, variants: bool = False) -> CaptionImageDataset:

@@ -111,7 +111,7 @@ def kept_memory_dataset():
 def small_train_params(tmp_path: Path, **overrides):
     """A small TrainParams for the engine's toy tasks (8 steps of 16, warmup 2, a log row every
     2 steps), its run dir under ``tmp_path``; ``overrides`` replace any field."""
-    from tulip_pipelines.training.train_params import TrainParams
+    from tulip_pipelines.training.job import TrainParams
 
     values = dict(run_name="toy", run_dir=str(tmp_path / "run"), max_steps=8, batch_size=16,
                   lr=0.05, warmup_steps=2, log_every=2, min_lr_ratio=0.1)

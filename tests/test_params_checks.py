@@ -70,8 +70,8 @@ def test_every_stage_budget_resolves_to_steps(project_root, env):
     budget, as the engine resolves it at the start of training (and each rank rebuilds it)."""
     import dataclasses
 
+    from tulip_pipelines.training.job import TrainParams
     from tulip_pipelines.training.stages.longclip import RECIPES, LongclipParams
-    from tulip_pipelines.training.train_params import TrainParams
 
     params = _parameters(project_root, env)
     stages = [params_classes()[name].from_all(params) for name in ("teacher", "distill", "expand")]
@@ -90,7 +90,7 @@ def test_the_real_scale_stages_run_as_the_papers_recipes(project_root):
     amp_bf16; stage 2 with open_clip's train transform, Long-CLIP's authors without one."""
     import math
 
-    from tulip_pipelines.training.schedule import lr_lambda
+    from tulip_pipelines.training.deepspeed_setup import lr_lambda
     from tulip_pipelines.training.stages.longclip import LongclipParams
 
     params = _parameters(project_root, "sharegpt4v")

@@ -10,9 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from tulip_pipelines.models import create_teacher
-from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.job import TrainJob, TrainParams
 from tulip_pipelines.training.tasks import ContrastiveTask
-from tulip_pipelines.training.train_params import TrainParams
 
 
 class RandomPairs(Dataset):

@@ -27,7 +27,7 @@ import json, os, sys
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 import torch
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 class Data(torch.utils.data.Dataset):
     def __init__(self):
@@ -61,8 +61,8 @@ def amp_bf16_step(work: Path) -> dict:
     """Check 1 (see the module docstring), in this process."""
     from tulip_pipelines.models import create_teacher
     from tulip_pipelines.training.engine import train
+    from tulip_pipelines.training.job import TrainParams
     from tulip_pipelines.training.tasks import ContrastiveTask
-    from tulip_pipelines.training.train_params import TrainParams
 
     torch.manual_seed(0)
     teacher = create_teacher("TULIP-Tiny")

@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from tulip_pipelines.training.batches import to_device
+from tulip_pipelines.training.datasets import to_device
 from tulip_pipelines.training.deepspeed_setup import (
     compute_dtype,
+    init_distributed,
     initialize_engine,
     prepare_ds_config,
 )
-from tulip_pipelines.training.distributed import init_distributed
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 PHASES = ("data", "forward", "backward", "optimizer")
 

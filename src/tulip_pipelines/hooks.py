@@ -11,7 +11,7 @@ from kedro.framework.hooks import hook_impl
 
 from tulip_pipelines.params_checks import check_parameters, params_classes
 from tulip_pipelines.tracking_check import check_tracking_server
-from tulip_pipelines.training import run_lock
+from tulip_pipelines.training import run_dir as locks  # the run dirs' locks
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,15 @@ class ProjectHooks:
         for name in sorted(pipeline_names & set(classes)):
             for run_dir in classes[name].from_all(params).run_dirs():
                 try:
-                    run_lock.acquire(run_dir)
-                except run_lock.RunDirBusy:
+                    locks.acquire(run_dir)
+                except locks.RunDirBusy:
                     self._release()
                     raise
                 self._locked.append(run_dir)
 
     def _release(self) -> None:
         while self._locked:
-            run_lock.release(self._locked.pop())
+            locks.release(self._locked.pop())
 
     @hook_impl
     def after_pipeline_run(self, run_params, run_result, pipeline, catalog) -> None:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tulip_pipelines.data.decode import open_image_file
-from tulip_pipelines.data.images import FolderImages
+from tulip_pipelines.data.images import FolderImages, open_image_file
 from tulip_pipelines.data.shards import Encoding, encode_image
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.datasets import CaptionImageDataset
@@ -100,7 +99,7 @@ def test_the_train_augmentation_draws_anew_each_epoch_and_validation_does_not_au
     import pandas as pd
 
     from tulip_pipelines.models.clip import train_preprocess
-    from tulip_pipelines.training.sampler import SeededSamples
+    from tulip_pipelines.training.datasets import SeededSamples
 
     # square: RandomResizedCrop at scale 0.9-1 and aspect 3/4-4/3 finds no crop in a 3:2 image
     # and falls back to a fixed centre crop (so do the originals)

@@ -10,11 +10,10 @@ import torch
 from tests.conftest import DS_FP32, kept_memory_dataset
 from tests.image_helpers import write_images
 from tulip_pipelines.models import create_teacher
-from tulip_pipelines.training.datasets import CaptionImageDataset, Collate
+from tulip_pipelines.training.datasets import CaptionImageDataset, Collate, TooManyBadSamples
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.skipped import TooManyBadSamples
+from tulip_pipelines.training.job import TrainParams
 from tulip_pipelines.training.tasks import ContrastiveTask
-from tulip_pipelines.training.train_params import TrainParams
 
 
 def corrupt(root, frame, truncated: int, empty: int) -> None:

@@ -9,11 +9,11 @@ import time
 import pytest
 from kedro.framework.session import KedroSession
 
-from tulip_pipelines.training import run_lock
+from tulip_pipelines.training import run_dir as run_lock
 
 HOLDER = """
 import sys, time
-from tulip_pipelines.training import run_lock
+from tulip_pipelines.training import run_dir as run_lock
 run_lock.acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
@@ -41,7 +41,7 @@ def test_a_second_run_stops_at_once_naming_the_first(holder, tmp_path):
 def test_a_stale_lock_of_a_dead_process_is_taken_over(holder, tmp_path, caplog):
     holder.kill()
     holder.wait()
-    with caplog.at_level(logging.WARNING, logger="tulip_pipelines.training.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="tulip_pipelines.training.run_dir"):
         with run_lock.run_lock(tmp_path / "run"):
             with run_lock.run_lock(tmp_path / "run"):  # re-entrant within a process
                 pass

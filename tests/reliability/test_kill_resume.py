@@ -19,7 +19,7 @@ from tests.conftest import DS_FP32
 from tests.training.toy_tasks import NoisyRegressionData, RegressionTask
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ import json, sys, time
 from pathlib import Path
 from tests.training.toy_tasks import NoisyRegressionData, RegressionTask
 import tulip_pipelines.training.checkpoints as checkpoints
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 from tulip_pipelines.training.engine import train
 
 params, ds_config, hang_at = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])

@@ -6,8 +6,8 @@ import torch
 
 from tests.training.toy_tasks import PairData, contrastive_task
 from tulip_pipelines.training.engine import train
+from tulip_pipelines.training.job import TrainParams
 from tulip_pipelines.training.processes import run_distributed
-from tulip_pipelines.training.train_params import TrainParams
 
 N = 16
 # AdamW's first step is about lr * sign(gradient); eps = 1 makes it scale with the gradient, so

@@ -25,7 +25,7 @@ from tulip_pipelines.training.checkpoints import (
     complete_checkpoints,
 )
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 CHILD = """
 import json, sys

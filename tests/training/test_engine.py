@@ -11,9 +11,9 @@ import torch
 from tests.conftest import DS_FP32, small_train_params
 from tests.training.toy_tasks import RegressionData, RegressionTask
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from tulip_pipelines.training.deepspeed_setup import lr_lambda
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.schedule import lr_lambda
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 # --- configuration checks ---------------------------------------------------------------------
 

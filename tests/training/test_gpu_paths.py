@@ -237,8 +237,11 @@ def test_bf16_weights_reduce_their_gradients_in_float32(tmp_path):
     for float32 (an explicit choice in params:deepspeed stays), and DeepSpeed takes it."""
     from tests.conftest import small_train_params
     from tests.training.toy_tasks import RegressionTask
-    from tulip_pipelines.training.deepspeed_setup import initialize_engine, prepare_ds_config
-    from tulip_pipelines.training.distributed import init_distributed
+    from tulip_pipelines.training.deepspeed_setup import (
+        init_distributed,
+        initialize_engine,
+        prepare_ds_config,
+    )
 
     base = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}
     bf16 = small_train_params(tmp_path, precision="bf16")
@@ -263,7 +266,7 @@ def test_bfloat16_emulated_on_an_older_gpu_is_named(monkeypatch, caplog):
     only with emulation): the run says so rather than training slower than fp32 in silence."""
     import logging
 
-    from tulip_pipelines.training.engine import warn_if_bf16_emulated
+    from tulip_pipelines.training.deepspeed_setup import warn_if_bf16_emulated
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: including_emulation)  # a V100

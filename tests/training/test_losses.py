@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tulip_pipelines.training.losses import clip_loss, distill_loss, primary_components
+from tulip_pipelines.training.tasks import clip_loss, distill_loss, primary_components
 
 
 def test_distill_losses_by_hand():

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tulip_pipelines.training import multinode, processes
-from tulip_pipelines.training.distributed import free_port, join_group
+from tulip_pipelines.training.deepspeed_setup import free_port, join_group
 from tulip_pipelines.training.multinode import Cluster, NodeError, node_command
 from tulip_pipelines.training.processes import check_port, run_distributed
 

@@ -15,7 +15,7 @@ from tests.training.toy_tasks import PairData, contrastive_task
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER
 from tulip_pipelines.training.deepspeed_setup import prepare_ds_config
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.losses import clip_loss
+from tulip_pipelines.training.tasks import clip_loss
 
 OPENAI_LOGIT_SCALE = 4.60546875  # exp = 100.03, just above open_clip's clamp at 100
 

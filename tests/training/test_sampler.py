@@ -13,10 +13,14 @@ from tests.conftest import DS_FP32
 from tests.image_helpers import decode_index
 from tests.training.conftest import N_TRAIN, N_VAL
 from tests.training.toy_tasks import RegressionTask
-from tulip_pipelines.training.datasets import CaptionImageDataset
+from tulip_pipelines.training.datasets import (
+    CaptionImageDataset,
+    DataPosition,
+    ResumableSampler,
+    SeededSamples,
+)
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 
 def _order(sampler: ResumableSampler, epoch: int, offset: int = 0) -> list[int]:

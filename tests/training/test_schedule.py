@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tulip_pipelines.training.schedule import lr_lambda, warmup_cosine
+from tulip_pipelines.training.deepspeed_setup import lr_lambda, warmup_cosine
 
 
 def test_warmup_is_linear_and_reaches_one():

@@ -5,7 +5,7 @@ counting as that many; exactly the allowed number does not."""
 import pytest
 import torch
 
-from tulip_pipelines.training.skipped import SkippedSamples, TooManyBadSamples
+from tulip_pipelines.training.datasets import SkippedSamples, TooManyBadSamples
 
 
 def _batch(n: int, bad: int) -> dict:

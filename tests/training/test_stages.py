@@ -12,6 +12,7 @@ from tests.image_helpers import write_images
 from tulip_pipelines.data.text import SHORT_CAPTIONS
 from tulip_pipelines.models import build_student, create_teacher
 from tulip_pipelines.models.longclip import KeptPositionsCLIP
+from tulip_pipelines.training.job import TrainParams
 from tulip_pipelines.training.stages import STAGES, StageInputs
 from tulip_pipelines.training.stages.distill import embeddings_request
 from tulip_pipelines.training.teacher_embeddings import (
@@ -20,7 +21,6 @@ from tulip_pipelines.training.teacher_embeddings import (
     compute_teacher_text_embeddings,
     write_part,
 )
-from tulip_pipelines.training.train_params import TrainParams
 
 # the engine's parameters, all away from their defaults (what every stage's `train` block gives)
 TRAIN = {"max_steps": 7, "batch_size": 3, "lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.05,

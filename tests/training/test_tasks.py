@@ -8,8 +8,13 @@ import torch.nn.functional as F
 
 from tests.training.toy_tasks import PairData, contrastive_task
 from tulip_pipelines.training.datasets import window_tokens
-from tulip_pipelines.training.losses import clip_loss, distill_loss
-from tulip_pipelines.training.tasks import ContrastiveTask, DistillTask, teacher_text_embedding
+from tulip_pipelines.training.tasks import (
+    ContrastiveTask,
+    DistillTask,
+    clip_loss,
+    distill_loss,
+    teacher_text_embedding,
+)
 
 
 def test_distill_task_trains_only_student_text_tower(tiny):

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from tulip_pipelines.training.job import TrainJob
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainJob, TrainParams
 
 N_FEATURES = 8
 

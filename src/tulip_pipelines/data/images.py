@@ -22,18 +22,18 @@ import io
 import json
 import logging
 import os
+import tarfile
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-
-from tulip_pipelines.data.decode import image_file_exists, open_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -272,3 +272,67 @@ def image_source_from_dict(data: dict[str, Any]) -> ImageSource:
 def as_image_source(images: ImageSource | str | os.PathLike) -> ImageSource:
     """A source as it is; a folder path as :class:`FolderImages`."""
     return images if isinstance(images, ImageSource) else FolderImages(images)
+
+
+# Decoding one image file (PIL only): a file on disk or a member of a WebDataset tar
+
+TAR_SUFFIX = ".tar"
+
+
+def split_tar_member(path: str | os.PathLike) -> tuple[Path, str] | None:
+    """``(tar file, member name)`` when ``path`` leads into an existing ``.tar`` file, else
+    ``None``."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].endswith(TAR_SUFFIX):
+            tar = Path(*parts[:i])
+            if tar.is_file():
+                return tar, "/".join(parts[i:])
+    return None
+
+
+@lru_cache(maxsize=64)
+def _tar_index(tar: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size) of the regular files of ``tar`` (a header pass)."""
+    with tarfile.open(tar, "r:") as archive:
+        return {m.name: (m.offset_data, m.size) for m in archive if m.isreg()}
+
+
+def read_tar_member(tar: str | os.PathLike, member: str) -> bytes:
+    """The bytes of ``member`` of the tar file ``tar`` (``FileNotFoundError`` when absent)."""
+    stat = os.stat(tar)
+    index = _tar_index(str(tar), stat.st_mtime_ns, stat.st_size)
+    if member not in index:
+        raise FileNotFoundError(f"{tar} has no member {member!r}")
+    offset, size = index[member]
+    with open(tar, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def open_image_file(path: str | os.PathLike | IO[bytes],
+                    min_size: int | None = None) -> Image.Image:
+    """The decoded RGB image at ``path`` (a file, a member of a tar file as in the module
+    docstring, or a binary stream). With ``min_size`` a JPEG is decoded in draft mode at
+    the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= ``min_size``: what a
+    preprocess that resizes the shortest side to ``min_size`` needs, at a fraction of the work.
+    Every coefficient is still read, so a truncated or corrupt file fails."""
+    if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
+        inside = split_tar_member(path)
+        if inside is not None:
+            path = io.BytesIO(read_tar_member(*inside))
+    with Image.open(path) as image:
+        if min_size and image.format == "JPEG":
+            image.draft("RGB", (min_size, min_size))
+        return image.convert("RGB")
+
+
+def image_file_exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file, or a member of a tar file (module docstring)."""
+    if os.path.isfile(path):
+        return True
+    inside = split_tar_member(path)
+    if inside is None:
+        return False
+    stat = os.stat(inside[0])
+    return inside[1] in _tar_index(str(inside[0]), stat.st_mtime_ns, stat.st_size)

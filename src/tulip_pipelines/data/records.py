@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from tulip_pipelines.data.decode import image_file_exists
+from tulip_pipelines.data.images import image_file_exists
 from tulip_pipelines.data.paths import check_image_path
 from tulip_pipelines.data.tables import MalformedRow
 
@@ -202,7 +202,7 @@ def claim_id(index: int, row: CaptionRow, seen_ids: dict[str, int]) -> Rejection
 def decode_error(path: str) -> str | None:
     """Why the image at ``path`` cannot be decoded, or ``None``. JPEGs are decoded in draft mode
     (every coefficient is still read: a truncated or corrupt file fails)."""
-    from tulip_pipelines.data.decode import open_image_file
+    from tulip_pipelines.data.images import open_image_file
 
     try:
         open_image_file(path, 64)

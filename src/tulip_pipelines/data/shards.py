@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from tulip_pipelines.data.decode import open_image_file
+from tulip_pipelines.data.images import open_image_file
 from tulip_pipelines.data.paths import check_image_path
 
 SHARD_PATTERN = "images-{:06d}"

@@ -7,7 +7,7 @@ iteration and key grouping (``webdataset.tariterators``) read the shards as a st
 
 Each sample becomes one record ``{"id": key, "image": "<shard>/<member>", "caption": ...}`` where
 ``<shard>`` is the tar's path relative to the image root: the image is named *inside* the tar
-(:mod:`tulip_pipelines.data.decode` reads such a path in place), so ``prepare_images`` re-encodes
+(:mod:`tulip_pipelines.data.images` reads such a path in place), so ``prepare_images`` re-encodes
 it from the shard like any other image and nothing is unpacked. A key without an image or without
 a caption is handed on with that part ``None`` (ingest quarantines it with its reason).
 """
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tulip_pipelines.data.decode import TAR_SUFFIX
+from tulip_pipelines.data.images import TAR_SUFFIX
 from tulip_pipelines.progress import progress
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

@@ -1,6 +1,6 @@
 """Embeddings for users of a trained model: captions (cut as open_clip cuts them, end token
 kept, with how many tokens each lost) and images given as bytes (decoded by
-:func:`tulip_pipelines.data.decode.open_image_file`; one that cannot be decoded is reported,
+:func:`tulip_pipelines.data.images.open_image_file`; one that cannot be decoded is reported,
 never an exception). Both are L2-normalised, float32, of the model's width."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from tulip_pipelines.data.decode import open_image_file
+from tulip_pipelines.data.images import open_image_file
 from tulip_pipelines.evaluation.analysis import caption_token_counts
 from tulip_pipelines.evaluation.encode import encode_images, encode_tokens, tokenize
 from tulip_pipelines.models.spec import ModelBundle

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from tulip_pipelines import atomic
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,29 @@
-"""Training data: image-caption pairs from a captions table and an image source."""
+"""Training data, what the engine's loop reads: image-caption pairs from a captions table and an
+image source (the dataset and its collate), the per-rank sampler, batches moved to the device,
+and the unreadable samples skipped on the way."""
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from tulip_pipelines.data.images import ImageSource, as_image_source, preprocess_size
+from tulip_pipelines.data.images import (
+    SKIPPED_COLUMNS,
+    ImageSource,
+    as_image_source,
+    preprocess_size,
+)
 from tulip_pipelines.data.text import first_sentence
 
 logger = logging.getLogger(__name__)
@@ -198,3 +209,151 @@ def window_tokens(
             out[b, w, : len(piece)] = torch.tensor(piece)
             mask[b, w] = True
     return out, mask
+
+
+# Batches: moving them to the device, their scalars, counting their samples
+
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move tensors (in dicts/lists/tuples) to ``device``; floating ones to the compute dtype."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            return batch.to(device=device, dtype=dtype)
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, dtype) for v in batch)
+    return batch
+
+
+def scalar(value: Any) -> float:
+    return float(torch.as_tensor(value).detach().float())
+
+
+def count_samples(batch: Any) -> int:
+    """Length of the first tensor found in the batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, Mapping) else batch
+    for value in values:
+        if isinstance(value, (torch.Tensor, Mapping, list, tuple)):
+            return count_samples(value)
+    raise TypeError("cannot find a tensor in the batch to count its samples")
+
+
+# The per-rank order of the samples: seeded, whole optimizer steps only, resumable on any number
+# of processes
+
+@dataclass
+class DataPosition:
+    """Where the data order stands: epoch and micro batches already consumed in it."""
+
+    epoch: int = 0
+    offset: int = 0
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """DistributedSampler (epoch-seeded shuffle, drop_last) that can skip a consumed prefix and
+    yields only whole optimizer steps (``accumulation`` micro batches of ``batch_size``). It
+    yields ``(index, epoch)`` keys for :class:`SeededSamples`.
+
+    One shuffled permutation per epoch, dealt round-robin to the ranks: optimizer step ``s`` of
+    an epoch reads positions ``[s*G, (s+1)*G)`` of the permutation (G = batch x accumulation x
+    processes), whatever the number of processes. A run can therefore continue on another
+    number of processes with the same global batch and read the same samples in every step."""
+
+    def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int, batch_size: int,
+                 accumulation: int = 1):
+        self.base = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        per_step = batch_size * accumulation
+        self.usable = len(self.base) // per_step * per_step  # whole steps of this rank
+        self.epoch, self.skip_batches = 0, 0
+
+    def start(self, position: DataPosition) -> None:
+        self.base.set_epoch(position.epoch)
+        self.epoch = position.epoch
+        self.skip_batches = position.offset
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch  # this iteration's epoch, even if start() is called meanwhile
+        order = itertools.islice(iter(self.base), self.skip_batches * self.batch_size,
+                                 self.usable)
+        return ((index, epoch) for index in order)
+
+    def __len__(self) -> int:
+        return max(0, self.usable - self.skip_batches * self.batch_size)
+
+
+class SeededSamples(Dataset):
+    """A training dataset read by ``(index, epoch)`` keys. Each sample is read with torch's RNG
+    seeded from ``(seed, epoch, index)`` (and restored afterwards), so its random draws (the
+    demo's caption variants, an augmentation) depend on nothing else: not on the loader worker
+    that reads it, nor on where a resumed run started."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only (what fork_rng restores): torch.manual_seed would also queue
+            # a seed for every accelerator backend, formatting a stack trace each time (~2 ms)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, index)) & 0xFFFF_FFFF_FFFF)
+            return self.dataset[index]
+
+
+# Unreadable samples during training and validation: skipped (the dataset substitutes the next
+# readable record), recorded, and fatal only once too many are bad. A run fails with
+# TooManyBadSamples, listing the first offenders, once more than max_bad_fraction of the samples
+# it has seen could not be read; the first 1 / max_bad_fraction samples count as that many, so
+# that one early bad image (0.1% of 1,000) does not end a run that has seen only a few.
+
+class TooManyBadSamples(RuntimeError):
+    """More than ``max_bad_fraction`` of the samples seen could not be read."""
+
+
+class SkippedSamples:
+    """The unreadable samples one process met, and how many samples it has seen."""
+
+    def __init__(self, run_name: str, max_fraction: float):
+        self.run_name, self.max_fraction = run_name, max_fraction
+        self.seen = 0
+        self.records: list[dict[str, Any]] = []
+
+    def take(self, batch: Any, split: str, step: int) -> Any:
+        """``batch`` without its ``skipped`` list, which is recorded; counts the batch as seen
+        and raises :class:`TooManyBadSamples` when too many are bad."""
+        skipped = batch.pop("skipped", ()) if isinstance(batch, dict) else ()
+        self.seen += count_samples(batch)
+        for record in skipped:
+            self.records.append({"stage": self.run_name, "split": split, "step": step, **record})
+        if skipped:
+            self.check()
+        return batch
+
+    def check(self) -> None:
+        floor = math.ceil(1 / self.max_fraction) if self.max_fraction > 0 else 0
+        allowed = self.max_fraction * max(self.seen, floor)
+        if len(self.records) > allowed:
+            first = "; ".join(f"{r['record_id']} ({r['path']}: {r['error']})"
+                              for r in self.records[:5])
+            raise TooManyBadSamples(
+                f"run {self.run_name!r}: {len(self.records)} of the {self.seen} samples seen "
+                f"could not be read, more than max_bad_fraction={self.max_fraction}. First: "
+                f"{first}. Quarantine them (ingest check_images: decode, or prepare_images) or "
+                f"raise train.max_bad_fraction.")
+
+    def frame(self, world_size: int) -> pd.DataFrame:
+        """Every process's records (a collective when several processes train)."""
+        records = self.records
+        if world_size > 1:
+            gathered: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
+            dist.all_gather_object(gathered, self.records)
+            records = [record for part in gathered for record in part]
+        return pd.DataFrame(records, columns=SKIPPED_COLUMNS)

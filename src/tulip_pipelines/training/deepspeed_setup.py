@@ -1,5 +1,6 @@
-"""DeepSpeed plumbing of the engine: the config it accepts, ``deepspeed.initialize`` with AdamW
-and the warmup/cosine schedule, and getting float32 weights back out afterwards.
+"""DeepSpeed plumbing of the engine: the process group (joined within a bounded time), the config
+DeepSpeed accepts, ``deepspeed.initialize`` with AdamW and the warmup/cosine schedule, and
+getting float32 weights back out afterwards.
 
 Only ZeRO stages 0-2 are supported: they keep full parameters on every rank, so the task's
 modules hold the trained weights afterwards (float32, on the CPU).
@@ -8,14 +9,22 @@ modules hold the trained weights afterwards (float32, on the CPU).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import functools
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from tulip_pipelines.training.schedule import warmup_cosine
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
+
+logger = logging.getLogger(__name__)
 
 WHERE = "DeepSpeed config (params:deepspeed, conf/*/parameters_deepspeed.yml)"
 
@@ -179,3 +188,153 @@ def param_groups(named: Sequence[tuple[str, torch.nn.Parameter]], weight_decay: 
     decay = [p for n, p in named if not (p.ndim < 2 or "logit_scale" in n)]
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+# Precision on the accelerator: bf16 autocast inside the task's forward, TF32, bf16 support
+
+
+@contextmanager
+def autocast_inside(task: torch.nn.Module, device_type: str, enabled: bool) -> Iterator[None]:
+    """While the block runs, ``task.forward`` (and ``task.features``, the cache pass of a
+    global-batch step) enter bfloat16 autocast on ``device_type`` themselves: inside DeepSpeed's
+    ``engine(batch)``, whose ``autocast_if_enabled`` would switch an outer autocast off on a GPU.
+    One place for every forward; the task's methods are put back afterwards."""
+    names = [n for n in ("forward", "features") if enabled and callable(getattr(task, n, None))]
+    for name in names:
+        setattr(task, name, _under_autocast(getattr(task, name), device_type))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(task, name)  # the instance attribute: the class's method shows again
+
+
+def _under_autocast(method: Callable, device_type: str) -> Callable:
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return method(*args, **kwargs)
+    return wrapped
+
+
+def warn_if_bf16_emulated(precision: str | None, device: torch.device) -> None:
+    """A warning when bfloat16 (``amp_bf16``, ``bf16``) has no hardware support on this CUDA
+    device (compute capability below 8.0: V100, T4): torch emulates it there, slower than
+    float32, where the CPU and an A100/H100 run it natively."""
+    if device.type != "cuda" or precision not in ("amp_bf16", "bf16"):
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("train.precision=%s on %s (%s): no native bfloat16 below compute "
+                       "capability 8.0, torch emulates it (slower than fp32); consider "
+                       "precision: fp32", precision, device, torch.cuda.get_device_name(device))
+
+
+def set_tf32(enabled: bool | None) -> None:
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA (as TULIP's and open_clip's
+    training scripts set it: ``allow_tf32 = True``); ``None`` leaves torch's settings. No effect
+    on the CPU."""
+    if enabled is None:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
+# The learning-rate schedule: linear warmup, then cosine down to min_lr_ratio
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based).
+
+    Warmup ramps linearly over ``warmup`` steps, reaching 1 at step ``warmup - 1`` (so the first
+    step already learns: ``1 / warmup``). The cosine part then runs from 1 at step ``warmup`` down
+    to ``min_ratio`` at step ``total`` and stays there afterwards.
+    """
+    if step < 0 or total <= 0 or warmup < 0 or not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(
+            f"lr_lambda needs step >= 0, total > 0, warmup >= 0 and 0 <= min_ratio <= 1; "
+            f"got step={step}, total={total}, warmup={warmup}, min_ratio={min_ratio}"
+        )
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over ``lr_lambda``; its state dict holds only plain numbers (checkpoint-safe)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_lambda, warmup=warmup, total=total, min_ratio=min_ratio)
+    )
+
+
+# The process group: joining it (bounded), free ports, all-gather with gradient
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Join the launcher's process group, or start a one-process group; ``(rank, world_size)``.
+    ``timeout_s``: how long a rank other than 0 waits for the master address to answer (then it
+    stops, naming it); collectives keep torch's own timeout.
+
+    The one-process group is set up through a tcp:// address rather than MASTER_* variables, so
+    that nothing this process starts later (a launcher, a child run) inherits a stale rendezvous.
+    """
+    if not dist.is_initialized():
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+        if "RANK" in os.environ:  # started by deepspeed/torchrun: env:// rendezvous
+            if timeout_s is not None:  # the group first, its rendezvous bounded
+                join_group(backend, timeout_s)
+            deepspeed.init_distributed(dist_backend=backend)  # adopts an existing group
+        else:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeedEngine reads it
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       init_method=f"tcp://127.0.0.1:{free_port()}",
+                                       rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def join_group(backend: str, timeout_s: float) -> None:
+    """torch's process group from the launcher's variables, through a rendezvous store whose
+    connection waits at most ``timeout_s``: a rank whose master never answers, or a rank 0 whose
+    peers never all connect, stops with a message naming the address (collectives keep torch's
+    default timeout)."""
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = dist.TCPStore(addr, port, world_size=world, is_master=rank == 0,
+                              timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError) as err:  # DistStoreError: the rendezvous timed out
+        if rank == 0 and "EADDRINUSE" in str(err):
+            raise RuntimeError(f"rank 0 on {socket.gethostname()}: port {port} is in use (another "
+                               f"run on this machine?): leave master_port unset") from None
+        who = ("the other ranks did not all connect to it" if rank == 0 else
+               "is node 0 running, and is master_addr its address as this node reaches it?")
+        raise RuntimeError(
+            f"rank {rank} on {socket.gethostname()}: no rendezvous on the master {addr}:{port} "
+            f"within {timeout_s:.0f} s ({type(err).__name__}): {who}"
+        ) from None
+    extra = {}
+    if backend == "nccl":  # bind the device now, as DeepSpeed does (eager NCCL init)
+        extra["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, **extra)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every rank concatenated along dim 0, rank after rank, with the gradient
+    flowing back to each rank's part (``torch.distributed.nn``); itself in a group of one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)

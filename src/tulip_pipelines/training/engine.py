@@ -11,29 +11,29 @@ ones cast to bf16 when ``bf16.enabled``; a frozen fp32 teacher kept outside the 
 cast its inputs itself (and, on a GPU, be moved there by the task). With ``precision: amp_bf16``
 every forward (the cache pass of a global-batch step, the gradient pass, validation) runs under
 bfloat16 autocast; the task computes its loss in float32 (:mod:`.tasks`). The autocast is entered
-inside the task's ``forward`` and ``features`` (:func:`autocast_inside`), within DeepSpeed's
-``engine(batch)``: DeepSpeed 0.19.8 runs the module under ``torch.autocast(enabled=False)`` when
-an autocast is active outside it on a GPU (``runtime/torch_autocast.autocast_if_enabled``), so
+inside the task's ``forward`` and ``features`` (:func:`.deepspeed_setup.autocast_inside`),
+within DeepSpeed's ``engine(batch)``: DeepSpeed 0.19.8 runs the module under
+``torch.autocast(enabled=False)`` when an autocast is active outside it on a GPU
+(``runtime/torch_autocast.autocast_if_enabled``), so
 an autocast around the engine call would leave the gradient pass in float32 there (docs/gpu.md).
 A task may bound some of its parameters (``parameter_bounds()``): they are clamped after every
 optimizer step. Every tensor handed to a collective lives on the engine's device (NCCL maps
 only ``cuda``).
 
-Where the other jobs live: :mod:`.train_params` (parameters, result), :mod:`.job` (the training
-job a stage builds), :mod:`.checkpoints` (training state on disk), :mod:`.deepspeed_setup`
-(DeepSpeed config, initialisation, clamps, fp32 export), :mod:`.distributed` (process group),
+Where the other jobs live: :mod:`.job` (the training job a stage builds, the engine's parameters
+and result), :mod:`.checkpoints` (training state on disk), :mod:`.deepspeed_setup` (the process
+group, DeepSpeed config, initialisation, schedule, precision, clamps, fp32 export),
+:mod:`.datasets` (the data, sampler, batches and skipped samples), :mod:`.run_dir` (heartbeats),
 :mod:`.launch` (several processes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -44,19 +44,28 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tulip_pipelines.progress import on_terminal, progress
 from tulip_pipelines.training import checkpoints
 from tulip_pipelines.training.accumulation import StepCache
-from tulip_pipelines.training.batches import count_samples, scalar, to_device
+from tulip_pipelines.training.datasets import (
+    DataPosition,
+    ResumableSampler,
+    SeededSamples,
+    SkippedSamples,
+    count_samples,
+    scalar,
+    to_device,
+)
 from tulip_pipelines.training.deepspeed_setup import (
+    autocast_inside,
     clamp_parameters,
     compute_dtype,
     export_fp32_weights,
+    init_distributed,
     initialize_engine,
     prepare_ds_config,
+    set_tf32,
+    warn_if_bf16_emulated,
 )
-from tulip_pipelines.training.distributed import init_distributed
-from tulip_pipelines.training.heartbeat import Heartbeat
-from tulip_pipelines.training.sampler import DataPosition, ResumableSampler, SeededSamples
-from tulip_pipelines.training.skipped import SkippedSamples
-from tulip_pipelines.training.train_params import TrainParams, TrainResult
+from tulip_pipelines.training.job import TrainParams, TrainResult
+from tulip_pipelines.training.run_dir import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -324,52 +333,6 @@ class _Loop:
             raise ValueError(f"run {self.params.run_name!r}: the validation set is empty")
         self._window_start += time.perf_counter() - started  # keep throughput about training
         return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
-
-
-@contextmanager
-def autocast_inside(task: torch.nn.Module, device_type: str, enabled: bool) -> Iterator[None]:
-    """While the block runs, ``task.forward`` (and ``task.features``, the cache pass of a
-    global-batch step) enter bfloat16 autocast on ``device_type`` themselves: inside DeepSpeed's
-    ``engine(batch)``, whose ``autocast_if_enabled`` would switch an outer autocast off on a GPU.
-    One place for every forward; the task's methods are put back afterwards."""
-    names = [n for n in ("forward", "features") if enabled and callable(getattr(task, n, None))]
-    for name in names:
-        setattr(task, name, _under_autocast(getattr(task, name), device_type))
-    try:
-        yield
-    finally:
-        for name in names:
-            delattr(task, name)  # the instance attribute: the class's method shows again
-
-
-def _under_autocast(method: Callable, device_type: str) -> Callable:
-    @functools.wraps(method)
-    def wrapped(*args, **kwargs):
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            return method(*args, **kwargs)
-    return wrapped
-
-
-def warn_if_bf16_emulated(precision: str | None, device: torch.device) -> None:
-    """A warning when bfloat16 (``amp_bf16``, ``bf16``) has no hardware support on this CUDA
-    device (compute capability below 8.0: V100, T4): torch emulates it there, slower than
-    float32, where the CPU and an A100/H100 run it natively."""
-    if device.type != "cuda" or precision not in ("amp_bf16", "bf16"):
-        return
-    if not torch.cuda.is_bf16_supported(including_emulation=False):
-        logger.warning("train.precision=%s on %s (%s): no native bfloat16 below compute "
-                       "capability 8.0, torch emulates it (slower than fp32); consider "
-                       "precision: fp32", precision, device, torch.cuda.get_device_name(device))
-
-
-def set_tf32(enabled: bool | None) -> None:
-    """TF32 for float32 matmuls and cuDNN convolutions on CUDA (as TULIP's and open_clip's
-    training scripts set it: ``allow_tf32 = True``); ``None`` leaves torch's settings. No effect
-    on the CPU."""
-    if enabled is None:
-        return
-    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 def data_position(client_state: Mapping[str, Any], layout: checkpoints.Layout) -> DataPosition:

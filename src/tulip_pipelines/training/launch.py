@@ -41,8 +41,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from tulip_pipelines.training.job import TrainJob
-from tulip_pipelines.training.train_params import TrainResult
+from tulip_pipelines.training.job import TrainJob, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = json.loads(args.plan.read_text())
     import torch.distributed as dist
 
-    from tulip_pipelines.training.distributed import init_distributed
+    from tulip_pipelines.training.deepspeed_setup import init_distributed
 
     init_distributed(timeout_s=plan.get("node_timeout_s"))
     job = job_from_plan(plan)

@@ -20,75 +20,13 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
+from tulip_pipelines.training.job import Cluster, NodeError
+
 LAUNCH_DIR = "launch"
-LAUNCHERS = ("deepspeed", "torchrun", "srun")
 ENTRY = "tulip_pipelines.training.launch"
-
-
-class NodeError(RuntimeError):
-    """A multi-node stage cannot start: names the node (or the parameter) and the cause."""
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """How a stage's nodes start: how many, node 0's address (``master_port`` None: a free port
-    when the stage starts), DeepSpeed's ``hostfile`` (ssh mode) and the launcher."""
-
-    num_nodes: int = 1
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-    hostfile: str | None = None
-    launcher: str = "deepspeed"
-
-    @classmethod
-    def resolve(cls, num_nodes: int | None = None, master_addr: str | None = None,
-                master_port: int | None = None, hostfile: str | None = None,
-                launcher: str | None = None, *, where: str = "stage",
-                environ: Mapping[str, str] | None = None) -> Cluster:
-        """Parameters first, then the scheduler's environment (``SLURM_NNODES``,
-        ``MASTER_ADDR``, ``MASTER_PORT``). ``where`` names the parameters in errors."""
-        env = os.environ if environ is None else environ
-        nodes = num_nodes if num_nodes is not None else (
-            1 if hostfile else _env_int(env, "SLURM_NNODES", 1))  # a hostfile lists the nodes
-        port = master_port if master_port is not None else _env_int(env, "MASTER_PORT", None)
-        job = env.get("SLURM_JOB_ID")
-        launcher = launcher or ("srun" if job and nodes > 1 else "deepspeed")
-        if not isinstance(nodes, int) or nodes < 1:
-            raise NodeError(f"{where}.num_nodes must be an integer >= 1, got {nodes!r}")
-        if hostfile and (nodes > 1 or launcher != "deepspeed"):
-            raise NodeError(f"{where}.hostfile is DeepSpeed's ssh mode (it starts every host "
-                            f"listed): give it with launcher: deepspeed and num_nodes unset")
-        if launcher == "srun" and not job:
-            raise NodeError(f"{where}.launcher is srun, but this is not inside a SLURM "
-                            f"allocation (SLURM_JOB_ID is not set): run kedro in an sbatch "
-                            f"script or under salloc, or choose another launcher")
-        if launcher == "srun" and nodes > max(held := _env_int(env, "SLURM_NNODES", 1),
-                                              _env_int(env, "SLURM_NTASKS", 0)):
-            raise NodeError(f"{where}.num_nodes={nodes}, but the allocation (job {job}) holds "
-                            f"{held} node(s): ask sbatch/salloc for --nodes={nodes}")
-        if nodes > 1 and launcher == "deepspeed":
-            raise NodeError(f"{where}.num_nodes={nodes}: nothing starts the other nodes; use "
-                            f"launcher: srun (inside a SLURM allocation), a hostfile (DeepSpeed "
-                            f"over ssh) or launcher: torchrun (the other nodes started by hand)")
-        addr = master_addr or env.get("MASTER_ADDR") or (
-            socket.gethostname() if nodes > 1 else "127.0.0.1")
-        return cls(nodes, addr, port, hostfile, launcher)
-
-    @property
-    def several(self) -> bool:
-        return self.num_nodes > 1
-
-
-def _env_int(env: Mapping[str, str], key: str, default: int | None) -> int | None:
-    raw = env.get(key)
-    try:
-        return default if raw in (None, "") else int(raw)
-    except ValueError:
-        raise NodeError(f"environment variable {key}={raw!r} is not a number") from None
 
 
 def node_command(cluster: Cluster, nproc: int, plan: Path, result_dir: Path, run_name: str,

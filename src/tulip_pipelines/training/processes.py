@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from tulip_pipelines.training.distributed import free_port
-from tulip_pipelines.training.heartbeat import StallWatch, clear_heartbeats
+from tulip_pipelines.training.deepspeed_setup import free_port
+from tulip_pipelines.training.job import TrainResult
 from tulip_pipelines.training.launch import LAUNCHERS, RANK_PREFIX, read_result
 from tulip_pipelines.training.multinode import LAUNCH_DIR, Cluster, node_command
-from tulip_pipelines.training.train_params import TrainResult
+from tulip_pipelines.training.run_dir import StallWatch, clear_heartbeats
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run_distributed(
     """Train ``plan``'s job on ``nproc`` processes of each of ``cluster``'s nodes (default: this
     one) through ``launcher`` (over several nodes or with srun: ``cluster.launcher``, see
     :mod:`.multinode`), and wait. ``run_dir``: the run's folder (launch log, heartbeats; the
-    launch plan of a multi-node stage), ``stall_minutes``: see :class:`~.heartbeat.StallWatch`.
+    launch plan of a multi-node stage), ``stall_minutes``: see :class:`~.run_dir.StallWatch`.
 
     Returns rank 0's result (``module``: load the trained weights into it). The output goes to
     the run dir's launch log (see the module docstring); a failed launch raises with the last

@@ -11,16 +11,11 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tulip_pipelines.training.accumulation import StepCache, share_gradient
-from tulip_pipelines.training.distributed import gather_with_grad
-from tulip_pipelines.training.losses import (
-    DISTILL_LOSSES,
-    clip_loss,
-    distill_loss,
-    primary_components,
-)
+from tulip_pipelines.training.deepspeed_setup import gather_with_grad
 
 TOWERS = ("image", "text", "logit_scale")
 TEACHER_INPUTS = ("tokens", "windows")
@@ -197,3 +192,50 @@ def upcast(features: torch.Tensor) -> torch.Tensor:
 def no_autocast(like: torch.Tensor):
     """A region without autocast on ``like``'s device: where logits and losses are computed."""
     return torch.autocast(like.device.type, enabled=False)
+
+
+# The losses: the contrastive loss over long and short captions, distillation's cosine / MSE / L2
+
+DISTILL_LOSSES = ("cosine", "mse", "l2")
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor,
+                 loss_type: str = "cosine") -> torch.Tensor:
+    """Loss between student and teacher text embeddings [batch, dim].
+
+    ``cosine``: 1 - mean cosine similarity; ``mse``: mean squared error over all entries;
+    ``l2``: mean over the batch of the L2 norm of the difference.
+    """
+    if loss_type == "cosine":
+        return 1.0 - F.cosine_similarity(student, teacher, dim=-1).mean()
+    if loss_type == "mse":
+        return F.mse_loss(student, teacher)
+    if loss_type == "l2":
+        return (student - teacher).norm(dim=-1).mean()
+    raise ValueError(f"unknown distillation loss_type {loss_type!r}; one of {DISTILL_LOSSES}")
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss on L2-normalised features of matching pairs: the mean of
+    the image-to-text and text-to-image cross-entropies (optionally label-smoothed, as Long-CLIP
+    trains), each averaged over the batch."""
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+
+
+def primary_components(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Long-CLIP's *primary component matching* of image features [batch, dim]: centred over the
+    batch, projected on their first ``k`` principal directions (exact SVD, float32) and back into
+    the feature space, the mean added back; not renormalised. With ``k`` at least the batch's rank
+    the features come back unchanged (and the SVD, whose gradient is undefined for repeated
+    singular values, is skipped)."""
+    if k >= min(features.shape):
+        return features
+    mean = features.mean(dim=0, keepdim=True)
+    centred = (features - mean).float()
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[:k].T
+    return ((centred @ basis) @ basis.T).to(features.dtype) + mean

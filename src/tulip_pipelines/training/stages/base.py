@@ -18,11 +18,9 @@ from tulip_pipelines.data.text import first_sentence
 from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.params import Params, Problems
 from tulip_pipelines.training.datasets import CaptionImageDataset
-from tulip_pipelines.training.job import TrainJob
-from tulip_pipelines.training.multinode import LAUNCHERS, Cluster, NodeError
+from tulip_pipelines.training.job import HOUSEKEEPING as TRAIN_HOUSEKEEPING
+from tulip_pipelines.training.job import LAUNCHERS, Cluster, NodeError, TrainJob, TrainParams
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
-from tulip_pipelines.training.train_params import HOUSEKEEPING as TRAIN_HOUSEKEEPING
-from tulip_pipelines.training.train_params import TrainParams
 
 RUNS_DIR = "data/06_models/runs"
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -15,9 +15,8 @@ from tulip_pipelines.models.device import check_placement
 from tulip_pipelines.params import Problems
 from tulip_pipelines.training.datasets import Collate
 from tulip_pipelines.training.job import TrainJob
-from tulip_pipelines.training.losses import DISTILL_LOSSES
 from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
-from tulip_pipelines.training.tasks import TEACHER_INPUTS, DistillTask
+from tulip_pipelines.training.tasks import DISTILL_LOSSES, TEACHER_INPUTS, DistillTask
 from tulip_pipelines.training.teacher_embeddings import (
     DTYPES,
     TeacherTextEmbeddingsRequest,

@@ -20,15 +20,13 @@ import pandas as pd
 from tulip_pipelines.data.images import image_source_from_dict
 from tulip_pipelines.models import ModelBundle, load_bundle, save_model
 from tulip_pipelines.tracking import flatten, lineage, stage_run
-from tulip_pipelines.training.heartbeat import StallWatch
-from tulip_pipelines.training.job import TrainJob
+from tulip_pipelines.training.job import TrainJob, TrainResult
 from tulip_pipelines.training.plots import loss_figure
 from tulip_pipelines.training.processes import run_distributed
-from tulip_pipelines.training.run_lock import run_lock
+from tulip_pipelines.training.run_dir import StallWatch, run_lock
 from tulip_pipelines.training.stages import STAGES
 from tulip_pipelines.training.stages.base import HOUSEKEEPING, StageInputs, StageParams
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
-from tulip_pipelines.training.train_params import TrainResult
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import DS_FP32, small_train_params
 from tests.training.toy_tasks import RegressionData, RegressionTask
 from tulip_pipelines.training.engine import train
-from tulip_pipelines.training.heartbeat import Heartbeat, StallWatch, read_heartbeats
+from tulip_pipelines.training.run_dir import Heartbeat, StallWatch, read_heartbeats
 
 
 def test_the_engine_records_each_ranks_last_step_and_phase(tmp_path):

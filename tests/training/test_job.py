@@ -4,7 +4,7 @@
 import pytest
 
 from tests.bounds import assert_bounds
-from tulip_pipelines.training.train_params import TrainParams
+from tulip_pipelines.training.job import TrainParams
 
 
 def test_from_params_rejects_unknown_keys_by_name():
