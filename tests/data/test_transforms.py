@@ -1,5 +1,5 @@
 """Every image transform at its edges: inputs smaller than, equal to and larger than its target
-size, square and not. The draft decoder (data/decode.py), the shard encoder that resizes the
+size, square and not. The draft decoder (data/images.py), the shard encoder that resizes the
 shortest side (data/shards.py) and the model's preprocess as training reads an image."""
 
 import io

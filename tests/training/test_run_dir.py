@@ -1,4 +1,4 @@
-"""Where each rank is (training/heartbeat.py): the records the engine writes, and the warning
+"""Where each rank is (training/run_dir.py): the records the engine writes, and the warning
 when a run makes no step for ``stall_minutes``."""
 
 import logging
