@@ -95,6 +95,21 @@ DS_FP32 = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False},
            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9}
 
 
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store under ``tmp_path``, the process's tracking URI for the test
+    (environment and mlflow both); active runs ended afterwards."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
 def kept_memory_dataset():
     """An in-memory catalog entry that keeps its data after the run (Kedro's runner releases
     intermediate MemoryDatasets once their last reader has run): for tests that read a

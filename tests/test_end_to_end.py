@@ -230,6 +230,7 @@ def test_default_run_reads_in_mlflow_as_a_model_training_experiment(default_run)
     assert parent.data.tags["runner"] == "SequentialRunner"
     assert parent.data.tags["env"] == "local"
     metrics = pd.read_parquet(default_run / "data/08_reporting/retrieval_metrics.parquet")
+    accuracy = pd.read_parquet(default_run / "data/08_reporting/classification_metrics.parquet")
     long_r1 = metrics[(metrics["k"] == 1)
                       & metrics["benchmark"].isin(["urban1k_demo", "sharegpt4v_val"])]
     expected = long_r1.groupby("model")["recall"].mean()
@@ -243,8 +244,12 @@ def test_default_run_reads_in_mlflow_as_a_model_training_experiment(default_run)
         model = {"distill": "tulip_distilled", "expand": "tulip_expanded"}.get(stage, stage)
         own = metrics[metrics["model"] == model]
         evals = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
-        assert evals == pytest.approx({f"eval/{r.benchmark}/{r.direction}_r{r.k}": r.recall
-                                       for r in own.itertuples()}), stage
+        expected = {f"eval/{r.benchmark}/{r.direction}_r{r.k}": r.recall
+                    for r in own.itertuples()}
+        # and its zero-shot accuracy on the demo class folder, under the same names
+        expected.update({f"eval/{r.benchmark}/top{r.k}": r.accuracy
+                         for r in accuracy[accuracy["model"] == model].itertuples()})
+        assert evals == pytest.approx(expected), stage
         names = names or set(evals)
         assert set(evals) == names  # the same names in every stage run
         assert not [k for k in run.data.metrics if k.startswith("final")]
@@ -427,8 +432,10 @@ def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(d
     card = json.loads((project / "data/06_models/distilled_model/config.json").read_text())
     assert card["extra"]["training"]["resumed_from"] == steps[-1]
     # rank 0, in the srun step, logged its steps to the stage's MLflow run
-    history = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_metric_history(
-        card["extra"]["mlflow_run_id"], "train/loss")
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(card["extra"]["mlflow_run_id"])
+    loss = f"train/loss_{run.data.tags['tulip.loss']}"  # the loss named by its kind
+    history = client.get_metric_history(run.info.run_id, loss)
     assert sorted(m.step for m in history) == list(range(steps[-1] + 1, 9))
 
     monkeypatch = pytest.MonkeyPatch()

@@ -9,22 +9,12 @@ from datetime import datetime, timezone
 
 import mlflow
 import pandas as pd
-import pytest
 from kedro.io import DataCatalog
 from kedro_datasets.pandas import ParquetDataset
 
 from tulip_pipelines.data.images import PreparedImages
 from tulip_pipelines.hooks import MlflowRunHooks, parent_run_tags, run_link
 from tulip_pipelines.tracking import log_datasets, node_inputs, stage_run
-
-
-@pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    mlflow.set_tracking_uri(None)
 
 
 def test_the_parent_run_is_named_for_what_ran_where_and_when(tmp_path):

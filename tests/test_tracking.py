@@ -36,17 +36,6 @@ TRAIN = {
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-@pytest.fixture
 def captions(tmp_path):
     colours = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
     for c in colours:

@@ -58,12 +58,8 @@ def report_markdown(metrics: pd.DataFrame, issues: pd.DataFrame | None = None,
     ]
     for bench, group in metrics.groupby("benchmark", sort=False):
         n = group.groupby("direction")["n_queries"].first()
-        left_out = ""
-        if issues is not None and not issues.empty:
-            counts = issues[issues["benchmark"] == bench]["reason"].value_counts()
-            left_out = ", ".join(f"{c} {r}" for r, c in counts.items())
         lines.append(f"- {bench}: {n.get('i2t', 0)} image queries, {n.get('t2i', 0)} text queries; "
-                     f"left out: {left_out or 'none'}")
+                     f"left out: {_reason_counts(issues, bench)}")
     if issues is not None and (issues["reason"] == "unreadable_image").any():
         lines += ["", "Images that could not be read (unreadable_image) were left out with their "
                   "captions: recall is over the queries that remain (they are listed in "
@@ -96,12 +92,9 @@ def classification_section(classification: pd.DataFrame | None,
              "zero-shot classifier); what a long-text model keeps of CLIP's short-text skill.",
              "", classification_markdown(classification), ""]
     for bench, group in classification.groupby("benchmark", sort=False):
-        reported = ""
-        if issues is not None and not issues.empty:
-            counts = issues[issues["benchmark"] == bench]["reason"].value_counts()
-            reported = ", ".join(f"{c} {r}" for r, c in counts.items())
         lines.append(f"- {bench}: {int(group['n_images'].iloc[0])} images, "
-                     f"{int(group['n_classes'].iloc[0])} classes; reported: {reported or 'none'}")
+                     f"{int(group['n_classes'].iloc[0])} classes; reported: "
+                     f"{_reason_counts(issues, bench)}")
     return "\n".join(lines) + "\n"
 
 
@@ -205,3 +198,11 @@ def log_to_mlflow(tracker, metrics: pd.DataFrame, report: str,
             client.log_artifact(tracker.run_id, str(path))
     logger.info("logged the retrieval table (%d rows) to MLflow run %s", len(metrics),
                 tracker.run_id)
+
+
+def _reason_counts(issues: pd.DataFrame | None, bench: str) -> str:
+    """``"2 unreadable_image, 1 not_an_image"``: a benchmark's issues by reason, or ``none``."""
+    if issues is None or issues.empty:
+        return "none"
+    counts = issues[issues["benchmark"] == bench]["reason"].value_counts()
+    return ", ".join(f"{c} {r}" for r, c in counts.items()) or "none"
