@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tulip_pipelines import atomic
 from tulip_pipelines.data.images import (
     INDEX_FILE,
     RECORDS_FILE,
@@ -293,17 +294,12 @@ def write_index(out: Path, records: pd.DataFrame, results: list[ShardResult]) ->
         shardlist.append({"url": f"shards/{shard_path('', result.number, '.tar')}",
                           "nsamples": result.nsamples, "filesize": result.filesize})
     table = records.assign(position=np.arange(len(records)), sample=sample, reason=reason)
-    _atomic_write(out / RECORDS_FILE, lambda p: table.to_parquet(p, index=False))
+    with atomic.atomic_path(out / RECORDS_FILE) as tmp:
+        table.to_parquet(tmp, index=False)
     index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": "prepared_images",
              "shardlist": shardlist}
-    _atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=1)))
+    atomic.write_text(out / INDEX_FILE, json.dumps(index, indent=1))
     return n
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + PARTIAL)
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def reconcile(n_in: int, n_written: int, rejected: pd.DataFrame) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tulip_pipelines import atomic
 from tulip_pipelines.evaluation.encode import encode_images, image_tower_key
 from tulip_pipelines.models.device import autocast_in_effect
 from tulip_pipelines.models.spec import ModelBundle
@@ -81,16 +81,9 @@ def _read_cache(path: Path) -> dict[str, tuple]:
 
 
 def _write_cache(path: Path, rows: list[tuple]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=COLUMNS)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def folder_embeddings(bundle: ModelBundle, folder: str | Path, batch_size: int = 64,
