@@ -4,6 +4,8 @@ this process, at the embedded default's settings), and no more than the readable
 
 import re
 
+import pytest
+
 from tests.step_trace import PROJECT, files_to_first_step
 
 MOST_FILES = 20  # today's count, a ratchet: issue 29 asks for at most 15 (docs/architecture.md)
@@ -18,6 +20,7 @@ def documented_files() -> list[str]:
     return sorted(re.search(r"`([^`]+\.py)`", row).group(1) for row in rows)
 
 
+@pytest.mark.slow  # a DeepSpeed engine and one training step
 def test_the_documented_step_is_the_traced_step(tmp_path):
     traced = files_to_first_step(tmp_path)
     documented = documented_files()

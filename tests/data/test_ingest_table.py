@@ -349,6 +349,7 @@ def _kedro_ingest(project: Path, *params: str) -> pd.DataFrame:
     return pd.read_parquet(project / "data/02_intermediate/captions")
 
 
+@pytest.mark.slow  # two kedro runs
 def test_kedro_ingest_of_a_jsonl_table_gives_the_captions_of_the_same_sharegpt4v_json(
         project_root, tmp_path, monkeypatch):
     from tests.conftest import copy_project
