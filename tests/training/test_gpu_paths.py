@@ -133,10 +133,10 @@ def test_the_loops_collectives_get_tensors_on_the_engines_device(tmp_path, monke
 
     monkeypatch.setattr(engine_module.dist, "all_reduce", recording_all_reduce)
     params = small_train_params(tmp_path)
-    loop = engine_module._Loop(_StubEngine(), params, checkpoints.Layout(16, 1, 2), 0,
-                               RegressionData(4), None, None, tmp_path / "checkpoints", "hash",
-                               [])
-    loop._window, loop._window_micro = {"loss": 2.0}, 1
+    run = engine_module._Run(_StubEngine(), params, checkpoints.Layout(16, 1, 2), 0,
+                             tmp_path / "checkpoints", "hash")
+    loop = engine_module._Loop(run, engine_module._Validation(RegressionData(4), None), None, [])
+    loop.window.add({"loss": 2.0})
     with pytest.raises(_Collective):
         loop._close_window()  # the logged window (and, through the same call, skipped samples)
     with pytest.raises(_Collective):

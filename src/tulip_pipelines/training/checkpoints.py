@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from tulip_pipelines import atomic
+from tulip_pipelines.training.datasets import DataPosition
 from tulip_pipelines.training.job import TrainParams
 
 logger = logging.getLogger(__name__)
@@ -327,3 +328,18 @@ def _unused_sibling(path: Path, suffix: str) -> Path:
         n += 1
     return candidate
 
+
+def data_position(client_state: Mapping[str, Any], layout: Layout) -> DataPosition:
+    """Where a resumed run continues in the data order: the checkpoint's epoch, and the global
+    samples consumed in it turned into this layout's micro batches per process (a checkpoint
+    is written at a step boundary, so they divide evenly when the global batch is the same)."""
+    epoch = int(client_state["epoch"])
+    if "samples" not in client_state:  # written before checkpoints recorded the layout
+        return DataPosition(epoch, int(client_state["batch_offset"]))
+    per_micro = layout.micro_batch * layout.processes
+    samples = int(client_state["samples"])
+    if samples % per_micro:
+        raise RuntimeError(f"the checkpoint stopped {samples} samples into epoch {epoch}, not a "
+                           f"whole number of micro batches of {layout.micro_batch} on "
+                           f"{layout.processes} process(es)")
+    return DataPosition(epoch, samples // per_micro)

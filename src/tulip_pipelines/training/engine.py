@@ -34,6 +34,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -125,7 +127,7 @@ def train(
         if client_state is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / load_tag}")
         start_step = int(client_state["step"])
-        position = data_position(client_state, layout)
+        position = checkpoints.data_position(client_state, layout)
         history = checkpoints.read_history(root, resume.tag)
         if not checkpoints.restore_rng_state(root, resume.tag, rank):
             torch.manual_seed(hash((params.seed, rank, start_step)) & 0xFFFF_FFFF)
@@ -144,8 +146,9 @@ def train(
         persistent_workers=params.num_workers > 0,
         generator=torch.Generator().manual_seed(params.seed),  # leaves the global RNG alone
     )
-    loop = _Loop(engine, params, layout, rank, val_dataset, collate_fn, log_fn, root,
-                 fingerprint, history)
+    loop = _Loop(_Run(engine, params, layout, rank, root, fingerprint),
+                 _Validation(val_dataset, collate_fn) if val_dataset is not None else None,
+                 log_fn, history)
     with autocast_inside(task, engine.device.type, params.precision == "amp_bf16"):
         loop.run(loader, sampler, position, start_step)
     loop.heartbeat.beat(loop.step, "done")
@@ -169,24 +172,56 @@ def train(
     return result
 
 
-class _Loop:
-    """The optimisation loop with its logging, validation and checkpoint bookkeeping."""
+@dataclass(frozen=True)
+class _Run:
+    """What the loop trains and where it saves: DeepSpeed's engine, the parameters, the run's
+    layout and this process's rank, the checkpoints folder and the run's fingerprint."""
 
-    def __init__(self, engine, params: TrainParams, layout: checkpoints.Layout, rank: int,
-                 val_dataset: Dataset | None, collate_fn: Callable | None, log_fn: LogFn | None,
-                 root, fingerprint: str, history: list[dict[str, float]]):
-        self.engine, self.params = engine, params
-        self.gas, self.compute_dtype = engine.gradient_accumulation_steps(), compute_dtype(engine)
-        self.layout, self.world_size, self.rank = layout, layout.processes, rank
-        self.val_dataset, self.collate_fn, self.log_fn = val_dataset, collate_fn, log_fn
-        self.root, self.fingerprint, self.history = root, fingerprint, history
+    engine: Any
+    params: TrainParams
+    layout: checkpoints.Layout
+    rank: int
+    root: Path
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class _Validation:
+    dataset: Dataset
+    collate_fn: Callable | None
+
+
+@dataclass
+class _Window:
+    """The task's scalars summed since the last logged row, over how many micro batches, since
+    when, and the learning rate of the last step."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    lr: float = float("nan")
+
+    def add(self, out: Mapping[str, Any]) -> None:
+        for key, value in out.items():
+            self.sums[key] = self.sums.get(key, 0.0) + scalar(value)
+        self.micro_batches += 1
+
+
+class _Loop:
+    """The optimisation loop with its logging, validation and checkpoint bookkeeping: the run
+    (:class:`_Run`), its validation set, where rows go (``log_fn``, ``history``), and its own
+    state: the step, the metrics window, the heartbeat and the skipped samples."""
+
+    def __init__(self, run: _Run, validation: _Validation | None, log_fn: LogFn | None,
+                 history: list[dict[str, float]]):
+        self.ctx, self.validation, self.log_fn, self.history = run, validation, log_fn, history
+        self.engine, self.params, self.rank = run.engine, run.params, run.rank
+        self.gas = self.engine.gradient_accumulation_steps()
+        self.compute_dtype, self.world_size = compute_dtype(self.engine), run.layout.processes
         self.step = 0
-        self.heartbeat = Heartbeat(params.run_dir, rank)
-        self.skipped = SkippedSamples(params.run_name, params.max_bad_fraction)
-        self._step_lr = float("nan")
-        self._window: dict[str, float] = {}
-        self._window_micro = 0
-        self._window_start = time.perf_counter()
+        self.window = _Window()
+        self.heartbeat = Heartbeat(self.params.run_dir, self.rank)
+        self.skipped = SkippedSamples(self.params.run_name, self.params.max_bad_fraction)
 
     def run(self, loader: DataLoader, sampler: ResumableSampler, position: DataPosition,
             start_step: int) -> None:
@@ -200,7 +235,7 @@ class _Loop:
         pending: list[Any] = []  # the micro batches of the optimizer step being gathered
         bar = progress(params.max_steps, params.run_name, "step", initial=self.step,
                        enabled=self.rank == 0 and on_terminal())
-        self._window_start = time.perf_counter()
+        self.window = _Window()
         while self.step < params.max_steps:
             sampler.start(position)
             for batch in loader:
@@ -224,7 +259,7 @@ class _Loop:
         after the last one (its gradient-accumulation boundary). A task whose loss spans the
         global batch (``global_batch``) first caches every micro batch's features, so that the
         accumulated gradient is the whole batch's (see :mod:`.accumulation`)."""
-        self._step_lr = self.engine.get_lr()[0]  # read from the optimizer: what this step uses
+        self.window.lr = self.engine.get_lr()[0]  # read from the optimizer: what this step uses
         batches = [to_device(self.skipped.take(b, "train", self.step + 1), self.engine.device,
                              self.compute_dtype) for b in batches]
         task, cached = self.engine.module, None
@@ -244,9 +279,7 @@ class _Loop:
             loss = out["loss"] if cached is None else out["loss"] * len(batches)
             self.engine.backward(loss)
             self.engine.step()
-            for key, value in out.items():
-                self._window[key] = self._window.get(key, 0.0) + scalar(value)
-            self._window_micro += 1
+            self.window.add(out)
         bounds = task.parameter_bounds() if hasattr(task, "parameter_bounds") else {}
         if bounds:
             clamp_parameters(self.engine, bounds)
@@ -254,7 +287,7 @@ class _Loop:
     def _after_step(self, position: DataPosition, bar) -> None:
         params, step = self.params, self.step
         last = step == params.max_steps
-        validate = self.val_dataset is not None and (
+        validate = self.validation is not None and (
             last or (params.val_every > 0 and step % params.val_every == 0))
         if validate:
             self.heartbeat.beat(step, "validate")
@@ -263,11 +296,11 @@ class _Loop:
         if last or (params.checkpoint_every > 0 and step % params.checkpoint_every == 0):
             self.heartbeat.beat(step, "checkpoint")
             client_state = {"step": step, "epoch": position.epoch,
-                            "batch_offset": position.offset, "fingerprint": self.fingerprint,
+                            "batch_offset": position.offset, "fingerprint": self.ctx.fingerprint,
                             "samples": position.offset * self.params.batch_size * self.world_size,
-                            "layout": dataclasses.asdict(self.layout)}
-            checkpoints.save_checkpoint(self.engine, self.root, step, client_state, self.history,
-                                        params.keep_checkpoints, self.rank)
+                            "layout": dataclasses.asdict(self.ctx.layout)}
+            checkpoints.save_checkpoint(self.engine, self.ctx.root, step, client_state,
+                                        self.history, params.keep_checkpoints, self.rank)
         self.heartbeat.beat(step, "train")  # at most once a second unless the phase changed
 
     def _log_row(self, validate: bool, bar) -> None:
@@ -287,18 +320,18 @@ class _Loop:
 
     def _close_window(self) -> dict[str, float]:
         """Mean of the task's scalars since the last row (over all ranks), lr and throughput."""
-        keys = sorted(self._window)
-        totals = self._all_reduce([self._window[k] for k in keys] + [self._window_micro])
-        elapsed = time.perf_counter() - self._window_start
+        window = self.window
+        keys = sorted(window.sums)
+        totals = self._all_reduce([window.sums[k] for k in keys] + [window.micro_batches])
+        elapsed = time.perf_counter() - window.started
         n_micro = totals[-1]
         row = {"step": self.step}
         row.update({k: totals[i] / n_micro for i, k in enumerate(keys)})
-        row["lr"] = self._step_lr
+        row["lr"] = window.lr
         row["samples_per_s"] = n_micro * self.params.batch_size / max(elapsed, 1e-9)
         if self.engine.device.type == "cuda":  # this rank's peak since the run started
             row["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
-        self._window, self._window_micro = {}, 0
-        self._window_start = time.perf_counter()
+        self.window = _Window(lr=window.lr)
         return row
 
     def _all_reduce(self, values: list[float]) -> list[float]:
@@ -313,9 +346,11 @@ class _Loop:
     def _validate(self) -> dict[str, float]:
         """Batch-size-weighted means of the task's scalars over the validation set (sharded)."""
         started = time.perf_counter()
-        shard = Subset(self.val_dataset, range(self.rank, len(self.val_dataset), self.world_size))
+        dataset = self.validation.dataset
+        shard = Subset(dataset, range(self.rank, len(dataset), self.world_size))
         loader = DataLoader(shard, batch_size=self.params.batch_size, shuffle=False,
-                            collate_fn=self.collate_fn, num_workers=self.params.num_workers)
+                            collate_fn=self.validation.collate_fn,
+                            num_workers=self.params.num_workers)
         sums: dict[str, float] = {}
         count = 0
         self.engine.eval()
@@ -331,24 +366,8 @@ class _Loop:
         totals = self._all_reduce([sums[k] for k in keys] + [count])
         if totals[-1] == 0:
             raise ValueError(f"run {self.params.run_name!r}: the validation set is empty")
-        self._window_start += time.perf_counter() - started  # keep throughput about training
+        self.window.started += time.perf_counter() - started  # keep throughput about training
         return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
-
-
-def data_position(client_state: Mapping[str, Any], layout: checkpoints.Layout) -> DataPosition:
-    """Where a resumed run continues in the data order: the checkpoint's epoch, and the global
-    samples consumed in it turned into this layout's micro batches per process (a checkpoint
-    is written at a step boundary, so they divide evenly when the global batch is the same)."""
-    epoch = int(client_state["epoch"])
-    if "samples" not in client_state:  # written before checkpoints recorded the layout
-        return DataPosition(epoch, int(client_state["batch_offset"]))
-    per_micro = layout.micro_batch * layout.processes
-    samples = int(client_state["samples"])
-    if samples % per_micro:
-        raise RuntimeError(f"the checkpoint stopped {samples} samples into epoch {epoch}, not a "
-                           f"whole number of micro batches of {layout.micro_batch} on "
-                           f"{layout.processes} process(es)")
-    return DataPosition(epoch, samples // per_micro)
 
 
 def row_to_metrics(row: Mapping[str, float]) -> dict[str, float]:
