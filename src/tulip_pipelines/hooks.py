@@ -97,12 +97,12 @@ def _node_tags(pipeline) -> set[str]:
 
 
 def _describe(catalog, name: str) -> str:
+    """Where a missing input was expected, for the error message."""
     try:
         dataset = catalog.get(name)
     except Exception:  # noqa: BLE001 - only used to word an error message
         return "not in the catalog"
-    described = getattr(dataset, "_describe", lambda: {})()
-    where = described.get("filepath") or described.get("path") or described
+    where = _filepath(catalog, name) or getattr(dataset, "_describe", lambda: {})()
     return f"expected at {where}" if where else type(dataset).__name__
 
 

@@ -224,12 +224,17 @@ def update_registered_versions(run_id: str | None, tags: Mapping[str, str],
     return len(versions)
 
 
-def eval_metrics(metrics) -> dict[str, float]:
-    """One model's rows of ``retrieval_metrics`` as the metrics of the run that trained it:
-    ``eval/<benchmark>/<direction>_r<k>`` (the same names in every stage run, so that the runs
-    table, the charts and the compare page put the models side by side)."""
-    return {f"eval/{r.benchmark}/{r.direction}_r{r.k}": float(r.recall)
-            for r in metrics.itertuples()}
+def eval_metrics(metrics, accuracy=None) -> dict[str, float]:
+    """One model's rows of ``retrieval_metrics`` (and of ``classification_metrics``) as the
+    metrics of the run that trained it: ``eval/<benchmark>/<direction>_r<k>`` and
+    ``eval/<benchmark>/top<k>`` (the same names in every stage run, so that the runs table, the
+    charts and the compare page put the models side by side)."""
+    out = {f"eval/{r.benchmark}/{r.direction}_r{r.k}": float(r.recall)
+           for r in metrics.itertuples()}
+    if accuracy is not None:
+        out.update({f"eval/{r.benchmark}/top{r.k}": float(r.accuracy)
+                    for r in accuracy.itertuples()})
+    return out
 
 
 def long_r1(metrics, long_benchmarks) -> dict[str, float]:
@@ -239,10 +244,9 @@ def long_r1(metrics, long_benchmarks) -> dict[str, float]:
     return {str(k): float(v) for k, v in rows.groupby("model", sort=False)["recall"].mean().items()}
 
 
-def log_eval_to_stage_run(run_id: str | None, metrics, extra: dict[str, float] | None = None
-                          ) -> bool:
-    """Log ``eval_metrics(metrics)`` (and ``extra`` metrics) into the stage run ``run_id``
-    (step 0). False, with a log line, when tracking is off or that run is not in this store."""
+def log_eval_to_stage_run(run_id: str | None, metrics, accuracy=None) -> bool:
+    """Log ``eval_metrics(metrics, accuracy)`` into the stage run ``run_id`` (step 0). False,
+    with a log line, when tracking is off or that run is not in this store."""
     if not run_id or not tracking_enabled():
         return False
     import mlflow
@@ -252,12 +256,36 @@ def log_eval_to_stage_run(run_id: str | None, metrics, extra: dict[str, float] |
     now = int(time.time() * 1000)
     try:
         mlflow.MlflowClient().log_batch(
-            run_id, metrics=[Metric(k, v, now, 0) for k, v in
-                             {**eval_metrics(metrics), **(extra or {})}.items()])
+            run_id, metrics=[Metric(k, v, now, 0)
+                             for k, v in eval_metrics(metrics, accuracy).items()])
     except MlflowException as err:
         logger.warning("evaluation metrics not logged to run %s: %s", run_id, err)
         return False
     return True
+
+
+NOTE_CHARS = 8000  # MLflow's limit on a tag value
+
+
+def log_headline(run_id: str, headline: dict[str, float], report: str, figures) -> None:
+    """The parent run's metrics ``long_r1/<model>`` (step 0), ``retrieval_report.md`` and the
+    charts; its description: the report's recall table."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"long_r1/{model}", value, now, 0)
+                                      for model, value in headline.items()])
+    client.log_text(run_id, report, "retrieval_report.md")
+    # the run's description in the UI (Markdown): the recall table, the report's first section
+    client.set_tag(run_id, "mlflow.note.content", report.split("\n## ")[0][:NOTE_CHARS])
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, name)
+    logger.info("parent MLflow run %s: long-caption R@1 %s", run_id,
+                ", ".join(f"{m} {v:.1f}" for m, v in headline.items()))
 
 
 def move_champion() -> str | None:

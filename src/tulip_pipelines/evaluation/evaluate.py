@@ -180,6 +180,10 @@ class EvaluateParams(Params):
         p.int_at_least("parallel_models", self.parallel_models, 1, optional=True)
         p.raise_if_any()
 
+    def long_benchmarks(self) -> list[str]:
+        """The configured benchmarks of long captions (``kind: long``), in their order."""
+        return [name for name, bench in self.benchmarks.items() if bench.kind == "long"]
+
 
 # ---------------------------------------------------------------------------------------------
 # Benchmarks

@@ -45,7 +45,6 @@ from tulip_pipelines.training.job import TrainJob, TrainResult
 
 logger = logging.getLogger(__name__)
 
-LAUNCHERS = ("deepspeed", "torchrun")
 RANK_PREFIX = "[rank {rank}] "
 
 

@@ -31,6 +31,7 @@ from tulip_pipelines.models.card import add_retrieval
 from tulip_pipelines.tracking import (
     LONG_R1_TAG,
     log_eval_to_stage_run,
+    log_headline,
     log_model_card,
     long_r1,
     move_champion,
@@ -143,37 +144,9 @@ def log_evaluation(params: dict[str, Any], retrieval_metrics: pd.DataFrame,
                    datasets={}) as tracker:
         log_to_mlflow(tracker, retrieval_metrics, retrieval_report, figures, tables)
     if tracker.parent_run_id:
-        log_headline(tracker.parent_run_id, long_r1(retrieval_metrics,
-                                                    long_benchmarks(evaluate_params)),
+        log_headline(tracker.parent_run_id,
+                     long_r1(retrieval_metrics, evaluate_params.long_benchmarks()),
                      retrieval_report, figures)
-
-
-NOTE_CHARS = 8000  # MLflow's limit on a tag value
-
-
-def long_benchmarks(params: EvaluateParams) -> list[str]:
-    return [name for name, bench in params.benchmarks.items() if bench.kind == "long"]
-
-
-def log_headline(run_id: str, headline: dict[str, float], report: str, figures) -> None:
-    """The parent run's metrics ``long_r1/<model>`` (step 0), ``retrieval_report.md`` and the
-    charts; its description: the report's recall table."""
-    import time
-
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient()
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"long_r1/{model}", value, now, 0)
-                                      for model, value in headline.items()])
-    client.log_text(run_id, report, "retrieval_report.md")
-    # the run's description in the UI (Markdown): the recall table, the report's first section
-    client.set_tag(run_id, "mlflow.note.content", report.split("\n## ")[0][:NOTE_CHARS])
-    for name, figure in figures.items():
-        client.log_figure(run_id, figure, name)
-    logger.info("parent MLflow run %s: long-caption R@1 %s", run_id,
-                ", ".join(f"{m} {v:.1f}" for m, v in headline.items()))
 
 
 def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],
@@ -185,16 +158,13 @@ def add_retrieval_to_model_cards(evaluated_models: dict[str, ModelBundle],
     (``eval/<benchmark>/top<k>``); the model version it registered gets the
     card as its description, its R@1 rows as tags (``r1/<benchmark>/<direction>``) and its
     long-caption R@1 (``long_r1``), and the ``champion`` alias goes to the best such version."""
-    longs = long_benchmarks(EvaluateParams.from_params(params))
-    headline = long_r1(retrieval_metrics, longs)
+    headline = long_r1(retrieval_metrics, EvaluateParams.from_params(params).long_benchmarks())
     for card, names in add_retrieval(evaluated_models, retrieval_metrics).items():
         run_id = evaluated_models[names[0]].spec.extra.get("mlflow_run_id")
         log_model_card(card, run_id)
         # the run's own model (a directory's first name: the one trained there)
-        accuracy = {} if classification_metrics is None else {
-            f"eval/{r.benchmark}/top{r.k}": float(r.accuracy)
-            for r in classification_metrics[classification_metrics["model"] == names[0]]
-            .itertuples()}
+        accuracy = None if classification_metrics is None else classification_metrics[
+            classification_metrics["model"] == names[0]]
         log_eval_to_stage_run(run_id, retrieval_metrics[retrieval_metrics["model"] == names[0]],
                               accuracy)
         rows = retrieval_metrics[retrieval_metrics["model"].isin(names)]
