@@ -162,7 +162,7 @@ def compare_live_logging(student, images, args, tmp: str) -> None:
 
     import mlflow
 
-    from tulip_pipelines.tracking import StageTracker
+    from tulip_pipelines.tracking.stage_runs import StageTracker
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     client = mlflow.MlflowClient()

@@ -1,7 +1,8 @@
 """The project files whose code runs on the way from the expand node to the first AdamW
 ``optimizer.step()`` (``torch.optim.Adam.step``, which AdamW inherits), at the embedded
-default's settings (conf/base), in this process: what ``docs/architecture.md`` traces.
-Module-level code (imports) does not count; the calls do."""
+default's settings (conf/base), in this process, with tracking on (an MLflow store under the
+scratch folder): what ``docs/architecture.md`` traces. Module-level code (imports) does not
+count; the calls do."""
 
 from __future__ import annotations
 
@@ -51,7 +52,12 @@ def expand_inputs(tmp: Path):
 def files_to_first_step(tmp: Path) -> list[str]:
     """Project files (relative to ``src/tulip_pipelines``) whose functions ran from the expand
     node's call until torch's AdamW ``step`` was first called."""
+    import os
+
     from tulip_pipelines.pipelines.expand.nodes import expand
+
+    # the stage opens its MLflow run (tracking on, as in `kedro run`)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
 
     inputs = expand_inputs(tmp)
     seen: set[str] = set()
@@ -87,6 +93,7 @@ def files_to_first_step(tmp: Path) -> list[str]:
     finally:
         sys.settrace(None)
         threading.settrace(None)
+        del os.environ["MLFLOW_TRACKING_URI"]
     return sorted(seen)
 
 

@@ -29,7 +29,7 @@ from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.serving.registry import resolve_bundle
 from tulip_pipelines.training.checkpoints import complete_checkpoints
 from tulip_pipelines.training.processes import run_distributed
-from tulip_pipelines.training.stages.run import build_job
+from tulip_pipelines.training.stages.base import build_job
 
 pytestmark = pytest.mark.slow
 

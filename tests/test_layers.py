@@ -18,7 +18,7 @@ LAYERS = [
     {"data"},
     {"evaluation"},
     {"serving"},
-    {"tracking", "tracking_check"},
+    {"tracking"},
     {"training"},
     {"io", "pipelines", "params_checks", "hooks", "commands", "compare", "settings",
      "pipeline_registry", "__main__", "__init__"},

@@ -14,7 +14,7 @@ from kedro_datasets.pandas import ParquetDataset
 
 from tulip_pipelines.data.images import PreparedImages
 from tulip_pipelines.hooks import MlflowRunHooks, parent_run_tags, run_link
-from tulip_pipelines.tracking import log_datasets, node_inputs, stage_run
+from tulip_pipelines.tracking.stage_runs import log_datasets, node_inputs, stage_run
 
 
 def test_the_parent_run_is_named_for_what_ran_where_and_when(tmp_path):

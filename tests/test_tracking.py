@@ -16,14 +16,12 @@ from tulip_pipelines.pipelines.distill.nodes import distill
 from tulip_pipelines.pipelines.expand.nodes import expand
 from tulip_pipelines.serving.pyfunc import log_embedding_model
 from tulip_pipelines.serving.registry import resolve_bundle
-from tulip_pipelines.tracking import (
-    flatten,
-    lineage,
+from tulip_pipelines.tracking.results import (
     log_model_card,
     recall_at_1_tags,
-    stage_run,
     update_registered_versions,
 )
+from tulip_pipelines.tracking.stage_runs import flatten, lineage, stage_run
 
 TRAIN = {
     "max_steps": 3,

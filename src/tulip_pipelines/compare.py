@@ -24,7 +24,7 @@ RUN_COLUMNS = ["run_id", "tags.mlflow.runName", "start_time", "status"]
 # Metrics worth putting side by side: the recalls (a stage run's own model's ``eval/``, the
 # parent run's headline ``long_r1/``; ``final``/``recall/`` of runs logged before them).
 METRIC_PREFIXES = ("eval/", "long_r1/", "final", "recall/")
-MODEL_CARD_TAG = "tags.tulip.model_card"  # set by tracking.StageTracker.log_model
+MODEL_CARD_TAG = "tags.tulip.model_card"  # tracking.stage_runs.StageTracker.log_model
 
 
 @dataclass

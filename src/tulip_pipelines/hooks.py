@@ -10,7 +10,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from tulip_pipelines.params_checks import check_parameters, params_classes
-from tulip_pipelines.tracking_check import check_tracking_server
+from tulip_pipelines.tracking.server import check_tracking_server
 from tulip_pipelines.training import run_dir as locks  # the run dirs' locks
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class MlflowRunHooks:
         run = mlflow.active_run()
         if run is None:
             return
-        from tulip_pipelines.tracking import mark_model_training
+        from tulip_pipelines.tracking.stage_runs import mark_model_training
 
         mark_model_training(run.info.experiment_id)
         mlflow.set_tags(parent_run_tags(run_params, run.info.start_time, Path.cwd()))
@@ -136,20 +136,20 @@ class MlflowRunHooks:
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any]) -> None:
-        from tulip_pipelines.tracking import set_node_inputs
+        from tulip_pipelines.tracking.stage_runs import set_node_inputs
 
         set_node_inputs({name: (value, _filepath(catalog, name)) for name, value in inputs.items()
                          if not name.startswith("params:") and name != "parameters"})
 
     @hook_impl
     def after_node_run(self, node) -> None:
-        from tulip_pipelines.tracking import set_node_inputs
+        from tulip_pipelines.tracking.stage_runs import set_node_inputs
 
         set_node_inputs({})
 
     @hook_impl
     def on_node_error(self, node) -> None:
-        from tulip_pipelines.tracking import set_node_inputs
+        from tulip_pipelines.tracking.stage_runs import set_node_inputs
 
         set_node_inputs({})
 

@@ -13,7 +13,7 @@ from tulip_pipelines.data.demo import (
     check_group_prefixes,
     generate_demo_data,
 )
-from tulip_pipelines.data.text import first_sentence, split_sentences
+from tulip_pipelines.training.datasets import first_sentence, split_sentences
 
 SMALL = DemoDataParams(n_groups=12, n_benchmark_groups=3, n_short_benchmark_images=5)
 

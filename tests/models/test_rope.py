@@ -10,7 +10,7 @@ from tests.models.conftest import LONG
 from tulip_pipelines.models import (
     expand_rope_context,
 )
-from tulip_pipelines.models.student import RopeSelfAttention, RotaryEmbedding, ntk_scaled_theta
+from tulip_pipelines.models.clip import RopeSelfAttention, RotaryEmbedding, ntk_scaled_theta
 
 
 def test_rotation_matches_direct_formula():

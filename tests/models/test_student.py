@@ -1,5 +1,5 @@
-"""The TULIP student (models/student.py): every teacher weight copied, end-of-text pooling, 248
-tokens with the end token kept, no shorter context than the teacher."""
+"""The TULIP student (models/clip.py: RopeCLIP, build_student): every teacher weight copied,
+end-of-text pooling, 248 tokens with the end token kept, no shorter context than the teacher."""
 
 
 import open_clip

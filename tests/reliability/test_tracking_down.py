@@ -7,7 +7,7 @@ import time
 import pytest
 from kedro.framework.session import KedroSession
 
-from tulip_pipelines.tracking_check import TrackingServerDown
+from tulip_pipelines.tracking.server import TrackingServerDown
 
 
 def _closed_port() -> int:

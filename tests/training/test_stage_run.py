@@ -16,8 +16,8 @@ from tulip_pipelines.data.images import FolderImages, PreparedImages
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.checkpoints import complete_checkpoints
 from tulip_pipelines.training.stages import STAGES, StageInputs
+from tulip_pipelines.training.stages.base import build_job, run_stage, write_launch_plan
 from tulip_pipelines.training.stages.longclip import LongclipEqualBudgetParams
-from tulip_pipelines.training.stages.run import build_job, run_stage, write_launch_plan
 
 STAGE = "longclip_equal_budget"  # the Long-CLIP baseline at TULIP's budget: images and captions
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.image_helpers import write_images
-from tulip_pipelines.data.text import SHORT_CAPTIONS
 from tulip_pipelines.models import build_student, create_teacher
 from tulip_pipelines.models.longclip import KeptPositionsCLIP
+from tulip_pipelines.training.datasets import SHORT_CAPTIONS
 from tulip_pipelines.training.job import TrainParams
 from tulip_pipelines.training.stages import STAGES, StageInputs
 from tulip_pipelines.training.stages.distill import embeddings_request
@@ -323,8 +323,9 @@ def test_a_stage_jobs_fingerprint_inputs_name_its_models_data_and_images(inputs)
     train = inputs.frames["train"]
     assert fingerprint_inputs["train_ids"] == [str(train["id"].iloc[0]), str(train["id"].iloc[-1]),
                                         len(train)]
-    assert fingerprint_inputs["model"] == job.model.spec.to_dict()
-    assert fingerprint_inputs["inputs"] == {k: b.spec.to_dict() for k, b in inputs.models.items()}
+    assert fingerprint_inputs["model"] == dataclasses.asdict(job.model.spec)
+    assert fingerprint_inputs["inputs"] == {k: dataclasses.asdict(b.spec)
+                                            for k, b in inputs.models.items()}
     assert "root" not in fingerprint_inputs["images"]
     assert "folder" not in fingerprint_inputs["images"]
     assert fingerprint_inputs["params"] == params.fingerprint_fields()

@@ -12,8 +12,8 @@ import torch
 from tests.conftest import DS_FP32
 from tulip_pipelines.models import create_teacher
 from tulip_pipelines.training.stages import DistillParams, StageInputs
+from tulip_pipelines.training.stages.base import run_stage
 from tulip_pipelines.training.stages.distill import embeddings_request
-from tulip_pipelines.training.stages.run import run_stage
 from tulip_pipelines.training.teacher_embeddings import (
     TeacherTextEmbeddings,
     compute_teacher_text_embeddings,

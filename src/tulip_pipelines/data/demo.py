@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from tulip_pipelines.data.text import split_sentences
 from tulip_pipelines.params import Params, Problems
 
 logger = logging.getLogger(__name__)
@@ -268,8 +267,8 @@ def check_group_prefixes(images: list[DemoImage], params: DemoDataParams) -> dic
             counts[sentence] = len(tokenizer.encode(sentence))
         return counts[sentence]
 
-    first = images[0].caption
-    if sum(map(n_tokens, split_sentences(first))) != len(tokenizer.encode(first)):
+    first = caption_sentences(images[0].background, images[0].cells)
+    if sum(map(n_tokens, first)) != len(tokenizer.encode(" ".join(first))):
         raise RuntimeError("open_clip's tokenizer is not additive over sentences: cannot check")
     lengths = []
     for image in images:

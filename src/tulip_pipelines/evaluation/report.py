@@ -181,9 +181,9 @@ def tokens_read_figure(by_tokens_read: pd.DataFrame, context: int = 77) -> plt.F
 def log_to_mlflow(tracker, metrics: pd.DataFrame, report: str,
                   figures: Mapping[str, plt.Figure], tables: Mapping[str, pd.DataFrame]) -> None:
     """Log the report, ``figures`` (file name -> figure) and the full table with ``tables``
-    (name -> table, as Parquet) into the tracker's run
-    (:class:`tulip_pipelines.tracking.StageTracker`; nothing without a run). The recalls as
-    metrics go to the runs that trained each model (``eval/...``) and the headline to the
+    (name -> table, as Parquet) into the tracker's run (a
+    :class:`tulip_pipelines.tracking.stage_runs.StageTracker`; nothing without a run). The
+    recalls as metrics go to the runs that trained each model (``eval/...``) and the headline to the
     parent run, where the charts put the models side by side."""
     if not tracker.run_id:
         return

@@ -24,9 +24,9 @@ _WHERE = {
     "load_original_checkpoint": "original",
     "ModelBundle": "spec",
     "ModelSpec": "spec",
-    "RopeCLIP": "student",
-    "build_student": "student",
-    "expand_rope_context": "student",
+    "RopeCLIP": "clip",
+    "build_student": "clip",
+    "expand_rope_context": "clip",
 }
 
 __all__ = sorted(_WHERE)

@@ -4,7 +4,7 @@ A card is rendered from the model's :class:`~tulip_pipelines.models.spec.ModelSp
 that it always agrees with ``config.json``: ``spec.extra`` holds the provenance a training stage
 records (``stage``, ``mlflow_run_id``, the enclosing ``kedro_run_id``, ``parent`` and
 ``training``: data counts, key parameters, final metrics; see
-:func:`tulip_pipelines.training.stages.run.run_stage`).
+:func:`tulip_pipelines.training.stages.base.run_stage`).
 :func:`~tulip_pipelines.models.files.save_model` writes it with every model; the evaluation
 rewrites it with the model's retrieval rows (:func:`add_retrieval`). Loading ignores it.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,7 @@ def add_retrieval(models: Mapping[str, Any], metrics: pd.DataFrame) -> dict[Path
         if directory is None or not (Path(directory) / "config.json").is_file():
             continue
         on_disk = json.loads((Path(directory) / "config.json").read_text())
-        if on_disk != json.loads(json.dumps(bundle.spec.to_dict())):
+        if on_disk != json.loads(json.dumps(asdict(bundle.spec))):
             logger.warning("%s: %s changed since it was loaded; its card is left as it is",
                            name, directory)
             continue

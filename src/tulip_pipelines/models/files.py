@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -13,11 +14,16 @@ from torch import nn
 
 from tulip_pipelines import atomic
 from tulip_pipelines.models.card import CARD, render_model_card
-from tulip_pipelines.models.clip import AbsoluteCLIP, bundle, new_clip, set_text_activation
+from tulip_pipelines.models.clip import (
+    AbsoluteCLIP,
+    RopeCLIP,
+    bundle,
+    new_clip,
+    set_text_activation,
+)
 from tulip_pipelines.models.configs import check_model_name
 from tulip_pipelines.models.original import load_original_checkpoint
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
-from tulip_pipelines.models.student import RopeCLIP
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +38,7 @@ def save_model(model_bundle: ModelBundle, path: str | Path) -> None:
         weights = model_bundle.model.state_dict()
         state = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(state, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(model_bundle.spec.to_dict(), indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(asdict(model_bundle.spec), indent=2) + "\n")
         (tmp / CARD).write_text(render_model_card(model_bundle.spec), encoding="utf-8")
 
 

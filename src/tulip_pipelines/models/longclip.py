@@ -49,7 +49,8 @@ def stretch_position_embedding(
     state["positional_embedding"] = stretched.to(positions.dtype)
     spec = ModelSpec(
         teacher.spec.model_name, "absolute", new_length, activation=teacher.spec.activation,
-        extra={"origin": "longclip-stretch", "keep": keep, "teacher": teacher.spec.to_dict()},
+        extra={"origin": "longclip-stretch", "keep": keep,
+               "teacher": dataclasses.asdict(teacher.spec)},
     )  # fmt: skip
     return bundle(derived_clip(teacher.model, spec, state=state), spec)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tulip_pipelines.models.clip import bundle, create_teacher, new_clip
+from tulip_pipelines.models.clip import build_student, bundle, create_teacher, new_clip
 from tulip_pipelines.models.pretrained import load_weights_file, teacher_architecture
 from tulip_pipelines.models.spec import ModelBundle, ModelSpec
-from tulip_pipelines.models.student import build_student
 
 logger = logging.getLogger(__name__)
 

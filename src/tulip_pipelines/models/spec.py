@@ -3,7 +3,7 @@ evaluation code, and the JSON written in every model directory."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -33,9 +33,6 @@ class ModelSpec:
     rope_theta: float = 10000.0
     activation: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":

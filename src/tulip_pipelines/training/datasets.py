@@ -1,12 +1,14 @@
 """Training data, what the engine's loop reads: image-caption pairs from a captions table and an
-image source (the dataset and its collate), the per-rank sampler, batches moved to the device,
-and the unreadable samples skipped on the way."""
+image source (the dataset and its collate), each with the short caption cut from its long one
+(:data:`SHORT_CAPTIONS`), the per-rank sampler, batches moved to the device, and the unreadable
+samples skipped on the way."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,43 @@ from tulip_pipelines.data.images import (
     as_image_source,
     preprocess_size,
 )
-from tulip_pipelines.data.text import first_sentence
 
 logger = logging.getLogger(__name__)
+
+
+# A sentence ends at . ! or ? followed by white space (or the end of the text).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(caption: str) -> list[str]:
+    """Split a caption into sentences (simple rule: end punctuation followed by white space)."""
+    return [s.strip() for s in _SENTENCE_END.split(caption.strip()) if s.strip()]
+
+
+def first_sentence(caption: str) -> str:
+    """The caption's first sentence: TULIP's short caption in the expansion stage."""
+    sentences = split_sentences(caption)
+    return sentences[0] if sentences else ""
+
+
+def tulip_short_caption(caption: str) -> str:
+    """TULIP's preprocessing of a short caption: up to the first period, the period kept
+    (``caption.split('.')[0] + '.'``; a decimal point ends it too)."""
+    return caption.split(".")[0] + "."
+
+
+def longclip_short_caption(caption: str) -> str:
+    """Long-CLIP's short caption: newlines to spaces, then up to the first ``". "`` (no period;
+    the whole caption when there is none)."""
+    return caption.replace("\n", " ").split(". ")[0]
+
+
+# How a short caption is cut from a long one (the ``short_caption`` parameters).
+SHORT_CAPTIONS = {
+    "first_sentence": first_sentence,
+    "tulip": tulip_short_caption,
+    "longclip": longclip_short_caption,
+}
 
 
 MAX_SUBSTITUTES = 16  # unreadable images in a row before a sample gives up
@@ -49,7 +85,7 @@ class CaptionImageDataset(Dataset):
     """Rows of a captions table (``id``, ``image``, ``caption``) as training samples.
 
     Each sample is ``{"image": tensor, "long": caption, "short": short_caption(caption)}`` (the
-    first sentence by default; see ``data.text.SHORT_CAPTIONS``). Images come from ``images``
+    first sentence by default; see :data:`SHORT_CAPTIONS`). Images come from ``images``
     (an :class:`~tulip_pipelines.data.images.ImageSource`: the prepared shards or the original
     folder; a path means the folder), decoded at the size ``preprocess`` needs. Records whose
     image the source left out (quarantined by ``prepare_images``) are dropped when images are

@@ -42,8 +42,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
-from tulip_pipelines.progress import on_terminal, progress
 from tulip_pipelines.training import checkpoints
 from tulip_pipelines.training.accumulation import StepCache
 from tulip_pipelines.training.datasets import (
@@ -233,8 +233,10 @@ class _Loop:
         self.engine.train()
         self.heartbeat.beat(self.step, "train")
         pending: list[Any] = []  # the micro batches of the optimizer step being gathered
-        bar = progress(params.max_steps, params.run_name, "step", initial=self.step,
-                       enabled=self.rank == 0 and on_terminal())
+        # rank 0's bar, on a terminal only (tqdm's disable=None); elsewhere the rows logged
+        # every log_every steps say how far the run is
+        bar = tqdm(total=params.max_steps, desc=params.run_name, unit="step", initial=self.step,
+                   leave=False, disable=None if self.rank == 0 else True)
         self.window = _Window()
         while self.step < params.max_steps:
             sampler.start(position)

@@ -125,13 +125,14 @@ def prefix_output(rank: int) -> None:
 
 
 def rank_tracker(plan: Mapping[str, Any], rank: int):
-    """Rank 0's :class:`~tulip_pipelines.tracking.StageTracker` of the plan's MLflow run."""
+    """Rank 0's :class:`~tulip_pipelines.tracking.stage_runs.StageTracker` of the plan's MLflow
+    run."""
     target = plan.get("mlflow") or {}
     if rank != 0 or not target.get("run_id"):
         return None
     import mlflow
 
-    from tulip_pipelines.tracking import SEND_EVERY_S, StageTracker
+    from tulip_pipelines.tracking.stage_runs import SEND_EVERY_S, StageTracker
 
     mlflow.set_tracking_uri(target["tracking_uri"])
     return StageTracker(target["run_id"], send_every_s=target.get("send_every_s", SEND_EVERY_S),

@@ -22,7 +22,7 @@ import logging
 import queue
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def cache_key(teacher: ModelBundle, texts: Mapping[str, Sequence[str]], teacher_
     """A hash of everything that determines the cached values (see the module docstring;
     ``autocast``: the one in effect, on an accelerator)."""
     digest = hashlib.sha256()
-    settings = {"spec": teacher.spec.to_dict(), "input": teacher_input,
+    settings = {"spec": asdict(teacher.spec), "input": teacher_input,
                 "overlap": window_overlap, "windows": max_windows, "dtype": dtype}
     if autocast is not None:
         settings["autocast"] = autocast
@@ -163,7 +163,7 @@ def compute_teacher_text_embeddings(request: TeacherTextEmbeddingsRequest,
     logger.info("teacher text embeddings: %d parts to compute on %s (autocast: %s)", len(todo),
                 ", ".join(str(d) for d in devices),
                 autocast_in_effect(devices[0], request.autocast))
-    settings = _Settings(request.teacher.spec.to_dict(), request.teacher_input,
+    settings = _Settings(asdict(request.teacher.spec), request.teacher_input,
                          request.window_overlap, request.max_windows, request.dtype,
                          request.autocast)
     compute = _in_this_process if len(devices) == 1 or len(todo) < 2 else _in_worker_processes

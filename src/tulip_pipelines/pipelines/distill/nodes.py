@@ -10,8 +10,8 @@ import pandas as pd
 from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.training.stages import DistillParams, StageInputs
+from tulip_pipelines.training.stages.base import run_stage
 from tulip_pipelines.training.stages.distill import embeddings_request
-from tulip_pipelines.training.stages.run import run_stage
 from tulip_pipelines.training.teacher_embeddings import (
     TeacherTextEmbeddingsPart,
     compute_teacher_text_embeddings,

@@ -28,7 +28,7 @@ from tulip_pipelines.evaluation.report import (
 )
 from tulip_pipelines.models import ModelBundle, stretch_position_embedding
 from tulip_pipelines.models.card import add_retrieval
-from tulip_pipelines.tracking import (
+from tulip_pipelines.tracking.results import (
     LONG_R1_TAG,
     log_eval_to_stage_run,
     log_headline,
@@ -36,10 +36,9 @@ from tulip_pipelines.tracking import (
     long_r1,
     move_champion,
     recall_at_1_tags,
-    stage_run,
-    tracking_enabled,
     update_registered_versions,
 )
+from tulip_pipelines.tracking.stage_runs import stage_run, tracking_enabled
 
 logger = logging.getLogger(__name__)
 

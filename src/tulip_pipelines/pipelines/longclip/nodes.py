@@ -10,7 +10,7 @@ import pandas as pd
 from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.models import ModelBundle
 from tulip_pipelines.training.stages import LongclipParams, StageInputs
-from tulip_pipelines.training.stages.run import run_stage
+from tulip_pipelines.training.stages.base import run_stage
 
 
 def finetune_longclip_authors(teacher_model: ModelBundle, train_captions: pd.DataFrame,

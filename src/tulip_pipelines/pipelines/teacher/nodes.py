@@ -8,7 +8,7 @@ import pandas as pd
 
 from tulip_pipelines.data.images import ImageSource
 from tulip_pipelines.training.stages import StageInputs, TeacherParams
-from tulip_pipelines.training.stages.run import run_stage
+from tulip_pipelines.training.stages.base import run_stage
 
 
 def train_teacher(train_captions: pd.DataFrame, val_captions: pd.DataFrame,

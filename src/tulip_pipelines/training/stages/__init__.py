@@ -2,7 +2,7 @@
 
 ``teacher`` (embedded default only), ``distill`` and ``expand`` (TULIP's two stages) and the
 two Long-CLIP baselines ``longclip_authors`` and ``longclip_equal_budget`` (both from the
-``longclip`` pipeline and its :class:`LongclipParams`). :func:`.run.run_stage` runs one.
+``longclip`` pipeline and its :class:`LongclipParams`). :func:`.base.run_stage` runs one.
 """
 
 from __future__ import annotations

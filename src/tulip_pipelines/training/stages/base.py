@@ -1,26 +1,49 @@
-"""What every training stage shares: its parameters (:class:`StageParams`), its inputs
-(:class:`StageInputs`) and the training job its builder returns (:func:`stage_job`). Running a
-stage is :mod:`.run`."""
+"""What every training stage shares, and how one runs.
+
+A stage's parameters (:class:`StageParams`), its inputs (:class:`StageInputs`), the training job
+its builder returns (:func:`stage_job`) and :func:`run_stage`, what every training node calls:
+build the stage's training job, take its run dir's lock, train in this process or on
+``num_processes`` through DeepSpeed's launcher, all inside the stage's MLflow run, then export
+the model with its provenance (what its model card shows: :mod:`tulip_pipelines.models.card`).
+The stages themselves are registered by name in :data:`tulip_pipelines.training.stages.STAGES`.
+
+The launched ranks of a multi-process stage rebuild the same job from the *launch plan*
+(:func:`write_launch_plan`) with :func:`build_job`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from tulip_pipelines.data.images import ImageSource, as_image_source
-from tulip_pipelines.data.text import first_sentence
-from tulip_pipelines.models import ModelBundle
+from tulip_pipelines.data.images import ImageSource, as_image_source, image_source_from_dict
+from tulip_pipelines.models import ModelBundle, load_bundle, save_model
 from tulip_pipelines.params import Params, Problems
-from tulip_pipelines.training.datasets import CaptionImageDataset
+from tulip_pipelines.tracking.stage_runs import flatten, lineage, stage_run
+from tulip_pipelines.training.datasets import CaptionImageDataset, first_sentence
 from tulip_pipelines.training.job import HOUSEKEEPING as TRAIN_HOUSEKEEPING
-from tulip_pipelines.training.job import LAUNCHERS, Cluster, NodeError, TrainJob, TrainParams
+from tulip_pipelines.training.job import (
+    LAUNCHERS,
+    Cluster,
+    NodeError,
+    TrainJob,
+    TrainParams,
+    TrainResult,
+)
+from tulip_pipelines.training.plots import loss_figure
+from tulip_pipelines.training.processes import run_distributed
+from tulip_pipelines.training.run_dir import StallWatch, run_lock
 from tulip_pipelines.training.teacher_embeddings import TeacherTextEmbeddings
+
+logger = logging.getLogger(__name__)
 
 RUNS_DIR = "data/06_models/runs"
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -140,8 +163,8 @@ def stage_job(params: StageParams, inputs: StageInputs, *, task: torch.nn.Module
     the model, the input models, which training records and images, the stage's parameters)."""
     train_ids = inputs.frames["train"]["id"]
     fingerprint_inputs = {
-        "model": model.spec.to_dict(),
-        "inputs": {k: b.spec.to_dict() for k, b in inputs.models.items()},
+        "model": dataclasses.asdict(model.spec),
+        "inputs": {k: dataclasses.asdict(b.spec) for k, b in inputs.models.items()},
         "train_ids": [str(train_ids.iloc[0]), str(train_ids.iloc[-1]), len(train_ids)],
         # which images (prepared or original, size, quality), not where they are
         "images": {k: v for k, v in inputs.images.to_dict().items()
@@ -160,3 +183,116 @@ class Stage:
     name: str
     params_cls: type[StageParams]
     build: Callable[[Any, StageInputs], TrainJob]
+
+
+def run_stage(stage: str, params: StageParams, inputs: StageInputs,
+              ds_config: Mapping[str, Any], parent: ModelBundle | None = None):
+    """Train ``stage`` (a name in :data:`STAGES`) in its own MLflow run: parameters, lineage to
+    ``parent`` (the model it starts from), per-step metrics, final metrics, the model directory,
+    the loss curve and the unreadable samples skipped. Returns ``(model, history, figure,
+    skipped)``; the model's spec records the stage, its MLflow run, its parent and what it was
+    trained on."""
+    from tulip_pipelines.training.stages import STAGES  # the registry imports this module
+
+    tags, source = lineage(parent) if parent is not None else ({}, {})
+    with stage_run(stage, {**params.to_dict(), **source}, ds_config, tags,
+                   loss_kind=params.loss_kind()) as tracker:
+        job = STAGES[stage].build(params, inputs)
+        cluster = params.cluster()
+        with run_lock(params.stage_run_dir):  # one run per run dir at a time
+            if params.num_processes == 1 and not cluster.several and not cluster.hostfile \
+                    and cluster.launcher != "srun":
+                with StallWatch(params.stage_run_dir, stage, job.params.stall_minutes):
+                    result = job.train(ds_config, log_fn=tracker.log)
+            else:
+                plan = write_launch_plan(stage, params, inputs, ds_config)
+                plan["mlflow"] = tracker.target()
+                result = run_distributed(
+                    plan, params.num_processes, cluster.launcher, run_dir=params.stage_run_dir,
+                    run_name=stage, stall_minutes=job.params.stall_minutes, cluster=cluster,
+                    module=job.task)
+        model = job.exported_model()
+        # a new spec: the input model (e.g. expand's distilled one) keeps its own provenance
+        provenance = {**model.spec.extra, "stage": stage, "mlflow_run_id": tracker.run_id,
+                      "kedro_run_id": tracker.parent_run_id,
+                      "parent": parent_reference(parent) if parent is not None else None,
+                      "training": training_summary(params, inputs, ds_config, result)}
+        model = dataclasses.replace(model, spec=dataclasses.replace(model.spec, extra=provenance),
+                                    source_dir=None)
+        tracker.log_model(model, registered_model_name=params.registered_model_name, name=stage)
+        figure = loss_figure(result.history, stage)
+        tracker.log_figure(figure, f"{stage}_loss.png")
+        tracker.log_table(result.skipped, "skipped_samples.parquet")
+    logger.info("%s: %d steps in %.1f s, final %s", stage, result.final_step, result.wall_time_s,
+                result.final_metrics)
+    return model, result.history, figure, result.skipped
+
+
+def write_launch_plan(stage: str, params: StageParams, inputs: StageInputs,
+                      ds_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Save the inputs under the run dir and return the launch plan every rank's
+    :func:`build_job` reads (JSON-able)."""
+    folder = Path(params.stage_run_dir) / "launch_inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, bundle in inputs.models.items():
+        save_model(bundle, folder / name)
+    for name, frame in inputs.frames.items():
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    embeddings = inputs.teacher_text_embeddings
+    return {
+        "builder": "tulip_pipelines.training.stages.base:build_job",
+        "stage": stage,
+        "params": params.to_dict(),
+        "models": {name: str(folder / name) for name in inputs.models},
+        "frames": {name: str(folder / f"{name}.parquet") for name in inputs.frames},
+        "images": inputs.images.resolved().to_dict(),
+        "teacher_text_embeddings": str(embeddings.folder.resolve()) if embeddings else None,
+        "ds_config": dict(ds_config),
+        "node_timeout_s": params.node_timeout_s,
+    }
+
+
+def build_job(plan: Mapping[str, Any]) -> TrainJob:
+    """Per-rank builder of a launched stage (:func:`tulip_pipelines.training.launch.main`)."""
+    from tulip_pipelines.training.stages import STAGES  # the registry imports this module
+
+    stage = STAGES[plan["stage"]]
+    params = stage.params_cls(**plan["params"])
+    inputs = StageInputs(
+        models={k: load_bundle(v) for k, v in plan["models"].items()},
+        frames={k: pd.read_parquet(v) for k, v in plan["frames"].items()},
+        images=image_source_from_dict(plan["images"]),
+        teacher_text_embeddings=(TeacherTextEmbeddings(plan["teacher_text_embeddings"])
+                                 if plan.get("teacher_text_embeddings") else None),
+    )
+    return stage.build(params, inputs)
+
+
+def parent_reference(bundle: ModelBundle) -> dict[str, Any]:
+    """What a model card says of the model a stage started from."""
+    extra = bundle.spec.extra
+    return {"stage": extra.get("stage"), "mlflow_run_id": extra.get("mlflow_run_id"),
+            "model_name": bundle.spec.model_name, "source": lineage(bundle)[1]["init_model"]}
+
+
+def training_summary(params: StageParams, inputs: StageInputs, ds_config: Mapping[str, Any],
+                     result: TrainResult) -> dict[str, Any]:
+    """Data counts, key parameters and final metrics of a finished stage (for its model card)."""
+    flat = flatten(params.to_dict())
+    key_params = {k: v for k, v in flat.items() if k not in HOUSEKEEPING}
+    accumulation = int(ds_config.get("gradient_accumulation_steps", 1) or 1)
+    key_params["deepspeed.gradient_accumulation_steps"] = str(accumulation)
+    key_params["deepspeed.zero_stage"] = str(ds_config.get("zero_optimization", {}).get("stage", 0))
+    key_params["deepspeed.bf16"] = str(ds_config.get("bf16", {}).get("enabled", False))
+    processes = int(params.num_processes) * params.cluster().num_nodes
+    batch = int(params.train_params().batch_size) * processes * accumulation
+    return {
+        "records": {role: len(frame) for role, frame in inputs.frames.items()},
+        "images": inputs.images.to_dict(),
+        "skipped_samples": 0 if result.skipped is None else len(result.skipped),
+        "steps": int(result.final_step),
+        "global_batch": batch,
+        "resumed_from": result.resumed_from,
+        "params": key_params,
+        "final_metrics": {k: float(v) for k, v in result.final_metrics.items()},
+    }

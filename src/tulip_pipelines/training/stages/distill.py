@@ -9,11 +9,10 @@ from typing import Any
 
 import pandas as pd
 
-from tulip_pipelines.data.text import tulip_short_caption
 from tulip_pipelines.models import ModelBundle, build_student, teacher_context_length
 from tulip_pipelines.models.device import check_placement
 from tulip_pipelines.params import Problems
-from tulip_pipelines.training.datasets import Collate
+from tulip_pipelines.training.datasets import Collate, tulip_short_caption
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
 from tulip_pipelines.training.tasks import DISTILL_LOSSES, TEACHER_INPUTS, DistillTask

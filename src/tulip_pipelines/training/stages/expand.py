@@ -7,11 +7,10 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
-from tulip_pipelines.data.text import SHORT_CAPTIONS
 from tulip_pipelines.models import ModelBundle, expand_rope_context
 from tulip_pipelines.models.clip import train_preprocess
 from tulip_pipelines.params import Problems
-from tulip_pipelines.training.datasets import Collate
+from tulip_pipelines.training.datasets import SHORT_CAPTIONS, Collate
 from tulip_pipelines.training.job import TrainJob
 from tulip_pipelines.training.stages.base import StageInputs, StageParams, stage_job
 from tulip_pipelines.training.tasks import CONTRASTIVE_BATCHES, TOWERS, ContrastiveTask
@@ -35,7 +34,7 @@ class ContrastiveParams(StageParams):
 
     long_weight: float = 0.8
     short_weight: float = 0.2
-    short_caption: str = "first_sentence"  # how the short caption is cut: data.text.SHORT_CAPTIONS
+    short_caption: str = "first_sentence"  # how it is cut: datasets.SHORT_CAPTIONS
     train_towers: list[str] = field(default_factory=lambda: list(TOWERS))
     label_smoothing: float = 0.0
     short_image_components: int | None = None  # Long-CLIP's primary component matching

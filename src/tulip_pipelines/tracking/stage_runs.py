@@ -1,19 +1,8 @@
-"""MLflow tracking of training and evaluation stages (this module only talks to MLflow; running a
-stage is :mod:`tulip_pipelines.training.stages.run`).
-
-``kedro run`` opens one MLflow run (kedro-mlflow; the *parent run*: named for the pipelines, the
-environment and the start time, it holds every prefixed parameter and, after the evaluation, the
-headline metrics and the report: :mod:`tulip_pipelines.hooks`). Each stage opens a *nested* run
-named after it with its parameters (without the stage prefix: the same key means the same thing
-in every stage run), the DeepSpeed config, its inputs as MLflow datasets, per-step curves (the
-loss named after its kind; logged as they come, by the launched rank 0 too), system metrics and
-its model directory (as plain files, and as a pyfunc MLflow model named after the stage,
-registered in the Model Registry under the stage's ``registered_model_name``:
-:mod:`tulip_pipelines.serving.pyfunc`). The evaluation adds each model's recall to the run that
-trained it (``eval/<benchmark>/<direction>_r<k>``) and moves the ``champion`` alias.
-Outside Kedro a stage logs only when a tracking URI is configured (``MLFLOW_TRACKING_URI``);
-otherwise nothing is logged. Only rank 0 ever calls this module.
-"""
+"""A training stage's MLflow run: :func:`stage_run` opens it (nested in ``kedro run``'s run) with
+the stage's parameters, DeepSpeed config, lineage and inputs (the running node's catalogued
+inputs, set by the project hook, logged as MLflow datasets: :func:`log_datasets`); its
+:class:`StageTracker` logs the per-step curves, the figures, the tables and the model directory
+(also as a registered MLflow model). Only rank 0 ever calls this module."""
 
 from __future__ import annotations
 
@@ -39,7 +28,7 @@ SEND_EVERY_S = 5.0  # per-step metrics reach the store this often (live, in few 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 CHAMPION = "champion"  # the alias of the registered version with the best long-caption R@1
-LONG_R1_TAG = "long_r1"  # a registered version's mean R@1 over the long-caption benchmarks
+MODEL_CARD_TAG = "tulip.model_card"
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -52,6 +41,58 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:MAX_PARAM_CHARS]
     return out
+
+
+def tracking_enabled() -> bool:
+    import mlflow
+
+    return mlflow.active_run() is not None or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as a model-training one (:data:`EXPERIMENT_KIND_TAG`), so that the UI
+    opens it on its runs; an experiment already of that kind is left alone."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
+@contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None, loss_kind: str | None = None,
+              datasets: Mapping[str, Any] | None = None) -> Iterator[StageTracker]:
+    """An MLflow run for one stage, nested in the active run if any. Its parameters are logged
+    without the stage prefix (``train.lr``, not ``distill.train.lr``); ``loss_kind`` names its
+    loss curves (:func:`loss_named`) and is its tag ``tulip.loss``; ``datasets`` (catalog name
+    -> (table or image source, file path); None: the running node's catalogued inputs) are
+    logged as its inputs (:func:`log_datasets`)."""
+    if not tracking_enabled():
+        yield StageTracker(None)
+        return
+    import mlflow
+
+    outer = mlflow.active_run()
+    # system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py) every
+    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default: 10) while the stage runs
+    with mlflow.start_run(run_name=stage, nested=outer is not None,
+                          log_system_metrics=True) as run:
+        mark_model_training(run.info.experiment_id)
+        mlflow.set_tags({"tulip.stage": stage, **({"tulip.loss": loss_kind} if loss_kind else {}),
+                         **dict(tags or {})})
+        mlflow.log_params(flatten(dict(params)))
+        if ds_config:
+            mlflow.log_params(flatten({"deepspeed": dict(ds_config)}))
+            mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
+        log_datasets(node_inputs() if datasets is None else datasets, stage)
+        logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
+        tracker = StageTracker(run.info.run_id, outer.info.run_id if outer else None,
+                               loss_kind=loss_kind)
+        try:
+            yield tracker
+        finally:
+            tracker.flush()
 
 
 class StageTracker:
@@ -163,9 +204,6 @@ class StageTracker:
                     time.perf_counter() - started)
 
 
-MODEL_CARD_TAG = "tulip.model_card"
-
-
 def loss_named(key: str, kind: str | None) -> str:
     """``train/loss`` -> ``train/loss_<kind>`` (``val/`` too): a chart of the runs compared puts
     only losses of one kind together (the distillation's cosine distance is no contrastive
@@ -192,151 +230,6 @@ def describe_registered_model(name: str, bundle) -> None:
     for key, value in {"stage": stage, "base_model": spec.model_name,
                        "context_length": str(spec.context_length)}.items():
         client.set_registered_model_tag(name, key, value)
-
-
-def update_registered_versions(run_id: str | None, tags: Mapping[str, str],
-                               description: str | None = None) -> int:
-    """Set ``tags`` (and the ``description``) on every registered model version logged by the
-    stage run ``run_id``. Returns how many versions; 0, with a log line, when tracking is off or
-    the store has none."""
-    if not run_id or not tracking_enabled():
-        return 0
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from tulip_pipelines.serving.registry import versions_of_run
-
-    client = mlflow.MlflowClient()
-    try:
-        versions = versions_of_run(run_id)
-        for version in versions:
-            for key, value in tags.items():
-                client.set_model_version_tag(version.name, version.version, key, value)
-            if description is not None:
-                client.update_model_version(version.name, version.version,
-                                            description=description)
-    except MlflowException as err:
-        logger.warning("registered versions of run %s not tagged: %s", run_id, err)
-        return 0
-    for version in versions:
-        logger.info("registered model %s version %s: %d tags", version.name, version.version,
-                    len(tags))
-    return len(versions)
-
-
-def eval_metrics(metrics, accuracy=None) -> dict[str, float]:
-    """One model's rows of ``retrieval_metrics`` (and of ``classification_metrics``) as the
-    metrics of the run that trained it: ``eval/<benchmark>/<direction>_r<k>`` and
-    ``eval/<benchmark>/top<k>`` (the same names in every stage run, so that the runs table, the
-    charts and the compare page put the models side by side)."""
-    out = {f"eval/{r.benchmark}/{r.direction}_r{r.k}": float(r.recall)
-           for r in metrics.itertuples()}
-    if accuracy is not None:
-        out.update({f"eval/{r.benchmark}/top{r.k}": float(r.accuracy)
-                    for r in accuracy.itertuples()})
-    return out
-
-
-def long_r1(metrics, long_benchmarks) -> dict[str, float]:
-    """Each model's R@1 on the long-caption benchmarks: the mean over them and both directions
-    (model -> recall in percent; models without such rows left out)."""
-    rows = metrics[(metrics["k"] == 1) & metrics["benchmark"].isin(list(long_benchmarks))]
-    return {str(k): float(v) for k, v in rows.groupby("model", sort=False)["recall"].mean().items()}
-
-
-def log_eval_to_stage_run(run_id: str | None, metrics, accuracy=None) -> bool:
-    """Log ``eval_metrics(metrics, accuracy)`` into the stage run ``run_id`` (step 0). False,
-    with a log line, when tracking is off or that run is not in this store."""
-    if not run_id or not tracking_enabled():
-        return False
-    import mlflow
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    now = int(time.time() * 1000)
-    try:
-        mlflow.MlflowClient().log_batch(
-            run_id, metrics=[Metric(k, v, now, 0)
-                             for k, v in eval_metrics(metrics, accuracy).items()])
-    except MlflowException as err:
-        logger.warning("evaluation metrics not logged to run %s: %s", run_id, err)
-        return False
-    return True
-
-
-NOTE_CHARS = 8000  # MLflow's limit on a tag value
-
-
-def log_headline(run_id: str, headline: dict[str, float], report: str, figures) -> None:
-    """The parent run's metrics ``long_r1/<model>`` (step 0), ``retrieval_report.md`` and the
-    charts; its description: the report's recall table."""
-    import time
-
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient()
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"long_r1/{model}", value, now, 0)
-                                      for model, value in headline.items()])
-    client.log_text(run_id, report, "retrieval_report.md")
-    # the run's description in the UI (Markdown): the recall table, the report's first section
-    client.set_tag(run_id, "mlflow.note.content", report.split("\n## ")[0][:NOTE_CHARS])
-    for name, figure in figures.items():
-        client.log_figure(run_id, figure, name)
-    logger.info("parent MLflow run %s: long-caption R@1 %s", run_id,
-                ", ".join(f"{m} {v:.1f}" for m, v in headline.items()))
-
-
-def move_champion() -> str | None:
-    """Put the ``champion`` alias on the registered version with the highest :data:`LONG_R1_TAG`
-    among every registered model of the store (taking it from wherever it was). Returns
-    ``"<name>/<version>"`` of the champion, None when no version has the tag."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    best, holders = None, []
-    for model in client.search_registered_models():
-        if CHAMPION in (model.aliases or {}):
-            holders.append(model.name)
-        for version in client.search_model_versions(f"name='{model.name}'"):
-            value = version.tags.get(LONG_R1_TAG)
-            if value is not None and (best is None or float(value) > best[0]):
-                best = (float(value), version.name, str(version.version))
-    if best is None:
-        return None
-    for name in holders:
-        if name != best[1]:
-            client.delete_registered_model_alias(name, CHAMPION)
-    client.set_registered_model_alias(best[1], CHAMPION, best[2])
-    logger.info("@%s: %s version %s (long-caption R@1 %.2f)", CHAMPION, best[1], best[2],
-                best[0])
-    return f"{best[1]}/{best[2]}"
-
-
-def recall_at_1_tags(metrics) -> dict[str, str]:
-    """A model's R@1 rows of ``retrieval_metrics`` as registry tags:
-    ``r1/<benchmark>/<direction>`` -> recall in percent (two decimals)."""
-    rows = metrics[metrics["k"] == 1]
-    return {f"r1/{r.benchmark}/{r.direction}": f"{float(r.recall):.2f}"
-            for r in rows.itertuples()}
-
-
-def log_model_card(card: str | Path, run_id: str | None, artifact_path: str = "model") -> bool:
-    """Replace the model card in the ``model/`` artifact of the stage run ``run_id`` (e.g. after
-    the evaluation added its retrieval rows). False, with a log line, when tracking is off or
-    that run is not in this tracking store."""
-    if not run_id or not tracking_enabled():
-        return False
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.MlflowClient().log_artifact(run_id, str(card), artifact_path)
-    except MlflowException as err:
-        logger.warning("model card %s not logged to run %s: %s", card, run_id, err)
-        return False
-    return True
 
 
 def lineage(bundle) -> tuple[dict[str, str], dict[str, str]]:
@@ -430,55 +323,3 @@ def log_datasets(datasets: Mapping[str, tuple[Any, str | None]], context: str) -
             mlflow.log_input(dataset, context=context)
             logged += 1
     return logged
-
-
-def mark_model_training(experiment_id: str) -> None:
-    """Tag the experiment as a model-training one (:data:`EXPERIMENT_KIND_TAG`), so that the UI
-    opens it on its runs; an experiment already of that kind is left alone."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
-
-
-def tracking_enabled() -> bool:
-    import mlflow
-
-    return mlflow.active_run() is not None or bool(os.environ.get("MLFLOW_TRACKING_URI"))
-
-
-@contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], ds_config: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None, loss_kind: str | None = None,
-              datasets: Mapping[str, Any] | None = None) -> Iterator[StageTracker]:
-    """An MLflow run for one stage, nested in the active run if any. Its parameters are logged
-    without the stage prefix (``train.lr``, not ``distill.train.lr``); ``loss_kind`` names its
-    loss curves (:func:`loss_named`) and is its tag ``tulip.loss``; ``datasets`` (catalog name
-    -> (table or image source, file path); None: the running node's catalogued inputs) are
-    logged as its inputs (:func:`log_datasets`)."""
-    if not tracking_enabled():
-        yield StageTracker(None)
-        return
-    import mlflow
-
-    outer = mlflow.active_run()
-    # system metrics (CPU, memory, disk, network; GPUs with nvidia-ml-py) every
-    # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's default: 10) while the stage runs
-    with mlflow.start_run(run_name=stage, nested=outer is not None,
-                          log_system_metrics=True) as run:
-        mark_model_training(run.info.experiment_id)
-        mlflow.set_tags({"tulip.stage": stage, **({"tulip.loss": loss_kind} if loss_kind else {}),
-                         **dict(tags or {})})
-        mlflow.log_params(flatten(dict(params)))
-        if ds_config:
-            mlflow.log_params(flatten({"deepspeed": dict(ds_config)}))
-            mlflow.log_text(json.dumps(dict(ds_config), indent=2), "deepspeed_config.json")
-        log_datasets(node_inputs() if datasets is None else datasets, stage)
-        logger.info("MLflow run %s for stage %s", run.info.run_id, stage)
-        tracker = StageTracker(run.info.run_id, outer.info.run_id if outer else None,
-                               loss_kind=loss_kind)
-        try:
-            yield tracker
-        finally:
-            tracker.flush()
