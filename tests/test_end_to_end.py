@@ -8,12 +8,6 @@ prepared shards.
 """
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -27,21 +21,19 @@ from tests.conftest import copy_project
 from tulip_pipelines.models import load_bundle
 from tulip_pipelines.pipeline_registry import register_pipelines
 from tulip_pipelines.serving.registry import resolve_bundle
-from tulip_pipelines.training.checkpoints import complete_checkpoints
-from tulip_pipelines.training.processes import run_distributed
-from tulip_pipelines.training.stages.base import build_job
 
 pytestmark = pytest.mark.slow
 
-# Smaller than `make run` so that CI stays within its budget; the effect must hold anyway (at
-# these budgets expanded reached R@1 ~80 against the teacher's ~23 on urban1k_demo, where the
-# test asks for 25 points). Long-CLIP's authors recipe only has to run here; equal_budget trains
-# with expand's budget.
+# Smaller than `make run` so that the suite stays within its budget; the effect must hold anyway
+# (at these budgets, on 2026-12-07: the teacher 20.0 / 19.5 R@1 on urban1k_demo, near the 25 a
+# 77-token reader gets by finding the group, the expanded student 79.0 / 81.5, where the test
+# asks for 25 points more). Long-CLIP's authors recipe only has to run here; equal_budget
+# trains with expand's budget.
 RUNTIME_PARAMS = {
-    "teacher": {"train": {"max_steps": 250, "val_every": 0, "checkpoint_every": 125}},
+    "teacher": {"train": {"max_steps": 150, "val_every": 0, "checkpoint_every": 75}},
     "distill": {"train": {"max_steps": 80, "val_every": 0, "checkpoint_every": 0}},
     "expand": {"train": {"max_steps": 50, "val_every": 0, "checkpoint_every": 0}},
-    "longclip": {"authors": {"train": {"max_steps": 30, "val_every": 0,
+    "longclip": {"authors": {"train": {"max_steps": 10, "warmup_steps": 3, "val_every": 0,
                                        "checkpoint_every": 0}}},
 }
 
@@ -366,98 +358,3 @@ def _close_assistant(page) -> None:
     close = page.get_by_role("button", name="Close")
     if close.count():
         close.first.click()
-
-
-def _sbatch(project, params: dict, log: Path, env: dict) -> subprocess.Popen:
-    """``kedro run --pipelines distill --params ...`` as a batch job of one node and 2 tasks
-    (they stand for 2 nodes), started with ``sbatch --wait``: its exit code is the job's."""
-    flat = ",".join(f"{k}={v}" for k, v in params.items())
-    script = log.with_suffix(".sh")
-    script.write_text(f"#!/bin/bash\nexec {sys.executable} -m kedro run --pipelines distill "
-                      f"--params {flat}\n")
-    return subprocess.Popen(["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--job-name=tulip-e2e",
-                             f"--chdir={project}", f"--output={log}", str(script)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-
-def _kill_rank1_after_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
-    """SIGKILL rank 1 once it is back to training after the step-``step`` checkpoint."""
-    rank1 = run_dir / "heartbeat" / "rank1.json"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            record = json.loads(rank1.read_text())
-        except (OSError, ValueError):
-            record = {}
-        if record.get("step", 0) >= step and record.get("phase") == "train":
-            os.kill(record["pid"], signal.SIGKILL)
-            return
-        time.sleep(0.02)
-    pytest.fail(f"rank 1 never got past step {step} (job ended: {proc.poll()})")
-
-
-def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(default_run,
-                                                                               slurm, tmp_path):
-    """``kedro run --pipelines distill`` once, in a batch job, with distill on ``launcher:
-    srun`` as 2 tasks x 1 process (two tasks on this one node stand for two nodes). Rank 1 is
-    killed after the step-2 checkpoint: srun ends the step on both tasks, the run fails naming
-    the task and its node, the checkpoint stays. The rerun resumes from it; its weights equal
-    those of 1 node x 2 processes trained from scratch on the same launch plan. Rank 0's lines
-    reach the Kedro log, every rank's the launch log, rank 0's metrics the stage's MLflow run."""
-    project = default_run
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "COLUMNS": "300"}
-    run_dir = project / "data/06_models/runs/distill_srun"
-    params = {"distill.run_dir": "data/06_models/runs/distill_srun", "distill.num_nodes": 2,
-              "distill.launcher": "srun", "distill.train.max_steps": 8,
-              "distill.train.log_every": 1, "distill.train.val_every": 0,
-              "distill.train.checkpoint_every": 2, "distill.train.warmup_steps": 2}
-    first = _sbatch(project, params, tmp_path / "first.log", env)
-    _kill_rank1_after_step(run_dir, 2, first)
-    assert first.wait(timeout=300) != 0
-    log = (tmp_path / "first.log").read_text()
-    assert re.search(rf"distill: srun exited with \d+ \(task 1 on {slurm}: .*srun ended the "
-                     rf"step on every node\)", log), log[-3000:]
-    steps = [s for s, _, _ in complete_checkpoints(run_dir / "checkpoints")]
-    assert steps and 2 <= steps[-1] < 8  # what was checkpointed stays
-
-    second = _sbatch(project, params, tmp_path / "second.log", env)
-    code, log = second.wait(timeout=600), (tmp_path / "second.log").read_text()
-    assert code == 0, log[-3000:]
-    assert f"resumed from step_{steps[-1]:08d}" in log  # rank 0's lines in the Kedro log
-    assert "distill step 8/8" in log
-    launch_log = (run_dir / "launch.log").read_text()
-    assert "0: [rank 0] " in launch_log and "1: [rank 1] " in launch_log
-    card = json.loads((project / "data/06_models/distilled_model/config.json").read_text())
-    assert card["extra"]["training"]["resumed_from"] == steps[-1]
-    # rank 0, in the srun step, logged its steps to the stage's MLflow run
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run = client.get_run(card["extra"]["mlflow_run_id"])
-    loss = f"train/loss_{run.data.tags['tulip.loss']}"  # the loss named by its kind
-    history = client.get_metric_history(run.info.run_id, loss)
-    assert sorted(m.step for m in history) == list(range(steps[-1] + 1, 9))
-
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.chdir(project)  # the plan's relative paths
-    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
-    try:
-        plan = json.loads((run_dir / "launch" / "plan.json").read_text())
-        plan["params"].update(run_dir=str(tmp_path / "one_node"), num_nodes=1, launcher=None)
-        plan["mlflow"] = None
-        job = build_job(plan)
-        run_distributed(plan, 2, "torchrun", run_dir=tmp_path / "one_node", module=job.task,
-                        timeout_s=300)
-    finally:
-        monkeypatch.undo()
-    one_node = job.exported_model().model.state_dict()
-    two_tasks = _weights(project, "distilled")
-    assert two_tasks.keys() == one_node.keys()
-    for name, value in one_node.items():
-        torch.testing.assert_close(two_tasks[name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def _weights(project, stage):
-    from safetensors.torch import load_file
-
-    return load_file(project / f"data/06_models/{stage}_model/model.safetensors")
