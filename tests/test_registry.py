@@ -18,9 +18,22 @@ class _Resolved(Exception):
     pass
 
 
-@pytest.fixture
-def cli(project_copy):
-    return KedroCLI(project_copy)
+@pytest.fixture(scope="module")
+def cli(project_root, tmp_path_factory):
+    """Kedro's CLI in one copy of the project for the module (the commands only read it), the
+    working directory meanwhile."""
+    from kedro.framework.startup import bootstrap_project
+
+    from tests.conftest import copy_project
+
+    project = copy_project(project_root, tmp_path_factory.mktemp("registry") / "project")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(project)
+    mp.setenv("KEDRO_DISABLE_TELEMETRY", "true")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bootstrap_project(project)
+    yield KedroCLI(project)
+    mp.undo()
 
 
 def test_registry_lists_every_pipeline_and_composite(cli):

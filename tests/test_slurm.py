@@ -1,6 +1,6 @@
 """``kedro run --pipelines distill`` under SLURM, as users run it on several nodes: an ``sbatch``
 job whose distill stage is an ``srun`` step of 2 tasks (they stand for 2 nodes on this one-node
-SLURM, ``.ci/slurm-up``), against the same plan trained by 1 node x 2 processes.
+SLURM, ``.ci/slurm-up``), against the same plan trained by one process with the same global batch.
 
 The project (the module fixture ``distill_project``) holds what distill reads: the demo's
 captions ingested, split and prepared as shards by ``kedro run`` (a smaller demo than the
@@ -25,7 +25,6 @@ from kedro.framework.startup import bootstrap_project
 
 from tests.conftest import copy_project
 from tulip_pipelines.training.checkpoints import complete_checkpoints
-from tulip_pipelines.training.processes import run_distributed
 from tulip_pipelines.training.stages.base import build_job
 
 pytestmark = pytest.mark.slow
@@ -85,14 +84,15 @@ def _kill_rank1_after_step(run_dir: Path, step: int, proc: subprocess.Popen) -> 
     pytest.fail(f"rank 1 never got past step {step} (job ended: {proc.poll()})")
 
 
-def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(distill_project,
-                                                                               slurm, tmp_path):
+def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_process(
+        distill_project, slurm, tmp_path):
     """``kedro run --pipelines distill`` once, in a batch job, with distill on ``launcher:
     srun`` as 2 tasks x 1 process (two tasks on this one node stand for two nodes). Rank 1 is
     killed after the step-2 checkpoint: srun ends the step on both tasks, the run fails naming
     the task and its node, the checkpoint stays. The rerun resumes from it; its weights equal
-    those of 1 node x 2 processes trained from scratch on the same launch plan. Rank 0's lines
-    reach the Kedro log, every rank's the launch log, rank 0's metrics the stage's MLflow run."""
+    those of one process trained from scratch on the same launch plan with the same global batch
+    (2 x 8). Rank 0's lines reach the Kedro log, every rank's the launch log, rank 0's metrics
+    the stage's MLflow run."""
     project = distill_project
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
@@ -128,22 +128,23 @@ def test_a_kedro_run_under_sbatch_trains_distill_as_an_srun_step_like_one_node(d
     history = client.get_metric_history(run.info.run_id, loss)
     assert sorted(m.step for m in history) == list(range(steps[-1] + 1, 9))
 
+    # the same launch plan trained from scratch by one process with the global batch (2 x 8), in
+    # this process: the data order and the schedule count global batches, whatever the layout
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.chdir(project)  # the plan's relative paths
-    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
     try:
         plan = json.loads((run_dir / "launch" / "plan.json").read_text())
-        plan["params"].update(run_dir=str(tmp_path / "one_node"), num_nodes=1, launcher=None)
-        plan["mlflow"] = None
+        plan["params"].update(run_dir=str(tmp_path / "one_process"), num_nodes=1, launcher=None,
+                              num_processes=1)
+        plan["params"]["train"]["batch_size"] *= 2
         job = build_job(plan)
-        run_distributed(plan, 2, "torchrun", run_dir=tmp_path / "one_node", module=job.task,
-                        timeout_s=300)
+        job.train(plan["ds_config"])
     finally:
         monkeypatch.undo()
-    one_node = job.exported_model().model.state_dict()
+    one_process = job.exported_model().model.state_dict()
     two_tasks = _weights(project, "distilled")
-    assert two_tasks.keys() == one_node.keys()
-    for name, value in one_node.items():
+    assert two_tasks.keys() == one_process.keys()
+    for name, value in one_process.items():
         torch.testing.assert_close(two_tasks[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
