@@ -64,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args):
     from tulip_pipelines.compare import DEFAULT_TRACKING_URI  # the project's store
     from tulip_pipelines.models.device import resolve_device
-    from tulip_pipelines.serving.registry import SCHEMES, resolve_bundle
+    from tulip_pipelines.serving.registry import MLFLOW_URI_PREFIXES, resolve_bundle
 
-    if args.model.startswith(SCHEMES):
+    if args.model.startswith(MLFLOW_URI_PREFIXES):
         os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     device = resolve_device(args.device)
     original = {k: v for k, v in (("teacher", args.teacher), ("pretrained", args.pretrained))

@@ -244,8 +244,8 @@ def test_the_shard_size_from_the_teacher_is_open_clips_input_size():
 
     register_tiny_configs()
     for name in ("TULIP-Tiny", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
-        cfg = open_clip.get_model_config(name)["vision_cfg"]
-        expected = open_clip.image_transform(cfg["image_size"], is_train=False).transforms[0].size
+        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+        expected = open_clip.image_transform(size, is_train=False).transforms[0].size
         expected = max(expected) if isinstance(expected, (list, tuple)) else expected
         assert PrepareImagesParams().encoding(name).size == expected, name
     assert PrepareImagesParams().encoding("ViT-L-14-336").size == 336

@@ -41,8 +41,8 @@ def test_online_downloads_and_caches_through_open_clip(tiny_tag, tmp_path, monke
     weights = create_teacher("TULIP-Tiny").model.state_dict()
     calls = []
 
-    def download(cfg, cache_dir=None, **kwargs):  # what open_clip's download leaves behind
-        calls.append((cfg["hf_hub"], cache_dir))
+    def download(entry, cache_dir=None, **kwargs):  # what open_clip's download leaves behind
+        calls.append((entry["hf_hub"], cache_dir))
         path = tmp_path / "cache" / "open_clip_model.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(weights, path)

@@ -72,10 +72,10 @@ def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None)
     """The local file of open_clip's ``tag`` weights, without downloading: the Hugging Face hub
     cache (``cache_dir``, then ``HF_HUB_CACHE``/``HF_HOME``) and open_clip's URL cache
     (``cache_dir`` or ``~/.cache/clip``)."""
-    cfg = pretrained_config(model_name, tag)
+    where = pretrained_config(model_name, tag)
     looked = []
-    if cfg.get("hf_hub"):
-        repo_id, filename = os.path.split(cfg["hf_hub"])
+    if where.get("hf_hub"):
+        repo_id, filename = os.path.split(where["hf_hub"])
         names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
         if filename.endswith((".bin", ".pth")):
             names.insert(0, filename[:-4] + ".safetensors")
@@ -85,10 +85,10 @@ def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None)
                 found = try_to_load_from_cache(repo_id, name, cache_dir=directory)
                 if isinstance(found, str):
                     return Path(found)
-    if cfg.get("url"):
+    if where.get("url"):
         for directory in dict.fromkeys([cache_dir or os.path.expanduser("~/.cache/clip"),
                                         os.path.expanduser("~/.cache/clip")]):  # fmt: skip
-            candidate = Path(directory) / os.path.basename(cfg["url"])
+            candidate = Path(directory) / os.path.basename(where["url"])
             looked.append(str(candidate))
             if candidate.is_file():
                 return candidate
@@ -96,7 +96,7 @@ def cached_weights_file(model_name: str, tag: str, cache_dir: str | None = None)
         f"weights for {model_name} pretrained={tag!r} are not in the local cache; looked in: "
         f"{'; '.join(looked)}. Copy the weights there (Hugging Face hub layout, or open_clip's "
         "URL cache), allow downloads (unset HF_HUB_OFFLINE), or set `pretrained` to the path of "
-        f"a weights file (e.g. {cfg.get('url', 'the released checkpoint')})."
+        f"a weights file (e.g. {where.get('url', 'the released checkpoint')})."
     )
 
 

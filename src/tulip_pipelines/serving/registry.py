@@ -14,7 +14,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("models:/", "runs:/")
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
 
 
 def resolve_bundle(source, device: str = "cpu", **original_kwargs):
@@ -22,7 +22,7 @@ def resolve_bundle(source, device: str = "cpu", **original_kwargs):
     (``models:/tulip-expanded/latest``, ``runs:/<run id>/model``, read from the current tracking
     store), a model directory or an authors' epoch_N.pt (``original_kwargs`` go to
     :func:`tulip_pipelines.models.load_bundle`)."""
-    if isinstance(source, str) and source.startswith(SCHEMES):
+    if isinstance(source, str) and source.startswith(MLFLOW_URI_PREFIXES):
         if original_kwargs:
             raise TypeError(f"{sorted(original_kwargs)} only apply to original TULIP files")
         return load_mlflow_model(source, device)
