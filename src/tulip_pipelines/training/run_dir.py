@@ -128,8 +128,6 @@ class StallWatch:
 
 # One run per run dir: an exclusive lock on <run_dir>/.lock, naming its holder
 
-logger = logging.getLogger(__name__)
-
 LOCK_FILE = ".lock"
 _held: dict[Path, tuple[int, int]] = {}  # run dir -> (file descriptor, depth) in this process
 
