@@ -95,13 +95,41 @@ DS_FP32 = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False},
            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9}
 
 
+_STORE_TEMPLATE: list[Path] = []  # this process's empty store, made once
+
+
+def mlflow_store(path: Path, cwd: Path | None = None) -> str:
+    """A new, empty sqlite MLflow store at ``path`` (its URI): a copy of one that MLflow made in
+    this process, since making one runs MLflow's schema migrations (seconds of CPU each time, on
+    every store of the suite). The copy is what MLflow would have made at ``path`` from the
+    working directory ``cwd`` (default: the current one): its Default experiment keeps its
+    artifacts under ``<cwd>/mlruns/0``."""
+    import sqlite3
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        import mlflow
+
+        template = Path(tempfile.mkdtemp(prefix="tulip-mlflow-store-")) / "mlflow.db"
+        client = mlflow.MlflowClient(f"sqlite:///{template}")
+        client.search_experiments()  # creates the schema and the Default experiment
+        _STORE_TEMPLATE.append(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(Path(cwd or Path.cwd()).resolve() / "mlruns" / "0"),))
+    db.close()
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
-    """A fresh sqlite MLflow store under ``tmp_path``, the process's tracking URI for the test
-    (environment and mlflow both); active runs ended afterwards."""
+    """A fresh sqlite MLflow store under ``tmp_path`` (:func:`mlflow_store`), the process's
+    tracking URI for the test (environment and mlflow both); active runs ended afterwards."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     yield uri
@@ -141,12 +169,14 @@ def ds_fp32() -> dict:
 
 def copy_project(project_root: Path, dest: Path) -> Path:
     """A runnable copy of the project at ``dest``: its conf (without conf/local) and
-    pyproject.toml; the package itself is installed. Returns ``dest``."""
+    pyproject.toml, and the empty tracking store that its first ``kedro run`` would make
+    (``mlflow.db``, :func:`mlflow_store`); the package itself is installed. Returns ``dest``."""
     dest.mkdir(parents=True)
     shutil.copytree(project_root / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
     (dest / "conf" / "local").mkdir()
     (dest / "src").mkdir()  # Kedro requires the source dir
     shutil.copy(project_root / "pyproject.toml", dest)
+    mlflow_store(dest / "mlflow.db", cwd=dest)
     return dest
 
 

@@ -54,10 +54,11 @@ def files_to_first_step(tmp: Path) -> list[str]:
     node's call until torch's AdamW ``step`` was first called."""
     import os
 
+    from tests.conftest import mlflow_store
     from tulip_pipelines.pipelines.expand.nodes import expand
 
     # the stage opens its MLflow run (tracking on, as in `kedro run`)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_store(tmp / "mlflow.db")
 
     inputs = expand_inputs(tmp)
     seen: set[str] = set()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import mlflow_store
 from tests.serving.conftest import LONG, TOO_LONG, image_bytes, write_model_dir
 from tulip_pipelines.commands import main
 from tulip_pipelines.models import load_bundle
@@ -120,7 +121,7 @@ def test_search_ranks_the_folder_by_cosine_to_the_query_then_reads_the_cache(
 
 def test_search_reads_a_registered_model_and_names_the_registered_ones_otherwise(
         model_dir, photos, tmp_path, monkeypatch, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run():

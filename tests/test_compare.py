@@ -4,12 +4,13 @@ import mlflow
 import pandas as pd
 import pytest
 
+from tests.conftest import mlflow_store
 from tulip_pipelines import compare
 
 
 @pytest.fixture()
 def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     exp = mlflow.create_experiment("tulip_pipelines", artifact_location=str(tmp_path / "art"))
     for lr, r1 in (("1e-4", 40.0), ("5e-4", 55.0)):
@@ -58,4 +59,4 @@ def test_cli_writes_markdown_csv_and_plot(store, tmp_path, capsys):
 
 def test_missing_experiment_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no MLflow experiment named 'nope'"):
-        compare.search_runs(f"sqlite:///{tmp_path / 'x.db'}", "nope", 5)
+        compare.search_runs(mlflow_store(tmp_path / "x.db"), "nope", 5)

@@ -11,7 +11,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
-from tests.conftest import kept_memory_dataset
+from tests.conftest import kept_memory_dataset, mlflow_store
 from tulip_pipelines.data.images import SKIPPED_COLUMNS, FolderImages
 from tulip_pipelines.evaluation.encode import image_tower_key
 from tulip_pipelines.evaluation.evaluate import EvaluateParams
@@ -104,7 +104,7 @@ def _catalog(setup) -> DataCatalog:
 def test_pipeline_scores_every_model_side_by_side_and_skips_absent(
     setup, caplog, tmp_path, monkeypatch
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     catalog = _catalog(setup)
@@ -312,7 +312,7 @@ def test_each_model_recall_goes_to_its_own_run_and_the_champion_to_the_best(tmp_
                                                                             monkeypatch):
     from tulip_pipelines.pipelines.evaluate.nodes import add_retrieval_to_model_cards
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     params = {"benchmarks": {"urban": {"format": "urban1k", "root": "x", "kind": "long"},
@@ -369,7 +369,7 @@ REPORT = "# Retrieval\n\n| model | R@1 |\n## Benchmarks\n\n- urban: 4 queries\n"
 def test_the_parent_run_gets_the_headline_and_the_report(tmp_path, monkeypatch):
     from tulip_pipelines.pipelines.evaluate.nodes import log_evaluation
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     params = {"benchmarks": {"urban": {"format": "urban1k", "root": "x", "kind": "long"},

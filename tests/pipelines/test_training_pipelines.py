@@ -9,7 +9,7 @@ from kedro.io import DataCatalog
 from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
-from tests.conftest import DS_FP32
+from tests.conftest import DS_FP32, mlflow_store
 from tulip_pipelines.data.demo import DemoDataParams, generate_demo_data
 from tulip_pipelines.data.images import PreparedImages
 from tulip_pipelines.io.images import ImageSourceDataset
@@ -61,7 +61,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path_factory.mktemp('mlflow') / "mlflow.db")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

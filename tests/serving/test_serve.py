@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import mlflow_store
 from tests.serving.conftest import LONG, image_bytes
 from tulip_pipelines import load_model
 from tulip_pipelines.serving.pyfunc import log_embedding_model
@@ -21,7 +22,7 @@ from tulip_pipelines.serving.server import invoke, scoring_server
 def store(model_dir, tmp_path_factory):
     """A tracking store holding the model, registered as tulip-expanded."""
     root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("serve", artifact_location=str(root / "artifacts"))
     with mlflow.start_run(experiment_id=experiment):

@@ -4,6 +4,7 @@ while they run, rank 0's metrics logged to MLflow as they come, the launcher com
 one node and for DeepSpeed's ssh mode (several nodes through srun or torchrun's c10d
 rendezvous: test_multinode.py)."""
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -12,8 +13,10 @@ import mlflow
 import pytest
 import torch
 
+from tests.conftest import mlflow_store
 from tests.training.toy_tasks import RegressionTask
 from tulip_pipelines.training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+from tulip_pipelines.training.deepspeed_setup import free_port
 from tulip_pipelines.training.multinode import Cluster
 from tulip_pipelines.training.processes import launcher_command, log_path, run_distributed
 
@@ -51,13 +54,14 @@ def test_two_processes_train_with_zero2_stream_their_output_and_log_as_they_go(
     monkeypatch.setenv("PYTHONPATH", str(project_root))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     run_dir = tmp_path / "run"
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path / "mlflow.db"))
     client = mlflow.MlflowClient()
     run_id = client.create_run(client.create_experiment("launch")).info.run_id
     plan = {**_plan(run_dir, delay_s=0.4),
             "mlflow": {"tracking_uri": mlflow.get_tracking_uri(), "run_id": run_id,
                        "send_every_s": 0.5}}
 
+    port = free_port()
     task, sizes, logged, stop = RegressionTask(), [], [], threading.Event()
     initial = task.head.weight.detach().clone()
     watcher = threading.Thread(target=_watch,
@@ -66,7 +70,7 @@ def test_two_processes_train_with_zero2_stream_their_output_and_log_as_they_go(
     started = time.time()
     try:
         result = run_distributed(plan, nproc=2, launcher="deepspeed", run_dir=run_dir,
-                                 module=task, timeout_s=300)
+                                 module=task, timeout_s=300, cluster=Cluster(master_port=port))
     finally:
         stop.set()
         watcher.join()
@@ -79,6 +83,12 @@ def test_two_processes_train_with_zero2_stream_their_output_and_log_as_they_go(
     assert len([s for s in sizes if s > 0]) >= 5, sizes
     text = log_path(run_dir).read_text()
     assert "[rank 0] " in text and "[rank 1] " in text and "zero2 step 6/6" in text
+    # DeepSpeed's CPU shared-memory workspaces (64 MB a rank): each rank unlinked its name
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] .*released DeepSpeed's shared-memory allreduce "
+                         rf"workspace name deepspeed_allreduce_buffer_\d+_\S+_{port}_{rank}\n",
+                         text), text[-2000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     # the metrics reached MLflow while training went on (in batches every 0.5 s), not at the end
     assert any(0 < count < 6 for count in logged), logged
     # 6 steps, stamped when they were made: ~0.4 s or more apart

@@ -12,7 +12,7 @@ micro batch alone sees fewer negatives than the batch the optimizer steps on. op
    loss directly (CLIP's ``logit_scale``) takes ``1/n`` of its gradient in each of the ``n``
    passes (:func:`share_gradient`).
 
-Across processes the features are gathered with gradient (``distributed.gather_with_grad``);
+Across processes the features are gathered with gradient (``deepspeed_setup.gather_with_grad``);
 DeepSpeed's averaging of the gradients over the ranks then gives exactly the one-batch gradient.
 A task opts in with ``global_batch = True`` and a ``features(batch)`` method; the engine builds
 the :class:`StepCache`.

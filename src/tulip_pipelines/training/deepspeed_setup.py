@@ -287,12 +287,43 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
             if timeout_s is not None:  # the group first, its rendezvous bounded
                 join_group(backend, timeout_s)
             deepspeed.init_distributed(dist_backend=backend)  # adopts an existing group
+            if backend == "gloo":  # the CPU accelerator's workspace (see below)
+                release_shm_workspace()
         else:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeedEngine reads it
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        init_method=f"tcp://127.0.0.1:{free_port()}",
                                        rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
+
+
+SHM_DIR = "/dev/shm"
+
+
+def release_shm_workspace() -> bool:
+    """Unlink this rank's name of DeepSpeed's shared-memory allreduce workspace; True when there
+    was one.
+
+    On the CPU accelerator, when every rank is on this node (``LOCAL_SIZE`` equals the world
+    size), DeepSpeed maps a 64 MB workspace per rank (``shm_comm``, for its inference
+    all-reduce) and never unlinks its name: every run left 64 MB a rank in ``/dev/shm``, which
+    is memory, until the machine ran out of it. Once every rank has mapped its peers' workspaces
+    (DeepSpeed's init returns after that; the barrier waits for every rank's return), the names
+    can go: the memory stays mapped while the ranks live and is freed when the last one exits,
+    however it exits. DeepSpeed's CUDA accelerator makes no such workspace (no ``shm_comm``).
+    Call on every rank right after DeepSpeed's init (the barrier)."""
+    world = dist.get_world_size()
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return False  # DeepSpeed made none (its condition, shm_interface.cpp)
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        return False
+    logger.info("released DeepSpeed's shared-memory allreduce workspace name %s", name)
+    return True
 
 
 def join_group(backend: str, timeout_s: float) -> None:
