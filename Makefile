@@ -25,10 +25,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/kedro run $(ARGS)
 
-# Two workers (CI has two cores), whole modules to a worker: the end-to-end run is collected
-# first and keeps one worker while the other takes every other module (tests/conftest.py).
+# Two workers (CI has two cores), whole modules to a worker, in the order tests/conftest.py
+# gives them (the longest first: the end-to-end run keeps one worker while the other takes the
+# other long modules); xdist's own order (most tests first) would start the longest module last.
 PYTEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test: lint
 	$(PYTEST) $(ARGS)

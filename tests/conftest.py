@@ -194,19 +194,23 @@ def project_copy(project_root, tmp_path, monkeypatch) -> Path:
     return project
 
 
+# the modules that take longest (minutes each), longest first
+LONGEST_MODULES = ("tests/test_end_to_end.py", "tests/test_slurm.py", "tests/test_bench.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The end-to-end run first, then the other modules with slow (multi-process) tests, then the
-    rest: with two xdist workers (``make test``, whole modules to a worker), one worker spends
-    the run on the end-to-end module while the other takes the long modules first and both fill
-    the end with short ones."""
+    """The longest modules first (:data:`LONGEST_MODULES`), then the other modules with slow
+    (multi-process) tests, then the rest: with two xdist workers (``make test``, whole modules
+    to a worker, in this order), one worker spends the run on the end-to-end module while the
+    other takes the next long ones, and both fill the end with short ones."""
     slow_modules = {item.nodeid.split("::")[0] for item in items
                     if item.get_closest_marker("slow")}
 
     def order(item) -> int:
         module = item.nodeid.split("::")[0]
-        if module == "tests/test_end_to_end.py":
-            return 0
-        return 1 if module in slow_modules else 2
+        if module in LONGEST_MODULES:
+            return LONGEST_MODULES.index(module)
+        return len(LONGEST_MODULES) + (0 if module in slow_modules else 1)
 
     items.sort(key=order)
 

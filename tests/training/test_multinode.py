@@ -3,7 +3,7 @@
 an allocation, more nodes than the allocation holds, nothing to start the other nodes), the
 commands of an srun step and of a torchrun c10d node, one srun task's checks (a plan that is not
 on a shared filesystem, its node rank), a master that never answers and a port in use. The real
-srun step: tests/test_end_to_end.py (the ``slurm`` fixture)."""
+srun step: tests/test_slurm.py (the ``slurm`` fixture)."""
 
 import socket
 import time
