@@ -56,19 +56,56 @@ def distill_project(project_root, tmp_path_factory):
         mp.undo()
 
 
-def _sbatch(project, params: dict, log: Path, env: dict) -> subprocess.Popen:
+class _BatchJob:
+    """A submitted batch job, waited for like a process: ``poll()`` (None while it runs, else its
+    exit code) and ``wait(timeout)``. Read from ``scontrol show job`` every half second, where
+    ``sbatch --wait`` sleeps 2, 8, then 32 s between its looks: up to half a minute idle after
+    every job."""
+
+    DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+    def __init__(self, job_id: str):
+        self.job_id, self.returncode, self._looked = job_id, None, 0.0
+
+    def poll(self) -> int | None:
+        if self.returncode is None and time.monotonic() - self._looked >= 0.5:
+            self._looked = time.monotonic()
+            shown = subprocess.run(["scontrol", "show", "job", "-o", self.job_id],
+                                   capture_output=True, text=True, timeout=30).stdout
+            fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+            if fields.get("JobState") in self.DONE:
+                code, sig = (int(x) for x in fields["ExitCode"].split(":"))
+                self.returncode = code or (128 + sig if sig else 0)
+                if fields["JobState"] != "COMPLETED" and not self.returncode:
+                    self.returncode = 1  # ended by SLURM (cancelled, timed out, ...)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", self.job_id], timeout=30)
+                pytest.fail(f"batch job {self.job_id} still running after {timeout:.0f} s")
+            time.sleep(0.5)
+        return self.returncode
+
+
+def _sbatch(project, params: dict, log: Path, env: dict) -> _BatchJob:
     """``kedro run --pipelines distill --params ...`` as a batch job of one node and 2 tasks
-    (they stand for 2 nodes), started with ``sbatch --wait``: its exit code is the job's."""
+    (they stand for 2 nodes), submitted with ``sbatch``; its exit code is the job's."""
     flat = ",".join(f"{k}={v}" for k, v in params.items())
     script = log.with_suffix(".sh")
     script.write_text(f"#!/bin/bash\nexec {sys.executable} -m kedro run --pipelines distill "
                       f"--params {flat}\n")
-    return subprocess.Popen(["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--job-name=tulip-e2e",
-                             f"--chdir={project}", f"--output={log}", str(script)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    submitted = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=2",
+                                "--job-name=tulip-e2e", f"--chdir={project}", f"--output={log}",
+                                str(script)], env=env, capture_output=True, text=True,
+                               timeout=60, check=True)
+    return _BatchJob(submitted.stdout.strip().split(";")[0])
 
 
-def _kill_rank1_after_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+def _kill_rank1_after_step(run_dir: Path, step: int, proc: _BatchJob) -> None:
     """SIGKILL rank 1 once it is back to training after the step-``step`` checkpoint."""
     rank1 = run_dir / "heartbeat" / "rank1.json"
     deadline = time.monotonic() + 400
