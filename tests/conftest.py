@@ -1,6 +1,7 @@
 """Shared test setup: no telemetry, no network, DeepSpeed on the CPU."""
 
 import copy
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -95,30 +96,32 @@ DS_FP32 = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False},
            "gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "steps_per_print": 10**9}
 
 
-_STORE_TEMPLATE: list[Path] = []  # this process's empty store, made once
-
-
-def mlflow_store(path: Path, cwd: Path | None = None) -> str:
-    """A new, empty sqlite MLflow store at ``path`` (its URI): a copy of one that MLflow made in
-    this process, since making one runs MLflow's schema migrations (seconds of CPU each time, on
-    every store of the suite). The copy is what MLflow would have made at ``path`` from the
-    working directory ``cwd`` (default: the current one): its Default experiment keeps its
-    artifacts under ``<cwd>/mlruns/0``."""
-    import sqlite3
+@functools.cache
+def _empty_store() -> Path:
+    """An empty sqlite MLflow store made by MLflow, once per process."""
     import tempfile
 
-    if not _STORE_TEMPLATE:
-        import mlflow
+    import mlflow
 
-        template = Path(tempfile.mkdtemp(prefix="tulip-mlflow-store-")) / "mlflow.db"
-        client = mlflow.MlflowClient(f"sqlite:///{template}")
-        client.search_experiments()  # creates the schema and the Default experiment
-        _STORE_TEMPLATE.append(template)
+    template = Path(tempfile.mkdtemp(prefix="tulip-mlflow-store-")) / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # schema, Default exp.
+    return template
+
+
+def mlflow_store(path: Path) -> str:
+    """A new, empty sqlite MLflow store at ``path`` (its URI): a copy of :func:`_empty_store`,
+    since making one runs MLflow's schema migrations (seconds of CPU each time, on every store of
+    the suite). Its Default experiment keeps its artifacts beside the store (``<path's
+    folder>/mlruns/0``, where ``kedro run`` in that folder would put them), never under the
+    caller's working directory: ``python -m tests.step_trace`` from the project root wrote a
+    ``mlruns/`` there."""
+    import sqlite3
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    shutil.copyfile(_empty_store(), path)
     with sqlite3.connect(path) as db:
         db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                   (str(Path(cwd or Path.cwd()).resolve() / "mlruns" / "0"),))
+                   (str(path.parent.resolve() / "mlruns" / "0"),))
     db.close()
     return f"sqlite:///{path}"
 
@@ -176,7 +179,7 @@ def copy_project(project_root: Path, dest: Path) -> Path:
     (dest / "conf" / "local").mkdir()
     (dest / "src").mkdir()  # Kedro requires the source dir
     shutil.copy(project_root / "pyproject.toml", dest)
-    mlflow_store(dest / "mlflow.db", cwd=dest)
+    mlflow_store(dest / "mlflow.db")
     return dest
 
 
