@@ -287,13 +287,13 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
             if timeout_s is not None:  # the group first, its rendezvous bounded
                 join_group(backend, timeout_s)
             deepspeed.init_distributed(dist_backend=backend)  # adopts an existing group
-            if backend == "gloo":  # the CPU accelerator's workspace (see below)
-                release_shm_workspace()
         else:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeedEngine reads it
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        init_method=f"tcp://127.0.0.1:{free_port()}",
                                        rank=0, world_size=1)
+        if backend == "gloo":  # the CPU accelerator's workspace (see below)
+            release_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
 
 
